@@ -1,0 +1,3 @@
+from ercstudy.platform.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The data plane: everything that runs inside a Ray Train worker (model, losses, data, training step)."""

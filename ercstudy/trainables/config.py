@@ -1,0 +1,215 @@
+"""The trial config: the one contract between the control plane and the workers.
+
+A frozen, validated dataclass tree with the sections model, moe, erc, train, data and
+resources. Study params address it by dotted paths (`erc.alpha`, `moe.num_experts`).
+A worker turns Ray's dict into it on its first line with `TrialConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .erc import ERCConfig
+from .model import ModelConfig, flops_per_token, moe_layer_ids, num_active_params, num_params
+from .moe import MoEConfig
+from .validation import ConfigError, from_dict, require, to_dict
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The `train:` section: the optimisation recipe and the reporting cadence."""
+
+    seed: int = 0
+    tokens: int = 1_000_000  # training tokens; steps = tokens / (global_batch_size * seq_len)
+    global_batch_size: int = 32  # sequences per optimizer step, over all workers
+    micro_batch_size: int = 8  # sequences per worker per forward; the rest is gradient accumulation
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    zero_stage: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    report_every: int = 10  # steps between ray.train.report calls (metrics)
+    checkpoint_every: int = 50  # steps between checkpoints (a multiple of report_every)
+    max_failures: int = 2  # worker-group restarts Ray Train may do (resuming from the last checkpoint)
+    crash_at_step: int | None = None  # fault injection (tests): kill worker 0's process once, at this step
+    nan_at_step: int | None = None  # fault injection (tests): make the loss NaN at this step
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "global_batch_size", "micro_batch_size", "report_every", "checkpoint_every"):
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
+        require(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
+        require(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        require(self.zero_stage in (0, 1, 2), "zero_stage", f"must be 0, 1 or 2 (DeepSpeed MoE refuses 3), got {self.zero_stage}")
+        require(
+            self.checkpoint_every % self.report_every == 0,
+            "checkpoint_every",
+            f"must be a multiple of report_every ({self.report_every}), got {self.checkpoint_every}",
+        )
+        require(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """The `data:` section: the built-in synthetic corpus."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    # synthetic: several Markov-chain "languages" over partly shared vocabularies
+    num_domains: int = 4
+    tokens_per_domain: int = 48  # private tokens of each domain
+    shared_tokens: int = 16  # tokens every domain uses
+    branching: int = 3  # likely successors per token: lower = more learnable
+
+    def __post_init__(self) -> None:
+        for name in ("num_domains", "tokens_per_domain", "branching"):
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        require(self.shared_tokens >= 0, "shared_tokens", f"must be >= 0, got {self.shared_tokens}")
+
+    @property
+    def synthetic_vocab(self) -> int:
+        return self.shared_tokens + self.num_domains * self.tokens_per_domain
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResourcesConfig:
+    """The `resources:` section: the Ray Train worker group of one trial."""
+
+    num_workers: int = 1
+    cpus_per_worker: int = 1
+    gpus_per_worker: int = 0
+    ep_size: int = 1  # expert-parallel size: experts split over this many workers
+
+    def __post_init__(self) -> None:
+        require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.cpus_per_worker >= 1, "cpus_per_worker", f"must be >= 1, got {self.cpus_per_worker}")
+        require(self.gpus_per_worker >= 0, "gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+        require(self.ep_size >= 1, "ep_size", f"must be >= 1, got {self.ep_size}")
+        require(
+            self.num_workers % self.ep_size == 0,
+            "ep_size",
+            f"must divide num_workers ({self.num_workers}), got {self.ep_size}",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    erc: ERCConfig = field(default_factory=ERCConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self) -> None:
+        model, moe, train, res = self.model, self.moe, self.train, self.resources
+        require(
+            moe.moe_every <= model.n_layers,
+            "moe.moe_every",
+            f"must be <= model.n_layers ({model.n_layers}) so that at least one block is MoE, got {moe.moe_every}",
+        )
+        require(
+            moe.num_experts % res.ep_size == 0,
+            "resources.ep_size",
+            f"must divide moe.num_experts ({moe.num_experts}), got {res.ep_size}",
+        )
+        require(
+            not self.erc.enabled or moe.num_experts >= 2,
+            "erc.enabled",
+            "the ERC loss needs moe.num_experts >= 2",
+        )
+        per_step = train.micro_batch_size * res.num_workers
+        require(
+            train.global_batch_size % per_step == 0,
+            "train.global_batch_size",
+            f"must be a multiple of train.micro_batch_size x resources.num_workers ({per_step}), got {train.global_batch_size}",
+        )
+        if self.data.kind == "synthetic":
+            require(
+                self.data.synthetic_vocab <= model.vocab_size,
+                "model.vocab_size",
+                f"must be >= the synthetic corpus vocabulary ({self.data.synthetic_vocab}), got {model.vocab_size}",
+            )
+        require(
+            res.ep_size == 1 or moe.backend == "deepspeed",
+            "resources.ep_size",
+            f"expert parallelism (ep_size {res.ep_size}) needs moe.backend 'deepspeed'; the grouped backend runs with ep_size 1",
+        )
+        require(
+            train.crash_at_step is None or train.crash_at_step > train.checkpoint_every,
+            "train.crash_at_step",
+            f"must come after the first checkpoint (step {train.checkpoint_every}) so that the trial can resume",
+        )
+        for name in ("crash_at_step", "nan_at_step"):
+            step = getattr(train, name)
+            require(step is None or 1 <= step <= self.steps, f"train.{name}", f"must be in [1, {self.steps}], got {step}")
+
+    # --- derived sizes --------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """Optimizer steps: the token budget over the tokens of one global batch."""
+        return max(1, self.train.tokens // (self.train.global_batch_size * self.model.seq_len))
+
+    @property
+    def grad_accum(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.resources.num_workers)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(moe_layer_ids(self.model, self.moe))
+
+    def num_params(self) -> int:
+        return num_params(self.model, self.moe)
+
+    def num_active_params(self) -> int:
+        return num_active_params(self.model, self.moe)
+
+    def flops_per_token(self) -> float:
+        return flops_per_token(self.model, self.moe)
+
+    # --- conversion -----------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any) -> TrialConfig:
+        return from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; a missing file or a syntax error is a ConfigError naming the file (and line)."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("", f"{path}: no such file")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError("", f"{path}: YAML syntax error{where}: {problem}") from None
+
+
+def load_trial_config(path: str | Path) -> TrialConfig:
+    """A trial config file, or a study file whose `base:` section is one."""
+    data = read_yaml(path)
+    if isinstance(data, dict) and "base" in data:
+        try:
+            return from_dict(TrialConfig, data["base"], prefix="base")
+        except ConfigError as err:
+            raise ConfigError(err.path, f"{err.reason} (in {path})") from None
+    try:
+        return TrialConfig.from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(err.path, f"{err.reason} (in {path})") from None

@@ -1,0 +1,179 @@
+"""The expert-router coupling (ERC) loss of Lv et al., arXiv 2512.23447 (see shared/paper.md).
+
+Shape legend: `...` = leading MoE-layer dims (one call handles every layer), n = experts,
+m = experts whose gate projections this call sees (m = n, or n / ep_size for the local
+columns under expert parallelism), d = model width, D = expert hidden width.
+
+For one layer with router R [n, d] and gate projections G [n, d, D]:
+  1. eps_i <= ||R_i - R_nearest(i)|| / (2 ||R_i||)            (noise bound, no gradient)
+  2. proxy_i = R_i * delta_i, delta_i ~ U(1 - eps_i, 1 + eps_i)^d
+  3. M[i, j] = ||proxy_i @ G_j||                              [n, n]
+  4. L = 1/n^2 sum_{i != j} relu(M[i,j] - alpha M[i,i]) + relu(M[j,i] - alpha M[i,i])
+
+Everything runs in float32 whatever the parameter dtype, as one batched matmul over
+(layers x experts), with no host synchronisation. The pieces are public so that the
+trainer can compute the columns of M for its local experts and all-gather them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .validation import require
+
+Epsilon = float | Literal["auto"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ERCConfig:
+    """How a trial applies the ERC loss (the `erc:` section of a trial config)."""
+
+    enabled: bool = True
+    alpha: float = 1.0  # coupling strength; smaller is stricter. The paper sweeps 0.4 .. 3.
+    epsilon: Epsilon = "auto"  # "auto" = the paper's bound, a number = that value clipped to it, 0 = off
+    weight: float = 1.0  # coefficient of the ERC term in the total loss
+    router_grad: bool = True  # False detaches the proxies (the reading of the paper's pseudocode)
+    layer_reduction: Literal["mean", "sum"] = "mean"  # over MoE layers
+
+    def __post_init__(self) -> None:
+        require(self.alpha >= 0, "alpha", f"must be >= 0, got {self.alpha}")
+        require(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
+        if isinstance(self.epsilon, str):
+            require(self.epsilon == "auto", "epsilon", f"must be 'auto' or a number >= 0, got {self.epsilon!r}")
+        else:
+            require(self.epsilon >= 0, "epsilon", f"must be 'auto' or a number >= 0, got {self.epsilon}")
+
+
+@dataclass(frozen=True)
+class ERCResult:
+    loss: Tensor  # [...] one value per MoE layer, float32
+    activations: Tensor  # [..., n, n] M[i, j] = ||proxy_i @ gate_j||, float32
+    noise_bound: Tensor  # [..., n] the eps_i actually used, float32, no gradient
+
+
+def _check_alpha(alpha: float) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha: must be a finite number >= 0, got {alpha!r}")
+
+
+def _check_epsilon(epsilon: Epsilon) -> None:
+    if isinstance(epsilon, str):
+        if epsilon != "auto":
+            raise ValueError(f"epsilon: must be 'auto' or a number >= 0, got {epsilon!r}")
+    elif isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
+        raise ValueError(f"epsilon: must be 'auto' or a number >= 0, got {epsilon!r}")
+
+
+def _check_shapes(router: Tensor, gate: Tensor) -> None:
+    if router.dim() < 2:
+        raise ValueError(f"router: expected shape [..., n, d], got {tuple(router.shape)}")
+    if gate.dim() != router.dim() + 1:
+        raise ValueError(
+            f"gate: expected shape [..., n, d, D] with one more dim than router {tuple(router.shape)}, "
+            f"got {tuple(gate.shape)}"
+        )
+    if gate.shape[:-1] != router.shape:
+        raise ValueError(
+            f"gate: shape {tuple(gate.shape)} does not match router {tuple(router.shape)} "
+            "(expected gate [..., n, d, D] for router [..., n, d])"
+        )
+    if router.shape[-2] < 2:
+        raise ValueError(f"router: ERC needs n >= 2 experts, got n = {router.shape[-2]}")
+
+
+@torch.no_grad()
+def noise_bound(router: Tensor) -> Tensor:
+    """The paper's largest admissible noise per expert, eps_i = ||R_i - R_j*|| / (2 ||R_i||).
+
+    router [..., n, d] -> [..., n] float32, j* the nearest other row. No gradient.
+    """
+    r = router.detach().float()
+    dist = torch.cdist(r, r)  # [..., n, n]
+    dist.diagonal(dim1=-2, dim2=-1).fill_(math.inf)
+    nearest = dist.amin(dim=-1)  # [..., n]
+    return nearest / (2 * r.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny))
+
+
+def resolve_epsilon(router: Tensor, epsilon: Epsilon) -> Tensor:
+    """eps_i to use for each proxy: the bound ("auto"), a value clipped to the bound, or zeros."""
+    _check_epsilon(epsilon)
+    if epsilon == "auto":
+        return noise_bound(router)
+    if epsilon == 0:
+        return router.new_zeros(router.shape[:-1], dtype=torch.float32)
+    return noise_bound(router).clamp_max(float(epsilon))
+
+
+def make_proxies(router: Tensor, eps: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    """proxy_i = R_i * delta_i with delta_i ~ U(1 - eps_i, 1 + eps_i)^d elementwise. [..., n, d] float32.
+
+    Gradient reaches `router` through the proxies (detach the router to stop it); the noise carries none.
+    Pass a generator seeded identically on every rank to get identical proxies everywhere.
+    """
+    r = router.float()
+    u = torch.rand(r.shape, generator=generator, device=r.device, dtype=torch.float32)
+    delta = 1 + eps.detach()[..., None] * (2 * u - 1)
+    return r * delta
+
+
+def coupling_activations(proxies: Tensor, gate: Tensor) -> Tensor:
+    """M[..., i, j] = ||proxies_i @ gate_j||_2 in float32. proxies [..., n, d], gate [..., m, d, D] -> [..., n, m].
+
+    One batched matmul over (layers x m): [..., 1, n, d] @ [..., m, d, D] -> [..., m, n, D].
+    """
+    h = proxies.float().unsqueeze(-3) @ gate.float()  # [..., m, n, D]
+    return torch.linalg.vector_norm(h, dim=-1).transpose(-1, -2)  # [..., n, m]
+
+
+def erc_from_activations(activations: Tensor, alpha: float = 1.0) -> Tensor:
+    """The ERC loss of a full activation matrix M [..., n, n] -> [...] (mean over all n^2 entries)."""
+    _check_alpha(alpha)
+    m = activations
+    n = m.shape[-1]
+    if m.dim() < 2 or m.shape[-2] != n:
+        raise ValueError(f"activations: expected a square [..., n, n] matrix, got {tuple(m.shape)}")
+    threshold = alpha * m.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # [..., n, 1]: alpha M[i, i] for row i
+    violation = torch.relu(m - threshold) + torch.relu(m.transpose(-1, -2) - threshold)  # [..., i, j]
+    off_diagonal = 1 - torch.eye(n, device=m.device, dtype=m.dtype)
+    return (violation * off_diagonal).sum(dim=(-2, -1)) / (n * n)
+
+
+@torch.no_grad()
+def coupling_alpha(activations: Tensor) -> Tensor:
+    """alpha*: the smallest alpha at which M [..., n, n] has zero ERC loss, per layer -> [...].
+
+    alpha* = max_{i != j} max(M[i, j], M[j, i]) / M[i, i]. A vanilla MoE sits near 5 in the paper.
+    """
+    m = activations.detach().float()
+    n = m.shape[-1]
+    worst = torch.maximum(m, m.transpose(-1, -2))  # [..., i, j]
+    diag = m.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    ratio = (worst / diag).masked_fill(torch.eye(n, dtype=torch.bool, device=m.device), -math.inf)
+    return ratio.amax(dim=(-2, -1))
+
+
+def erc_loss(
+    router: Tensor,
+    gate: Tensor,
+    *,
+    alpha: float = 1.0,
+    epsilon: Epsilon = "auto",
+    router_grad: bool = True,
+    generator: torch.Generator | None = None,
+) -> ERCResult:
+    """ERC loss for every MoE layer at once.
+
+    router [..., n, d]: router rows; gate [..., n, d, D]: each expert's gate projection (x @ gate[j]).
+    Returns per-layer losses [...], the activation matrices M [..., n, n] and the eps_i used [..., n].
+    """
+    _check_shapes(router, gate)
+    _check_alpha(alpha)
+    eps = resolve_epsilon(router, epsilon)  # [..., n]
+    proxies = make_proxies(router if router_grad else router.detach(), eps, generator=generator)
+    m = coupling_activations(proxies, gate)  # [..., n, n]
+    return ERCResult(loss=erc_from_activations(m, alpha), activations=m, noise_bound=eps)

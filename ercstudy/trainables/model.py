@@ -1,0 +1,242 @@
+"""A decoder-only Mixture-of-Experts language model in the OLMoE mould.
+
+RMSNorm -> RoPE -> causal attention (scaled_dot_product_attention) -> SwiGLU / MoE -> Block -> MoELM.
+Single-device code: parallelism belongs to the engine. The forward returns the logits,
+the LM loss and each MoE layer's auxiliary losses and routing explicitly; the router and
+gate weights of all MoE layers are exposed stacked, so the ERC loss runs once over them.
+Shapes: B batch, T sequence, d model width, nh heads, hs head size, V vocab, L MoE layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .moe import MoEConfig, MoEStats, build_moe, random_expert_weights
+from .validation import require
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The `model:` section of a trial config (the MoE part is the `moe:` section)."""
+
+    vocab_size: int = 512
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len"):
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        require(
+            self.d_model % self.n_heads == 0,
+            "n_heads",
+            f"must divide d_model ({self.d_model}), got {self.n_heads}",
+        )
+        require(
+            (self.d_model // self.n_heads) % 2 == 0,
+            "n_heads",
+            f"head size d_model / n_heads must be even for RoPE, got {self.d_model // self.n_heads}",
+        )
+        require(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        require(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
+        require(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes computed from the config, before any model exists
+
+
+def moe_layer_ids(model: ModelConfig, moe: MoEConfig) -> list[int]:
+    """Indices of the MoE blocks: every `moe_every`-th block, counting from the last of each group."""
+    return [i for i in range(model.n_layers) if (i + 1) % moe.moe_every == 0]
+
+
+def num_params(model: ModelConfig, moe: MoEConfig) -> int:
+    """Total parameters of MoELM(model, moe)."""
+    d, n_moe = model.d_model, len(moe_layer_ids(model, moe))
+    attention = 4 * d * d + 2 * d  # qkv + out projection + the block's two RMSNorm weights
+    moe_ffn = moe.num_experts * d + moe.num_experts * 3 * d * moe.expert_dim
+    dense_ffn = 3 * d * moe.dense_hidden
+    embeddings = model.vocab_size * d * (1 if model.tie_embeddings else 2)
+    return embeddings + d + model.n_layers * attention + n_moe * moe_ffn + (model.n_layers - n_moe) * dense_ffn
+
+
+def num_active_params(model: ModelConfig, moe: MoEConfig) -> int:
+    """Parameters one token uses: all but the (n - k) experts it is not routed to in each MoE block."""
+    idle = (moe.num_experts - moe.top_k) * 3 * model.d_model * moe.expert_dim
+    return num_params(model, moe) - len(moe_layer_ids(model, moe)) * idle
+
+
+def flops_per_token(model: ModelConfig, moe: MoEConfig) -> float:
+    """Training FLOPs per token (forward + backward): 6 x the active matmul parameters + attention.
+
+    Matmul parameters exclude the embedding lookup but include the LM head (computed even when
+    tied); attention scores and values add 12 * layers * d * T (the PaLM convention, no causal saving).
+    """
+    matmul = num_active_params(model, moe) - model.vocab_size * model.d_model * (0 if model.tie_embeddings else 1)
+    return 6.0 * matmul + 12.0 * model.n_layers * model.d_model * model.seq_len
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+def rope_tables(seq_len: int, head_size: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin [T, hs / 2] of the rotary embedding."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) of x [B, nh, T, hs] by position."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, d))
+
+
+class SwiGLU(nn.Module):
+    """Dense feed-forward: (silu(x W_gate) * (x W_up)) W_down."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, hidden, bias=False)
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = ffn
+        self.is_moe = not isinstance(ffn, SwiGLU)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEStats | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        if not self.is_moe:
+            return x + self.ffn(self.ffn_norm(x)), None
+        y, stats = self.ffn(self.ffn_norm(x))
+        return x + y, stats
+
+
+@dataclass(frozen=True)
+class MoEAux:
+    """Per-MoE-layer auxiliary outputs of one forward, stacked over the L MoE layers."""
+
+    lb_loss: Tensor  # [L]
+    z_loss: Tensor  # [L]
+    tokens_per_expert: Tensor  # [L, n]
+    dropped_fraction: Tensor  # [L]
+    experts: Tensor  # [L, B*T, k] chosen experts
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    logits: Tensor  # [B, T, V]
+    lm_loss: Tensor | None  # [] mean next-token cross-entropy (float32), when targets are given
+    aux: MoEAux
+
+
+class MoELM(nn.Module):
+    def __init__(self, model: ModelConfig, moe: MoEConfig, *, seed: int = 0, ep_size: int = 1, ep_rank: int = 0):
+        super().__init__()
+        self.cfg, self.moe_cfg = model, moe
+        self.ep_size, self.ep_rank = ep_size, ep_rank
+        moe_ids = set(moe_layer_ids(model, moe))
+        self.embed = nn.Embedding(model.vocab_size, model.d_model)
+        self.blocks = nn.ModuleList(
+            Block(model, build_moe(moe, model.d_model, ep_size=ep_size) if i in moe_ids else SwiGLU(model.d_model, moe.dense_hidden))
+            for i in range(model.n_layers)
+        )
+        self.norm = nn.RMSNorm(model.d_model, eps=model.norm_eps)
+        self.lm_head = nn.Linear(model.d_model, model.vocab_size, bias=False)
+        if model.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(model.seq_len, model.d_model // model.n_heads, model.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters(seed)
+
+    @property
+    def moe_layers(self) -> list[nn.Module]:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Deterministic init from `seed`, identical on every rank; under expert parallelism each
+        rank keeps its slice of every MoE layer, so global expert j starts the same for any ep_size."""
+        gen = torch.Generator().manual_seed(seed)
+        std = self.cfg.init_std
+        out_std = std / (2 * self.cfg.n_layers) ** 0.5  # residual-branch outputs, GPT-2 style
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if p.dim() == 1:
+                    p.fill_(1.0)  # RMSNorm weights
+                else:
+                    s = out_std if name.endswith(("proj.weight", "down.weight")) else std
+                    p.copy_(torch.randn(p.shape, generator=gen) * s)
+            local = slice(self.ep_rank * self.moe_cfg.num_experts // self.ep_size, (self.ep_rank + 1) * self.moe_cfg.num_experts // self.ep_size)
+            for layer in self.moe_layers:
+                full = random_expert_weights(
+                    self.moe_cfg.num_experts, self.cfg.d_model, self.moe_cfg.expert_dim, std=std, out_std=out_std, generator=gen
+                )
+                layer.load_expert_weights({k: v if k == "router" else v[local] for k, v in full.items()})
+
+    def router_weights(self) -> Tensor:
+        """[L, n, d] the routers of all MoE layers, stacked (differentiable)."""
+        return torch.stack([layer.router_weight for layer in self.moe_layers])
+
+    def gate_weights(self) -> Tensor:
+        """[L, n_local, d, D] the experts' gate projections of all MoE layers, stacked (differentiable)."""
+        return torch.stack([layer.gate_weight for layer in self.moe_layers])
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> ModelOutput:
+        T = idx.shape[1]
+        if T > self.cfg.seq_len:
+            raise ValueError(f"idx: sequence length {T} exceeds model.seq_len {self.cfg.seq_len}")
+        x = self.embed(idx)  # (B, T, d)
+        stats: list[MoEStats] = []
+        for block in self.blocks:
+            x, layer_stats = block(x, self.rope_cos, self.rope_sin)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        lm_loss = None
+        if targets is not None:
+            lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        aux = MoEAux(
+            lb_loss=torch.stack([s.lb_loss for s in stats]),
+            z_loss=torch.stack([s.z_loss for s in stats]),
+            tokens_per_expert=torch.stack([s.tokens_per_expert for s in stats]),
+            dropped_fraction=torch.stack([s.dropped_fraction for s in stats]),
+            experts=torch.stack([s.experts_TK for s in stats]),
+        )
+        return ModelOutput(logits, lm_loss, aux)

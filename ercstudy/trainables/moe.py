@@ -1,0 +1,220 @@
+"""Mixture-of-Experts feed-forward: a softmax top-k router and SwiGLU experts, two compute backends.
+
+Shape legend: T tokens, d model width, n experts, k experts per token, D expert width,
+S = T * k routed (token, slot) pairs.
+
+Both backends hold the same parameters (router [n, d]; per expert gate [d, D], up [d, D],
+down [D, d]) and route the same way (DeepSpeed-MoE's convention):
+  1. logits_TE = x_TD @ router^T in float32; probs_TE = softmax(logits)
+  2. the top-k experts per token; their probabilities are renormalised to sum to 1 when
+     k > 1 (for k = 1 the raw probability is the weight, so the router still learns)
+  3. y_T = sum over the k slots of weight * SwiGLU_expert(x_T)
+  4. load-balancing loss n * sum_e mean_T(probs[:, e]) * f_e (f_e = share of the S
+     assignments that chose e), and router z-loss mean_T(logsumexp(logits)^2)
+
+- `grouped` (default, dropless): sort the S pairs by expert, run one grouped matmul per
+  projection (torch._grouped_mm), unsort and sum the k slots. No per-expert Python loop.
+- `deepspeed`: deepspeed.moe.layer.MoE (GShard-style capacity and token dropping), in
+  moe_deepspeed.py, imported only when selected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .validation import require
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """The `moe:` section of a trial config."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_dim: int = 256  # D, the hidden width of each SwiGLU expert
+    moe_every: int = 1  # every k-th block is an MoE block (1 = all, as in OLMoE); the others are dense
+    dense_dim: int | None = None  # hidden width of the dense blocks' SwiGLU (default: top_k * expert_dim)
+    backend: Literal["grouped", "deepspeed"] = "grouped"
+    lb_weight: float = 0.01  # load-balancing loss coefficient
+    z_weight: float = 0.001  # router z-loss coefficient
+    capacity_factor: float = 1.0  # deepspeed backend: expert capacity = factor * T * k / n
+    drop_tokens: bool = False  # deepspeed backend: drop tokens over capacity (False = dropless, like grouped)
+
+    def __post_init__(self) -> None:
+        require(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
+        require(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
+        require(
+            self.top_k <= self.num_experts,
+            "top_k",
+            f"must be <= num_experts ({self.num_experts}), got {self.top_k}",
+        )
+        require(self.expert_dim >= 1, "expert_dim", f"must be >= 1, got {self.expert_dim}")
+        require(self.moe_every >= 1, "moe_every", f"must be >= 1, got {self.moe_every}")
+        require(self.dense_dim is None or self.dense_dim >= 1, "dense_dim", f"must be >= 1, got {self.dense_dim}")
+        require(self.lb_weight >= 0, "lb_weight", f"must be >= 0, got {self.lb_weight}")
+        require(self.z_weight >= 0, "z_weight", f"must be >= 0, got {self.z_weight}")
+        require(self.capacity_factor > 0, "capacity_factor", f"must be > 0, got {self.capacity_factor}")
+
+    @property
+    def dense_hidden(self) -> int:
+        return self.dense_dim if self.dense_dim is not None else self.top_k * self.expert_dim
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    """What one MoE layer reports besides its output: the auxiliary losses and its routing."""
+
+    lb_loss: Tensor  # [] load-balancing loss
+    z_loss: Tensor  # [] router z-loss
+    tokens_per_expert: Tensor  # [n] float32, routed (token, slot) pairs per expert before any drop
+    dropped_fraction: Tensor  # [] share of the S pairs dropped for capacity (0 when dropless)
+    experts_TK: Tensor  # [T, k] int64, the chosen experts, for specialization metrics
+
+
+@dataclass(frozen=True)
+class Routing:
+    weights_TK: Tensor  # [T, k] float32 combine weights
+    experts_TK: Tensor  # [T, k] int64
+    probs_TE: Tensor  # [T, n] float32
+    logits_TE: Tensor  # [T, n] float32
+
+
+def route(x_TD: Tensor, router_ED: Tensor, top_k: int) -> Routing:
+    """Softmax top-k routing in float32 (DeepSpeed-MoE's convention, see the module docstring)."""
+    logits_TE = F.linear(x_TD.float(), router_ED.float())
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    weights_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
+    if top_k > 1:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).eps)
+    return Routing(weights_TK, experts_TK, probs_TE, logits_TE)
+
+
+def routing_losses(routing: Routing, tokens_per_expert_E: Tensor) -> tuple[Tensor, Tensor]:
+    """(load-balancing loss, z-loss) of one layer's routing."""
+    num_tokens, n = routing.probs_TE.shape
+    k = routing.experts_TK.shape[-1]
+    share_E = tokens_per_expert_E / (num_tokens * k)  # f_e, no gradient (counts)
+    lb_loss = n * (routing.probs_TE.mean(dim=0) * share_E).sum()
+    z_loss = torch.logsumexp(routing.logits_TE, dim=-1).square().mean()
+    return lb_loss, z_loss
+
+
+def count_per_expert(experts: Tensor, num_experts: int) -> Tensor:
+    """Histogram of expert ids (any shape) -> [n] float32, without a host sync (unlike bincount on CUDA)."""
+    flat = experts.reshape(-1)
+    return torch.zeros(num_experts, device=flat.device, dtype=torch.float32).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.float32)
+    )
+
+
+def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte aligned rows; on CUDA it wants bf16 (Hopper+), on CPU it runs any float."""
+    aligned = all(s * x.element_size() % 16 == 0 for s in (x.shape[-1], w.shape[-1]))
+    if x.device.type == "cuda":
+        return aligned and x.dtype == w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return aligned and x.dtype == w.dtype
+
+
+def grouped_mm(x_SK: Tensor, w_EKN: Tensor, offsets_E: Tensor) -> Tensor:
+    """Rows of x_SK sorted by group; group e (rows offsets[e-1]:offsets[e]) times w_EKN[e]. -> [S, N].
+
+    torch._grouped_mm where it runs; otherwise a per-group loop (a reference path with a host sync).
+    """
+    if _grouped_mm_supported(x_SK, w_EKN):
+        return torch._grouped_mm(x_SK, w_EKN, offs=offsets_E)
+    ends = offsets_E.tolist()
+    starts = [0, *ends[:-1]]
+    return torch.cat([x_SK[s:e] @ w_EKN[g] for g, (s, e) in enumerate(zip(starts, ends))], dim=0)
+
+
+class GroupedExperts(nn.Module):
+    """n SwiGLU experts with stacked weights: gate [n, d, D], up [n, d, D], down [n, D, d]."""
+
+    def __init__(self, num_experts: int, d_model: int, expert_dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.empty(num_experts, d_model, expert_dim))
+        self.up = nn.Parameter(torch.empty(num_experts, d_model, expert_dim))
+        self.down = nn.Parameter(torch.empty(num_experts, expert_dim, d_model))
+
+    def forward(self, x_SD: Tensor, offsets_E: Tensor) -> Tensor:
+        """x_SD: token copies sorted by expert; offsets_E: int32 cumulative counts. -> [S, d]."""
+        h_SF = F.silu(grouped_mm(x_SD, self.gate, offsets_E)) * grouped_mm(x_SD, self.up, offsets_E)
+        return grouped_mm(h_SF, self.down, offsets_E)
+
+
+class GroupedMoE(nn.Module):
+    """Dropless MoE: sort token copies by expert, one grouped matmul per projection."""
+
+    def __init__(self, cfg: MoEConfig, d_model: int):
+        super().__init__()
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.router = nn.Parameter(torch.empty(cfg.num_experts, d_model))  # [n, d]
+        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_dim)
+
+    @property
+    def router_weight(self) -> Tensor:  # [n, d]
+        return self.router
+
+    @property
+    def gate_weight(self) -> Tensor:  # [n, d, D]
+        return self.experts.gate
+
+    def expert_weights(self) -> dict[str, Tensor]:
+        """The backend-independent parameter set: router [n, d], gate/up [n, d, D], down [n, D, d]."""
+        return {"router": self.router, "gate": self.experts.gate, "up": self.experts.up, "down": self.experts.down}
+
+    @torch.no_grad()
+    def load_expert_weights(self, weights: dict[str, Tensor]) -> None:
+        for name, param in self.expert_weights().items():
+            param.copy_(weights[name])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        num_tokens, k = x_TD.shape[0], self.top_k
+        # 1. route
+        routing = route(x_TD, self.router, k)
+        tokens_per_expert_E = count_per_expert(routing.experts_TK, self.num_experts)
+        # 2. sort the S = T * k (token, slot) pairs by expert
+        order_S = torch.argsort(routing.experts_TK.reshape(-1), stable=True)
+        offsets_E = torch.cumsum(tokens_per_expert_E, dim=0).to(torch.int32)
+        x_SD = x_TD[order_S // k]
+        # 3. experts, one grouped matmul per projection
+        y_SD = self.experts(x_SD, offsets_E)
+        # 4. weight each copy, unsort, sum the k slots of each token
+        y_SD = y_SD * routing.weights_TK.reshape(-1)[order_S].unsqueeze(-1).to(y_SD.dtype)
+        y_TKD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(num_tokens, k, -1)
+        out = y_TKD.sum(dim=1).to(x.dtype).view(shape)
+        lb_loss, z_loss = routing_losses(routing, tokens_per_expert_E)
+        stats = MoEStats(lb_loss, z_loss, tokens_per_expert_E, x.new_zeros((), dtype=torch.float32), routing.experts_TK)
+        return out, stats
+
+
+def random_expert_weights(
+    num_experts: int, d_model: int, expert_dim: int, *, std: float, out_std: float, generator: torch.Generator
+) -> dict[str, Tensor]:
+    """Normal init of a full layer (all n experts): router and gate/up with `std`, down with `out_std`.
+
+    Drawn for every expert on every rank, so that global expert j starts the same whatever the
+    expert-parallel split; each rank then keeps its slice (see MoELM.reset_parameters).
+    """
+    n, d, D = num_experts, d_model, expert_dim
+    normal = lambda *shape, s: torch.randn(*shape, generator=generator) * s  # noqa: E731
+    return {"router": normal(n, d, s=std), "gate": normal(n, d, D, s=std), "up": normal(n, d, D, s=std), "down": normal(n, D, d, s=out_std)}
+
+
+def build_moe(cfg: MoEConfig, d_model: int, *, ep_size: int = 1) -> nn.Module:
+    """The MoE feed-forward for `cfg.backend`. ep_size > 1 (expert parallelism) needs the deepspeed backend's groups."""
+    if cfg.backend == "deepspeed":
+        from .moe_deepspeed import DeepSpeedMoE  # imported only when used: it loads DeepSpeed
+
+        return DeepSpeedMoE(cfg, d_model, ep_size=ep_size)
+    if ep_size != 1:
+        raise ValueError(f"ep_size: the grouped backend runs with ep_size 1 only, got {ep_size}")
+    return GroupedMoE(cfg, d_model)
+

@@ -1,0 +1,117 @@
+"""The `deepspeed` MoE backend: deepspeed.moe.layer.MoE with our SwiGLU expert and router.
+
+Same parameters and routing as moe.GroupedMoE (see moe.py), held the way DeepSpeed wants
+them: the router is the gate's `wg` Linear, each expert is its own module (DeepSpeed
+deep-copies the one it is given, tags its parameters `allreduce=False` and
+`group_name="ep_size_N"`, and shards them over the expert-parallel group that the engine
+creates at deepspeed.initialize). Capacity and token dropping follow DeepSpeed's TopKGate;
+with drop_tokens=False the capacity is the busiest expert's load and nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .moe import MoEConfig, MoEStats, count_per_expert, route, routing_losses
+
+
+class SwiGLUExpert(nn.Module):
+    """One expert: (silu(x @ gate) * (x @ up)) @ down, with gate/up [d, D] and down [D, d]."""
+
+    def __init__(self, d_model: int, expert_dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.empty(d_model, expert_dim))
+        self.up = nn.Parameter(torch.empty(d_model, expert_dim))
+        self.down = nn.Parameter(torch.empty(expert_dim, d_model))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (F.silu(x @ self.gate) * (x @ self.up)) @ self.down
+
+
+class DeepSpeedMoE(nn.Module):
+    def __init__(self, cfg: MoEConfig, d_model: int, *, ep_size: int = 1):
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        if cfg.num_experts % ep_size:
+            raise ValueError(f"moe.num_experts ({cfg.num_experts}) must be divisible by ep_size ({ep_size})")
+        self.cfg, self.ep_size = cfg, ep_size
+        self.moe = MoE(
+            hidden_size=d_model,
+            expert=SwiGLUExpert(d_model, cfg.expert_dim),
+            num_experts=cfg.num_experts,
+            ep_size=ep_size,
+            k=cfg.top_k,
+            capacity_factor=cfg.capacity_factor,
+            eval_capacity_factor=cfg.capacity_factor,
+            min_capacity=0,
+            drop_tokens=cfg.drop_tokens,
+            use_rts=False,  # random token selection would make the two backends differ
+            top2_2nd_expert_sampling=False,  # no Gumbel noise on the second expert: plain top-k
+        )
+
+    @property
+    def _experts(self) -> list[SwiGLUExpert]:
+        return list(self.moe.deepspeed_moe.experts.deepspeed_experts)
+
+    @property
+    def router_weight(self) -> Tensor:  # [n, d]
+        return self.moe.deepspeed_moe.gate.wg.weight
+
+    @property
+    def gate_weight(self) -> Tensor:  # [n_local, d, D]
+        return torch.stack([e.gate for e in self._experts])
+
+    def expert_weights(self) -> dict[str, Tensor]:
+        """router [n, d]; gate/up [n_local, d, D]; down [n_local, D, d] (stacked copies of the experts' parameters)."""
+        experts = self._experts
+        return {
+            "router": self.router_weight,
+            **{name: torch.stack([getattr(e, name) for e in experts]) for name in ("gate", "up", "down")},
+        }
+
+    @torch.no_grad()
+    def load_expert_weights(self, weights: dict[str, Tensor]) -> None:
+        """router [n, d]; gate/up/down of this rank's n_local experts."""
+        self.router_weight.copy_(weights["router"])
+        for i, expert in enumerate(self._experts):
+            for name in ("gate", "up", "down"):
+                getattr(expert, name).copy_(weights[name][i])
+
+    def init_weights(self, *, std: float, out_std: float) -> None:
+        """Independent normal init per expert (DeepSpeed's deepcopy would otherwise clone one expert)."""
+        with torch.no_grad():
+            self.router_weight.normal_(0.0, std)
+            for expert in self._experts:
+                expert.gate.normal_(0.0, std)
+                expert.up.normal_(0.0, std)
+                expert.down.normal_(0.0, out_std)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
+        out, _, _ = self.moe(x)
+        # DeepSpeed keeps its logits to itself: recompute the routing (a [T, d] x [d, n] matmul)
+        # for the auxiliary losses and the metrics. Its own l_aux is not used: for k = 2 it
+        # counts first choices only, so the two backends would optimise different LB losses.
+        x_TD = x.reshape(-1, x.shape[-1])
+        routing = route(x_TD, self.router_weight, self.cfg.top_k)
+        tokens_per_expert_E = count_per_expert(routing.experts_TK, self.cfg.num_experts)
+        lb_loss, z_loss = routing_losses(routing, tokens_per_expert_E)
+        stats = MoEStats(
+            lb_loss=lb_loss,
+            z_loss=z_loss,
+            tokens_per_expert=tokens_per_expert_E,
+            dropped_fraction=self._dropped_fraction(tokens_per_expert_E, x_TD.shape[0]),
+            experts_TK=routing.experts_TK,
+        )
+        return out.to(x.dtype), stats
+
+    def _dropped_fraction(self, tokens_per_expert_E: Tensor, num_tokens: int) -> Tensor:
+        if not self.cfg.drop_tokens:
+            return tokens_per_expert_E.new_zeros(())
+        k, n = self.cfg.top_k, self.cfg.num_experts
+        # TopKGate's capacity: ceil(T / n * capacity_factor * k) for k > 1, * 1 for k = 1
+        capacity = -(-num_tokens * self.cfg.capacity_factor * k // n)
+        kept = tokens_per_expert_E.clamp_max(capacity).sum()
+        return 1 - kept / (num_tokens * k)

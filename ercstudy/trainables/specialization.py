@@ -1,0 +1,102 @@
+"""Specialization metrics of the MoE layers: how far router and experts are coupled and apart.
+
+All functions take tensors stacked over the L MoE layers and return one float32 value per
+layer (shape [L]); `layer_metrics` flattens them into report keys `<metric>/layer<l>` plus
+their mean over layers under `<metric>`.
+  eps_mean, eps_min    the paper's noise bound ||R_i - R_nearest|| / (2 ||R_i||)
+  alpha_star           smallest alpha with zero ERC loss on the clean M (vanilla MoE ~ 5)
+  diag_dominance       mean M[i, i] over mean off-diagonal M[i, j] (1 = no coupling)
+  router_cos           mean |cos| between distinct router rows
+  load_entropy         entropy of the expert load over log(n) (1 = perfectly balanced)
+  load_max_over_mean   busiest expert's load over the mean load
+  dropped              share of routed token copies dropped for capacity (deepspeed backend)
+  domain_nmi           normalized mutual information between routed expert and domain
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .erc import coupling_alpha, noise_bound
+
+
+def _off_diagonal_mean(x: Tensor) -> Tensor:
+    n = x.shape[-1]
+    return (x.sum(dim=(-2, -1)) - x.diagonal(dim1=-2, dim2=-1).sum(-1)) / (n * (n - 1))
+
+
+def diagonal_dominance(activations: Tensor) -> Tensor:
+    """[L, n, n] -> [L]: mean diagonal of M over its mean off-diagonal entry."""
+    return activations.diagonal(dim1=-2, dim2=-1).mean(-1) / _off_diagonal_mean(activations).clamp_min(1e-30)
+
+
+def router_cosine(router: Tensor) -> Tensor:
+    """[L, n, d] -> [L]: mean |cos| between distinct router rows (the paper's baseline: about 0.15)."""
+    unit = torch.nn.functional.normalize(router.float(), dim=-1)
+    return _off_diagonal_mean((unit @ unit.transpose(-1, -2)).abs())
+
+
+def load_balance(tokens_per_expert: Tensor) -> tuple[Tensor, Tensor]:
+    """[L, n] routed counts -> (normalized entropy [L], max over mean [L])."""
+    share = tokens_per_expert / tokens_per_expert.sum(-1, keepdim=True).clamp_min(1)
+    entropy = -(share * share.clamp_min(1e-30).log()).sum(-1) / math.log(tokens_per_expert.shape[-1])
+    return entropy, share.amax(-1) * tokens_per_expert.shape[-1]
+
+
+def domain_expert_counts(experts: Tensor, domains: Tensor, num_domains: int, num_experts: int) -> Tensor:
+    """Joint counts [L, num_domains, n] of (domain, routed expert) pairs.
+
+    experts [L, B*T, k] chosen experts of B sequences of T tokens; domains [B] the domain of each sequence.
+    """
+    L, tokens, k = experts.shape
+    per_token_domain = domains.repeat_interleave(tokens // domains.shape[0])  # [B*T]
+    pair = per_token_domain[None, :, None] * num_experts + experts  # [L, B*T, k]
+    flat = (pair + torch.arange(L, device=experts.device)[:, None, None] * num_domains * num_experts).reshape(-1)
+    counts = torch.zeros(L * num_domains * num_experts, device=experts.device, dtype=torch.float32)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+    return counts.view(L, num_domains, num_experts)
+
+
+def normalized_mutual_information(joint: Tensor) -> Tensor:
+    """[L, a, b] joint counts -> [L]: I(A; B) / ((H(A) + H(B)) / 2), 0 = independent, 1 = one determines the other."""
+    p = joint / joint.sum(dim=(-2, -1), keepdim=True).clamp_min(1)
+    pa, pb = p.sum(-1, keepdim=True), p.sum(-2, keepdim=True)
+    plogp = lambda q: (q * q.clamp_min(1e-30).log()).sum(dim=(-2, -1))  # noqa: E731
+    mi = plogp(p) - (p * (pa * pb).clamp_min(1e-30).log()).sum(dim=(-2, -1))
+    h = -(plogp(pa) + plogp(pb)) / 2
+    return torch.where(h > 0, mi / h.clamp_min(1e-30), torch.zeros_like(h)).clamp(0, 1)
+
+
+@torch.no_grad()
+def layer_metrics(
+    router: Tensor,
+    activations: Tensor,
+    tokens_per_expert: Tensor,
+    dropped: Tensor,
+    domain_counts: Tensor | None = None,
+) -> dict[str, float]:
+    """All specialization metrics of the L MoE layers as report keys (one host transfer)."""
+    eps = noise_bound(router)
+    entropy, max_over_mean = load_balance(tokens_per_expert)
+    per_layer = {
+        "eps_mean": eps.mean(-1),
+        "eps_min": eps.amin(-1),
+        "alpha_star": coupling_alpha(activations),
+        "diag_dominance": diagonal_dominance(activations),
+        "router_cos": router_cosine(router),
+        "load_entropy": entropy,
+        "load_max_over_mean": max_over_mean,
+        "dropped": dropped.float(),
+    }
+    if domain_counts is not None:
+        per_layer["domain_nmi"] = normalized_mutual_information(domain_counts)
+    names = list(per_layer)
+    values = torch.stack([per_layer[k].float().cpu() for k in names]).tolist()  # [metrics, L]
+    out: dict[str, float] = {}
+    for name, row in zip(names, values):
+        out[name] = sum(row) / len(row)
+        out.update({f"{name}/layer{i}": v for i, v in enumerate(row)})
+    return out

@@ -1,0 +1,83 @@
+"""The MoE LM: sizes computed from the config equal the built model, and it learns with ERC."""
+
+import pytest
+import torch
+
+from ercstudy.trainables.config import DataConfig
+from ercstudy.trainables.data import SyntheticCorpus
+from ercstudy.trainables.erc import coupling_alpha, erc_loss
+from ercstudy.trainables.model import MoELM, ModelConfig, num_active_params, num_params
+from ercstudy.trainables.moe import MoEConfig
+
+
+@pytest.mark.parametrize(
+    "model,moe",
+    [
+        (ModelConfig(), MoEConfig()),
+        (ModelConfig(tie_embeddings=True, n_layers=3), MoEConfig(moe_every=2, num_experts=5, top_k=3)),
+        (ModelConfig(d_model=64, n_heads=2), MoEConfig(backend="deepspeed", num_experts=4, dense_dim=100, moe_every=2)),
+    ],
+)
+def test_num_params_equals_the_built_model(model, moe):
+    built = MoELM(model, moe)
+    assert num_params(model, moe) == sum(p.numel() for p in built.parameters())
+
+
+def test_num_active_params_counts_k_of_n_experts():
+    model, moe = ModelConfig(n_layers=2), MoEConfig(num_experts=8, top_k=2, expert_dim=32)
+    idle = 2 * 6 * 3 * model.d_model * 32  # 2 MoE layers x 6 idle experts x 3 matrices
+    assert num_params(model, moe) - num_active_params(model, moe) == idle
+
+
+def test_forward_shapes_and_stacked_weights_share_storage_with_parameters():
+    model, moe = ModelConfig(n_layers=4, d_model=32, n_heads=2, seq_len=16), MoEConfig(num_experts=4, top_k=2, expert_dim=24, moe_every=2)
+    lm = MoELM(model, moe)
+    idx = torch.randint(0, model.vocab_size, (3, 16))
+    out = lm(idx, idx)
+    assert out.logits.shape == (3, 16, model.vocab_size)
+    assert out.aux.lb_loss.shape == (2,) and out.aux.tokens_per_expert.shape == (2, 4) and out.aux.experts.shape == (2, 48, 2)
+    assert lm.router_weights().shape == (2, 4, 32) and lm.gate_weights().shape == (2, 4, 32, 24)
+    erc_loss(lm.router_weights(), lm.gate_weights()).loss.sum().backward()
+    assert all(layer.router.grad is not None and layer.experts.gate.grad is not None for layer in lm.moe_layers)
+
+
+def test_causal_logits_do_not_see_the_future():
+    lm = MoELM(ModelConfig(d_model=32, n_heads=2, seq_len=12, n_layers=2), MoEConfig(num_experts=4, top_k=1, expert_dim=16))
+    idx = torch.randint(0, 512, (1, 12))
+    changed = idx.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 512
+    torch.testing.assert_close(lm(idx).logits[:, :8], lm(changed).logits[:, :8])
+
+
+def train_plain(erc_weight: float, steps: int = 200):
+    """A few hundred plain-PyTorch steps on the synthetic corpus; returns (first loss, last loss, final alpha*)."""
+    torch.manual_seed(0)
+    model = ModelConfig(vocab_size=80, d_model=32, n_layers=2, n_heads=2, seq_len=32)
+    moe = MoEConfig(num_experts=4, top_k=1, expert_dim=32)
+    corpus = SyntheticCorpus(DataConfig(num_domains=4, tokens_per_domain=16, shared_tokens=16), seq_len=32, seed=0)
+    lm = MoELM(model, moe)
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(steps):
+        tokens = corpus.batch("train", step, 16).tokens
+        out = lm(tokens[:, :-1], tokens[:, 1:])
+        loss = out.lm_loss + 0.01 * out.aux.lb_loss.mean()
+        if erc_weight:
+            loss = loss + erc_weight * erc_loss(lm.router_weights(), lm.gate_weights(), alpha=1.0, generator=gen).loss.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(out.lm_loss.item())
+    with torch.no_grad():
+        m = erc_loss(lm.router_weights(), lm.gate_weights(), epsilon=0).activations
+    return sum(losses[:10]) / 10, sum(losses[-10:]) / 10, coupling_alpha(m).mean().item()
+
+
+def test_training_lowers_the_loss_and_erc_lowers_alpha_star():
+    first, last, alpha_off = train_plain(erc_weight=0.0)
+    _, last_erc, alpha_on = train_plain(erc_weight=1.0)
+    assert last < first - 1.0, (first, last)
+    assert last_erc < first - 1.0, (first, last_erc)
+    assert alpha_on < alpha_off, (alpha_on, alpha_off)
+    assert alpha_on < 1.2  # ERC with alpha = 1 pushes the coupling to (about) 1

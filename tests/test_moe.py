@@ -1,0 +1,110 @@
+"""The MoE backends against references: a dense SwiGLU, a per-token loop, and each other."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ercstudy.trainables.model import SwiGLU
+from ercstudy.trainables.moe import GroupedMoE, MoEConfig, build_moe, grouped_mm, random_expert_weights
+
+
+def make(backend, d=16, **moe):
+    cfg = MoEConfig(backend=backend, **moe)
+    layer = build_moe(cfg, d)
+    gen = torch.Generator().manual_seed(0)
+    layer.load_expert_weights(random_expert_weights(cfg.num_experts, d, cfg.expert_dim, std=0.3, out_std=0.3, generator=gen))
+    return layer
+
+
+def per_token_reference(layer: GroupedMoE, x):
+    """Route and run every token through its experts one at a time, in float64."""
+    w = {k: v.detach().double() for k, v in layer.expert_weights().items()}
+    x = x.reshape(-1, x.shape[-1]).double()
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        probs = torch.softmax(x[t] @ w["router"].T, dim=-1)
+        top_p, top_e = torch.topk(probs, layer.top_k)
+        if layer.top_k > 1:
+            top_p = top_p / top_p.sum()
+        for p, e in zip(top_p, top_e):
+            out[t] += p * ((F.silu(x[t] @ w["gate"][e]) * (x[t] @ w["up"][e])) @ w["down"][e])
+    return out
+
+
+@pytest.mark.parametrize("backend", ["grouped", "deepspeed"])
+def test_one_expert_top1_equals_dense_swiglu(backend):
+    layer = make(backend, num_experts=1, top_k=1, expert_dim=24)
+    dense = SwiGLU(16, 24)
+    w = layer.expert_weights()
+    with torch.no_grad():
+        dense.gate.weight.copy_(w["gate"][0].T)
+        dense.up.weight.copy_(w["up"][0].T)
+        dense.down.weight.copy_(w["down"][0].T)
+    x = torch.randn(3, 7, 16)
+    y, stats = layer(x)
+    torch.testing.assert_close(y, dense(x), rtol=1e-5, atol=1e-6)
+    assert stats.tokens_per_expert.tolist() == [21.0]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_grouped_equals_per_token_reference(k):
+    layer = make("grouped", num_experts=5, top_k=k, expert_dim=8)
+    x = torch.randn(4, 6, 16)
+    y, stats = layer(x)
+    torch.testing.assert_close(y.reshape(-1, 16).double(), per_token_reference(layer, x), rtol=1e-4, atol=1e-5)
+    assert stats.tokens_per_expert.sum().item() == 4 * 6 * k
+    assert stats.experts_TK.shape == (24, k)
+
+
+def test_grouped_mm_fallback_equals_torch_grouped_mm():
+    x, w = torch.randn(20, 16), torch.randn(4, 16, 8)
+    offsets = torch.tensor([5, 5, 12, 20], dtype=torch.int32)  # one empty group
+    reference = torch.cat([x[0:5] @ w[0], x[5:12] @ w[2], x[12:20] @ w[3]])
+    torch.testing.assert_close(grouped_mm(x, w, offsets), reference)
+    # unaligned width (5 floats = 20 bytes) takes the per-group path
+    torch.testing.assert_close(grouped_mm(x[:, :5], w[:, :5], offsets), torch.cat([x[0:5, :5] @ w[0, :5], x[5:12, :5] @ w[2, :5], x[12:20, :5] @ w[3, :5]]))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_deepspeed_without_drops_equals_grouped(k):
+    grouped = make("grouped", num_experts=6, top_k=k, expert_dim=8)
+    ds = make("deepspeed", num_experts=6, top_k=k, expert_dim=8)
+    ds.load_expert_weights(grouped.expert_weights())
+    x = torch.randn(3, 10, 16)
+    xg, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yg, sg = grouped(xg)
+    yd, sd = ds(xd)
+    torch.testing.assert_close(yd, yg, rtol=1e-5, atol=1e-6)
+    for field in ("lb_loss", "z_loss", "tokens_per_expert", "experts_TK"):
+        torch.testing.assert_close(getattr(sd, field), getattr(sg, field))
+    assert sd.dropped_fraction.item() == 0.0
+    # same gradients, into the input, the router and every expert
+    ((yg**2).sum() + sg.lb_loss).backward()
+    ((yd**2).sum() + sd.lb_loss).backward()
+    torch.testing.assert_close(xd.grad, xg.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ds.router_weight.grad, grouped.router.grad, rtol=1e-4, atol=1e-6)
+    for i, expert in enumerate(ds.moe.deepspeed_moe.experts.deepspeed_experts):
+        torch.testing.assert_close(expert.gate.grad, grouped.experts.gate.grad[i], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(expert.down.grad, grouped.experts.down.grad[i], rtol=1e-4, atol=1e-6)
+
+
+def test_deepspeed_capacity_drops_tokens_and_reports_it():
+    layer = make("deepspeed", num_experts=4, top_k=1, expert_dim=8, drop_tokens=True, capacity_factor=0.5)
+    _, stats = layer(torch.randn(2, 32, 16))
+    assert 0.0 < stats.dropped_fraction.item() < 1.0
+
+
+def test_routing_losses_are_those_of_a_balanced_router_when_uniform():
+    layer = make("grouped", num_experts=4, top_k=2, expert_dim=8)
+    with torch.no_grad():
+        layer.router.zero_()  # uniform probabilities: lb = n * sum_e (1/n) f_e = 1, z = log(n)^2
+    _, stats = layer(torch.randn(2, 8, 16))
+    assert stats.lb_loss.item() == pytest.approx(1.0)
+    assert stats.z_loss.item() == pytest.approx(torch.log(torch.tensor(4.0)).item() ** 2)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"^top_k: must be <= num_experts \(4\), got 5"):
+        MoEConfig(num_experts=4, top_k=5)
+    with pytest.raises(ValueError, match=r"^num_experts:"):
+        MoEConfig(num_experts=0, top_k=1)
