@@ -1,0 +1,394 @@
+"""One trial: the Ray Train worker function (DeepSpeed engine, training step, reports,
+checkpoints, resume) and `run_trial`, the driver that runs it with a TorchTrainer.
+
+Layers by role, as in Ray's Train+Tune examples: `train_loop_per_worker` (runs on every
+worker) -> `run_trial` (one TorchTrainer per trial) -> the study driver (platform/).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .config import TrialConfig
+from .data import build_train_data
+from .erc import coupling_activations, erc_from_activations, make_proxies, resolve_epsilon
+from .model import MoELM
+from .specialization import domain_expert_counts, layer_metrics
+
+CHECKPOINT_TAG = "ds"
+# bf16 dense peak per GPU, for MFU (FLOP/s). Unknown devices report no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed
+
+
+def deepspeed_config(cfg: TrialConfig, *, bf16: bool) -> dict[str, Any]:
+    t = cfg.train
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": bf16},
+        # torch_adam: the torch AdamW, not DeepSpeed's JIT-built CPU/CUDA Adam (50 s of compilation on CPU)
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8, "weight_decay": t.weight_decay, "torch_adam": True},
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": cfg.steps,
+                "warmup_num_steps": min(t.warmup_steps, cfg.steps),
+                "warmup_type": "linear",
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": t.min_lr_ratio,
+            },
+        },
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not on norms); DeepSpeed splits the expert parameters out."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# ERC under expert parallelism
+
+
+def gather_columns(m_local: Tensor, group: Any) -> Tensor:
+    """Concatenate each expert-parallel rank's columns of M [..., n, n_local] -> [..., n, n].
+
+    Autograd-aware all-gather: every rank computes the same loss from the same M, and its
+    backward sums the ranks' gradients; DeepSpeed then divides expert gradients by the full
+    data-parallel size, which makes the expert and router gradients exact.
+    """
+    if group is None or dist.get_world_size(group=group) == 1:
+        return m_local
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(m_local, group=group), dim=-1)
+
+
+def erc_activations(model: MoELM, cfg: TrialConfig, generator: torch.Generator | None, ep_group: Any, *, clean: bool = False) -> Tensor:
+    """M [L, n, n] of all MoE layers: noisy proxies for the loss, clean router rows (eps = 0) for metrics."""
+    router = model.router_weights()  # [L, n, d], the same on every rank
+    if clean:
+        proxies = router.float()
+    else:
+        router_in = router if cfg.erc.router_grad else router.detach()
+        proxies = make_proxies(router_in, resolve_epsilon(router, cfg.erc.epsilon), generator=generator)
+    return gather_columns(coupling_activations(proxies, model.gate_weights()), ep_group)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics of a report window
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last report, kept on the device (no host sync per step)."""
+
+    losses: Tensor  # [5]: lm, lb, z, erc, non-finite count
+    tokens_per_expert: Tensor  # [L, n]
+    dropped: Tensor  # [L]
+    domain_counts: Tensor | None  # [L, domains, n]
+    micro_batches: int = 0
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def empty(cls, cfg: TrialConfig, device: torch.device, with_domains: bool) -> Window:
+        L, n = cfg.num_moe_layers, cfg.moe.num_experts
+        domains = torch.zeros(L, cfg.data.num_domains, n, device=device) if with_domains else None
+        return cls(torch.zeros(5, device=device), torch.zeros(L, n, device=device), torch.zeros(L, device=device), domains)
+
+
+def reduce_window(w: Window) -> dict[str, Tensor]:
+    """Sum the window over all workers (each saw different tokens)."""
+    tensors = {"losses": w.losses, "tokens_per_expert": w.tokens_per_expert, "dropped": w.dropped}
+    if w.domain_counts is not None:
+        tensors["domain_counts"] = w.domain_counts
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors.values():
+            dist.all_reduce(t)
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker
+
+
+@dataclass
+class Trial:
+    """Everything a worker holds while it trains."""
+
+    cfg: TrialConfig
+    engine: Any
+    model: MoELM
+    data: Any
+    device: torch.device
+    rank: int
+    world: int
+    ep_group: Any
+    erc_generator: torch.Generator
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train_step(trial: Trial, window: Window) -> None:
+    """One optimizer step: micro-batches, forward, LM + LB + z (+ ERC once), backward, step, metrics."""
+    cfg, engine, model = trial.cfg, trial.engine, trial.model
+    accum = cfg.grad_accum
+    for micro in range(accum):
+        batch = trial.data.micro_batch(trial.step, micro)
+        tokens = batch.tokens.to(trial.device)
+        out = engine(tokens[:, :-1], tokens[:, 1:])
+        lb, z = out.aux.lb_loss.mean(), out.aux.z_loss.mean()
+        loss = out.lm_loss + cfg.moe.lb_weight * lb + cfg.moe.z_weight * z
+        erc = torch.zeros((), device=trial.device)
+        if cfg.erc.enabled and micro == accum - 1:
+            # Once per optimizer step: the ERC gradient depends on parameters only, which do not change
+            # inside an accumulation window. DeepSpeed divides each micro-batch loss by `accum`: undo it.
+            trial.erc_generator.manual_seed(cfg.train.seed * 1_000_003 + trial.step)  # same noise on every rank, and on resume
+            per_layer = erc_from_activations(erc_activations(model, cfg, trial.erc_generator, trial.ep_group), cfg.erc.alpha)
+            erc = per_layer.mean() if cfg.erc.layer_reduction == "mean" else per_layer.sum()
+            loss = loss + accum * cfg.erc.weight * erc
+        if cfg.train.nan_at_step == trial.step:
+            loss = loss * float("nan")
+        engine.backward(loss)
+        engine.step()
+        with torch.no_grad():
+            window.losses += torch.stack([out.lm_loss, lb, z, erc, (~torch.isfinite(loss)).float()]).detach()
+            window.tokens_per_expert += out.aux.tokens_per_expert
+            window.dropped += out.aux.dropped_fraction
+            if window.domain_counts is not None:
+                window.domain_counts += domain_expert_counts(
+                    out.aux.experts, batch.domains.to(trial.device), cfg.data.num_domains, cfg.moe.num_experts
+                )
+            window.micro_batches += 1
+    window.steps += 1
+
+
+def window_metrics(trial: Trial, window: Window) -> dict[str, Any]:
+    """Reduce the window across workers and compute every reported metric (collective: all ranks call it)."""
+    cfg = trial.cfg
+    sums = reduce_window(window)
+    lm, lb, z, erc, nonfinite = (sums["losses"] / (window.micro_batches * trial.world)).tolist()
+    elapsed = time.perf_counter() - window.started
+    tokens = window.steps * cfg.train.global_batch_size * cfg.model.seq_len
+    with torch.no_grad():
+        m_clean = erc_activations(trial.model, cfg, None, trial.ep_group, clean=True)
+        spec = layer_metrics(
+            trial.model.router_weights(),
+            m_clean,
+            sums["tokens_per_expert"],
+            sums["dropped"] / (window.micro_batches * trial.world),
+            sums.get("domain_counts"),
+        )
+    grad_norm = trial.engine.get_global_grad_norm()
+    metrics: dict[str, Any] = {
+        "step": trial.step,
+        "tokens": trial.step * cfg.train.global_batch_size * cfg.model.seq_len,
+        "lm_loss": lm,
+        "lb_loss": lb,
+        "z_loss": z,
+        "erc_loss": erc * (cfg.grad_accum if cfg.erc.enabled else 0),  # ERC is computed once per step
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "lr": float(trial.engine.get_lr()[0]),
+        "tokens_per_s": tokens / elapsed,
+        **spec,
+    }
+    peak = next((v for k, v in PEAK_FLOPS.items() if trial.device.type == "cuda" and k in torch.cuda.get_device_name(trial.device)), None)
+    if peak:
+        metrics["mfu"] = cfg.flops_per_token() * metrics["tokens_per_s"] / (peak * trial.world)
+    if nonfinite > 0 or not math.isfinite(lm):
+        metrics["stop_reason"] = f"non-finite loss within steps {trial.step - window.steps + 1}..{trial.step} (lm_loss={lm})"
+    return metrics
+
+
+def save_and_report(trial: Trial, metrics: dict[str, Any], *, checkpoint: bool) -> None:
+    """ray.train.report on every rank (a barrier); with a DeepSpeed checkpoint every rank writes its shard."""
+    import ray.train
+
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        trial.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state={"step": trial.step, "history": trial.history})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def progress_line(cfg: TrialConfig, m: dict[str, Any]) -> str:
+    parts = [
+        f"step {m['step']:>{len(str(cfg.steps))}}/{cfg.steps}",
+        f"lm {m['lm_loss']:.4f}",
+        f"lb {m['lb_loss']:.4f}",
+        f"erc {m['erc_loss']:.2e}",
+        f"alpha* {m['alpha_star']:.2f}",
+        f"eps {m['eps_mean']:.3f}",
+        f"cos {m['router_cos']:.3f}",
+    ]
+    if "domain_nmi" in m:
+        parts.append(f"nmi {m['domain_nmi']:.3f}")
+    parts += [f"lr {m['lr']:.2e}", f"{m['tokens_per_s']:,.0f} tok/s"]
+    return " | ".join(parts)
+
+
+def skip_cpu_shm_comm_build() -> None:
+    """Let DeepSpeed on CPU use plain gloo collectives instead of JIT-compiling its shared-memory op.
+
+    That op takes from minutes to a quarter of an hour to compile on a 2-core machine, on the
+    first run of every fresh machine, and only speeds up CPU all-reduces between workers of one
+    node. DeepSpeed keeps its op-compatibility table as an editable module-level dict (see
+    deepspeed/ops/__init__.py); marking the op incompatible makes deepspeed.comm skip it.
+    Set ERCSTUDY_DS_SHM_COMM=1 to build and use it anyway.
+    """
+    if os.environ.get("ERCSTUDY_DS_SHM_COMM") == "1":
+        return
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        ops = deepspeed.ops.__dict__.setdefault("__compatible_ops__", {})
+        ops[builder.NAME] = False
+
+
+def setup_trial(cfg: TrialConfig) -> Trial:
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.resources.gpus_per_worker > 0 else torch.device("cpu")
+    if device.type == "cpu":
+        skip_cpu_shm_comm_build()
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")  # reuses Ray's process group
+    ep = cfg.resources.ep_size
+    # DeepSpeed's expert-parallel groups put consecutive ranks together: rank r holds expert slice r % ep.
+    model = MoELM(cfg.model, cfg.moe, seed=cfg.train.seed, ep_size=ep, ep_rank=rank % ep)
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=deepspeed_config(cfg, bf16=bf16)
+    )
+    ep_group = None
+    if ep > 1:
+        from deepspeed.utils import groups
+
+        ep_group = groups._get_expert_parallel_group(f"ep_size_{ep}")
+    data = build_train_data(cfg, rank=rank, world=world)
+    trial = Trial(cfg, engine, model, data, device, rank, world, ep_group, torch.Generator(device=device))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            _, client_state = engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
+        trial.step, trial.history = client_state["step"], list(client_state["history"])
+        if rank == 0:
+            print(f"resumed from checkpoint at step {trial.step}", flush=True)
+    return trial
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Ray Train worker: train one trial; rank 0 returns the metric history."""
+    cfg = TrialConfig.from_dict(config)
+    trial = setup_trial(cfg)
+    resumed = trial.step > 0
+    window = Window.empty(cfg, trial.device, trial.data.has_domains)
+    while trial.step < cfg.steps:
+        trial.step += 1
+        if cfg.train.crash_at_step == trial.step and trial.rank == 0 and not resumed:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection: a real process death, once
+        train_step(trial, window)
+        if trial.step % cfg.train.report_every and trial.step != cfg.steps:
+            continue
+        metrics = window_metrics(trial, window)
+        trial.history.append(metrics)
+        stop = "stop_reason" in metrics
+        if trial.rank == 0:
+            print(progress_line(cfg, metrics) if not stop else f"stopping: {metrics['stop_reason']}", flush=True)
+        save_and_report(trial, metrics, checkpoint=not stop and (trial.step % cfg.train.checkpoint_every == 0 or trial.step == cfg.steps))
+        if stop:
+            break
+        window = Window.empty(cfg, trial.device, trial.data.has_domains)
+    return trial.history if trial.rank == 0 else []
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    history: list[dict[str, Any]]  # one entry per report, in step order, no step twice
+    checkpoint_path: str | None  # the last DeepSpeed checkpoint
+    path: str  # the run directory (Ray Train storage)
+    error: str | None  # why the trial failed, if it did
+    stop_reason: str | None  # why the trial stopped early (e.g. a non-finite loss), if it did
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def run_trial(cfg: TrialConfig, *, name: str, storage_path: str, callbacks: list[Any] | None = None) -> TrialResult:
+    """Run one trial as a TorchTrainer on the connected (or a new local) Ray; never raises for a failed trial."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        from ercstudy.platform.ray_runtime import ensure_ray
+
+        ensure_ray()
+    res = cfg.resources
+    use_gpu = res.gpus_per_worker > 0
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=os.path.abspath(storage_path) if "://" not in storage_path else storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # DeepSpeed picks its accelerator once, at import: CPU workers must say so; GPU workers must not.
+            # RAY_TRAIN_ENABLE_PRINT_PATCH=0: rank 0's progress lines once, not twice (stdout + Train's logger).
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **({} if use_gpu else {"DS_ACCELERATOR": "cpu"})}},
+            callbacks=callbacks or [],
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # TrainingFailedError: workers failed more than max_failures times
+        return TrialResult([], None, os.path.join(storage_path, name), f"{type(err).__name__}: {err}".splitlines()[0], None)
+    history = list(result.return_value or [])
+    stop_reason = history[-1].get("stop_reason") if history else None
+    error = f"{type(result.error).__name__}: {result.error}".splitlines()[0] if result.error else None
+    return TrialResult(history, result.checkpoint.path if result.checkpoint else None, result.path, error, stop_reason)
