@@ -13,6 +13,7 @@ import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from .model import MoELM
 from .specialization import domain_expert_counts, layer_metrics
 
 CHECKPOINT_TAG = "ds"
+CRASH_GRACE_S = 10.0
 # bf16 dense peak per GPU, for MFU (FLOP/s). Unknown devices report no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -111,6 +113,7 @@ class Window:
     """Sums over the steps since the last report, kept on the device (no host sync per step)."""
 
     losses: Tensor  # [5]: lm, lb, z, erc, non-finite count
+    grad_norm: Tensor  # [] global gradient norm (before clipping) of the window's last step
     tokens_per_expert: Tensor  # [L, n]
     dropped: Tensor  # [L]
     domain_counts: Tensor | None  # [L, domains, n]
@@ -122,7 +125,8 @@ class Window:
     def empty(cls, cfg: TrialConfig, device: torch.device, with_domains: bool) -> Window:
         L, n = cfg.num_moe_layers, cfg.moe.num_experts
         domains = torch.zeros(L, cfg.data.num_domains, n, device=device) if with_domains else None
-        return cls(torch.zeros(5, device=device), torch.zeros(L, n, device=device), torch.zeros(L, device=device), domains)
+        zeros = partial(torch.zeros, device=device)
+        return cls(zeros(5), zeros(()).fill_(float("nan")), zeros(L, n), zeros(L), domains)
 
 
 def reduce_window(w: Window) -> dict[str, Tensor]:
@@ -157,7 +161,24 @@ class Trial:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train_step(trial: Trial, window: Window) -> None:
+def global_grad_norm(trial: Trial) -> Tensor:
+    """L2 norm of all gradients after DeepSpeed's all-reduce, before clipping (expert shards summed over EP)."""
+    from deepspeed.moe.utils import is_moe_param
+
+    dense, expert = torch.zeros((), device=trial.device), torch.zeros((), device=trial.device)
+    for p in trial.model.parameters():
+        if p.grad is not None:
+            sq = p.grad.detach().float().square().sum()
+            if is_moe_param(p):
+                expert += sq
+            else:
+                dense += sq
+    if trial.ep_group is not None:
+        dist.all_reduce(expert, group=trial.ep_group)
+    return (dense + expert).sqrt()
+
+
+def train_step(trial: Trial, window: Window, *, measure_grad_norm: bool) -> None:
     """One optimizer step: micro-batches, forward, LM + LB + z (+ ERC once), backward, step, metrics."""
     cfg, engine, model = trial.cfg, trial.engine, trial.model
     accum = cfg.grad_accum
@@ -178,6 +199,8 @@ def train_step(trial: Trial, window: Window) -> None:
         if cfg.train.nan_at_step == trial.step:
             loss = loss * float("nan")
         engine.backward(loss)
+        if measure_grad_norm and micro == accum - 1:
+            window.grad_norm = global_grad_norm(trial)  # ZeRO keeps no .grad: then DeepSpeed's own norm below
         engine.step()
         with torch.no_grad():
             window.losses += torch.stack([out.lm_loss, lb, z, erc, (~torch.isfinite(loss)).float()]).detach()
@@ -207,7 +230,8 @@ def window_metrics(trial: Trial, window: Window) -> dict[str, Any]:
             sums["dropped"] / (window.micro_batches * trial.world),
             sums.get("domain_counts"),
         )
-    grad_norm = trial.engine.get_global_grad_norm()
+    ds_norm = trial.engine.get_global_grad_norm()
+    grad_norm = window.grad_norm.item() if ds_norm is None or not math.isfinite(float(ds_norm)) else float(ds_norm)
     metrics: dict[str, Any] = {
         "step": trial.step,
         "tokens": trial.step * cfg.train.global_batch_size * cfg.model.seq_len,
@@ -215,7 +239,7 @@ def window_metrics(trial: Trial, window: Window) -> dict[str, Any]:
         "lb_loss": lb,
         "z_loss": z,
         "erc_loss": erc * (cfg.grad_accum if cfg.erc.enabled else 0),  # ERC is computed once per step
-        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "grad_norm": grad_norm,
         "lr": float(trial.engine.get_lr()[0]),
         "tokens_per_s": tokens / elapsed,
         **spec,
@@ -311,18 +335,36 @@ def setup_trial(cfg: TrialConfig) -> Trial:
     return trial
 
 
+def inject_crash() -> None:
+    """Fault injection (tests): kill this worker process, once per run.
+
+    A marker in the run's storage makes the restarted group train through the same step. The
+    pause first lets Ray Train's controller collect the reports already made (it polls the
+    workers), as it would before most real crashes; a report not yet collected is simply lost
+    and the run resumes from the checkpoint before it.
+    """
+    import ray.train
+
+    marker = os.path.join(ray.train.get_context().get_storage().experiment_fs_path, ".crash_injected")
+    if os.path.exists(marker):
+        return
+    open(marker, "w").close()
+    time.sleep(CRASH_GRACE_S)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     """The Ray Train worker: train one trial; rank 0 returns the metric history."""
     cfg = TrialConfig.from_dict(config)
     trial = setup_trial(cfg)
-    resumed = trial.step > 0
     window = Window.empty(cfg, trial.device, trial.data.has_domains)
     while trial.step < cfg.steps:
         trial.step += 1
-        if cfg.train.crash_at_step == trial.step and trial.rank == 0 and not resumed:
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection: a real process death, once
-        train_step(trial, window)
-        if trial.step % cfg.train.report_every and trial.step != cfg.steps:
+        if cfg.train.crash_at_step == trial.step and trial.rank == 0:
+            inject_crash()
+        reporting = trial.step % cfg.train.report_every == 0 or trial.step == cfg.steps
+        train_step(trial, window, measure_grad_norm=reporting)
+        if not reporting:
             continue
         metrics = window_metrics(trial, window)
         trial.history.append(metrics)
