@@ -1,6 +1,8 @@
 """Shared test set-up: CPU DeepSpeed, one embedded Ray instance for the tests that need it."""
 
+import functools
 import os
+from pathlib import Path
 
 # DeepSpeed reads its accelerator once, at the first get_accelerator(): CPU for the whole suite.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -15,8 +17,67 @@ def ray_session():
     """One embedded Ray instance for every test that needs it (starting Ray costs a minute on 2 cores)."""
     import ray
 
-    from ercstudy.platform.ray_runtime import ensure_ray
+    from ercstudy.platform.ray_runtime import ensure_ray, stop_local_ray
 
     ensure_ray()
     yield ray
-    ray.shutdown()
+    stop_local_ray()
+
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+SEQ = 32
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """Token shards of real text, two domains: the first and the last 60 kB of tinyshakespeare."""
+    from ercstudy.platform.cli import main
+
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} not found")
+    text = SHAKESPEARE.read_text()
+    src = tmp_path_factory.mktemp("text")
+    (src / "early.txt").write_text(text[:60_000])
+    (src / "late.txt").write_text(text[-60_000:])
+    out = src / "shards"
+    assert main(["prepare-data", str(src / "early.txt"), str(src / "late.txt"), "--out", str(out),
+                 "--vocab-size", "300", "--seq-len", str(SEQ), "--rows-per-shard", "200", "--eval-fraction", "0.1"]) == 0
+    return out
+
+
+@functools.cache
+def train_plain(erc_weight: float, steps: int = 200):
+    """A few hundred plain-PyTorch steps on the synthetic corpus (shared by the tests that need a trained model).
+
+    Returns (mean loss of the first 10 steps, of the last 10, final alpha*, the model).
+    """
+    import torch
+
+    from ercstudy.trainables.config import DataConfig
+    from ercstudy.trainables.data import SyntheticCorpus
+    from ercstudy.trainables.erc import coupling_alpha, erc_loss
+    from ercstudy.trainables.model import ModelConfig, MoELM
+    from ercstudy.trainables.moe import MoEConfig
+
+    torch.manual_seed(0)
+    model = ModelConfig(vocab_size=80, d_model=32, n_layers=2, n_heads=2, seq_len=32)
+    moe = MoEConfig(num_experts=4, top_k=1, expert_dim=32)
+    corpus = SyntheticCorpus(DataConfig(num_domains=4, tokens_per_domain=16, shared_tokens=16), seq_len=32, seed=0)
+    lm = MoELM(model, moe)
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(steps):
+        tokens = corpus.batch("train", step, 16).tokens
+        out = lm(tokens[:, :-1], tokens[:, 1:])
+        loss = out.lm_loss + 0.01 * out.aux.lb_loss.mean()
+        if erc_weight:
+            loss = loss + erc_weight * erc_loss(lm.router_weights(), lm.gate_weights(), alpha=1.0, generator=gen).loss.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(out.lm_loss.item())
+    with torch.no_grad():
+        m = erc_loss(lm.router_weights(), lm.gate_weights(), epsilon=0).activations
+    lm.eval()
+    return sum(losses[:10]) / 10, sum(losses[-10:]) / 10, coupling_alpha(m).mean().item(), lm

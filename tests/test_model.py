@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from conftest import train_plain
 
-from ercstudy.trainables.config import DataConfig
-from ercstudy.trainables.data import SyntheticCorpus
-from ercstudy.trainables.erc import coupling_alpha, erc_loss
-from ercstudy.trainables.model import MoELM, ModelConfig, num_active_params, num_params
+from ercstudy.trainables.erc import erc_loss
+from ercstudy.trainables.model import ModelConfig, MoELM, num_active_params, num_params
 from ercstudy.trainables.moe import MoEConfig
 
 
@@ -49,34 +48,9 @@ def test_causal_logits_do_not_see_the_future():
     torch.testing.assert_close(lm(idx).logits[:, :8], lm(changed).logits[:, :8])
 
 
-def train_plain(erc_weight: float, steps: int = 200):
-    """A few hundred plain-PyTorch steps on the synthetic corpus; returns (first loss, last loss, final alpha*)."""
-    torch.manual_seed(0)
-    model = ModelConfig(vocab_size=80, d_model=32, n_layers=2, n_heads=2, seq_len=32)
-    moe = MoEConfig(num_experts=4, top_k=1, expert_dim=32)
-    corpus = SyntheticCorpus(DataConfig(num_domains=4, tokens_per_domain=16, shared_tokens=16), seq_len=32, seed=0)
-    lm = MoELM(model, moe)
-    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(0)
-    losses = []
-    for step in range(steps):
-        tokens = corpus.batch("train", step, 16).tokens
-        out = lm(tokens[:, :-1], tokens[:, 1:])
-        loss = out.lm_loss + 0.01 * out.aux.lb_loss.mean()
-        if erc_weight:
-            loss = loss + erc_weight * erc_loss(lm.router_weights(), lm.gate_weights(), alpha=1.0, generator=gen).loss.mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(out.lm_loss.item())
-    with torch.no_grad():
-        m = erc_loss(lm.router_weights(), lm.gate_weights(), epsilon=0).activations
-    return sum(losses[:10]) / 10, sum(losses[-10:]) / 10, coupling_alpha(m).mean().item()
-
-
 def test_training_lowers_the_loss_and_erc_lowers_alpha_star():
-    first, last, alpha_off = train_plain(erc_weight=0.0)
-    _, last_erc, alpha_on = train_plain(erc_weight=1.0)
+    first, last, alpha_off, _ = train_plain(erc_weight=0.0)
+    _, last_erc, alpha_on, _ = train_plain(erc_weight=1.0)
     assert last < first - 1.0, (first, last)
     assert last_erc < first - 1.0, (first, last_erc)
     assert alpha_on < alpha_off, (alpha_on, alpha_off)

@@ -1,16 +1,19 @@
 """One trial on a real local Ray with real DeepSpeed (CPU, gloo).
 
 Every worker process imports torch and DeepSpeed (minutes on a busy 2-core machine), so
-each TorchTrainer run here checks several properties at once:
+each TorchTrainer run here checks several properties at once, and the 1-worker runs go side
+by side (each in a Ray task, as Tune runs trials), one CPU each:
   - `resumed`: 1 worker, grouped backend, ep_size 1, its process killed at step 25 -> resumes
     from the step-20 checkpoint and finishes; contiguous history; learns; finite metrics; MI rises
+  - `shards`: 1 worker on Parquet shards of real text made by prepare-data, streamed by Ray
+    Data -> the loss falls; then a NaN injected into the loss at step 18 ends the trial with the
+    reason at the step-20 report
   - `ep`: 2 workers, deepspeed backend, ep_size 2 (experts split over the workers)
     -> the same loss trajectory as `resumed` (same seed and global batch; the two backends
     compute the same function, tests/test_moe.py): expert parallelism and the resume are exact
-  - `nan`: a NaN injected into the loss ends the trial with the reason
 
 On a busy 2-core machine one TorchTrainer run takes 10-25 minutes, mostly process start-up;
-CI runs `resumed` only. ERCSTUDY_FULL_TRIAL_TESTS=1 adds `ep` and `nan` (not yet seen passing).
+CI runs `resumed` and `shards`. ERCSTUDY_FULL_TRIAL_TESTS=1 adds `ep` (not yet seen passing).
 """
 
 
@@ -47,18 +50,24 @@ def config(**sections) -> TrialConfig:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_session, tmp_path_factory):
+def runs(ray_session, shards, tmp_path_factory):
     from ercstudy.trainables.train import run_trial
 
     storage = str(tmp_path_factory.mktemp("trials"))
-    cfgs = {
+    side_by_side = {
         "resumed": config(train={"crash_at_step": 25}),
-        "ep": config(moe={"backend": "deepspeed"}, resources={"num_workers": 2, "ep_size": 2}),
-        "nan": config(train={"tokens": 10 * 16 * 32, "nan_at_step": 7, "checkpoint_every": 5}),
+        "shards": config(
+            model={"vocab_size": 320}, data={"kind": "parquet", "path": str(shards)},
+            train={"tokens": 20 * 16 * 32, "nan_at_step": 18, "checkpoint_every": 5}, eval={"every": 5, "sequences": 32},
+        ),
     }
-    if not FULL:
-        cfgs = {"resumed": cfgs["resumed"]}
-    return {name: run_trial(cfg, name=name, storage_path=storage) for name, cfg in cfgs.items()}
+    remote = ray_session.remote(num_cpus=0, max_retries=0)(run_trial)
+    pending = {name: remote.remote(cfg, name=name, storage_path=storage) for name, cfg in side_by_side.items()}
+    results = {name: ray_session.get(ref) for name, ref in pending.items()}
+    if FULL:
+        ep = config(moe={"backend": "deepspeed"}, resources={"num_workers": 2, "ep_size": 2})
+        results["ep"] = run_trial(ep, name="ep", storage_path=storage)
+    return results
 
 
 def test_trials_complete_and_report_every_metric_finite(runs):
@@ -70,6 +79,15 @@ def test_trials_complete_and_report_every_metric_finite(runs):
             for key in METRICS + [f"alpha_star/layer{i}" for i in range(2)]:
                 assert math.isfinite(m[key]), (name, m["step"], key, m[key])
         assert result.checkpoint_path is not None
+
+
+def test_evaluation_at_the_end_is_reported_with_the_training_metrics(runs):
+    history = runs["resumed"].history
+    final = history[-1]
+    assert all(not k.startswith("eval/") for m in history[:-1] for k in m)  # eval.every = 0: at the end only
+    for key in ["eval/loss", "eval/ppl", "eval/mc_domain/acc", "eval/mc_domain/acc_norm"] + [f"eval/loss/domain{d}" for d in range(4)]:
+        assert math.isfinite(final[key]), key
+    assert final["eval/loss"] < history[0]["lm_loss"]
 
 
 def test_killed_worker_resumes_from_checkpoint_without_losing_or_repeating_steps(runs):
@@ -100,9 +118,13 @@ def test_expert_parallel_matches_a_single_worker(runs):
             assert ep[key] == pytest.approx(one[key], rel=2e-3, abs=1e-5), (one["step"], key)
 
 
-@full_only
-def test_nan_loss_stops_the_trial_with_the_reason(runs):
-    result = runs["nan"]
-    assert result.error is None
-    assert result.stop_reason is not None and "non-finite loss" in result.stop_reason
-    assert result.history[-1]["step"] == 10 and "steps 6..10" in result.stop_reason
+def test_prepared_shards_train_and_a_nan_stops_the_trial_with_the_reason(runs):
+    result = runs["shards"]
+    assert result.error is None, result.error
+    history = result.history
+    assert [m["step"] for m in history] == [5, 10, 15, 20]
+    assert history[2]["lm_loss"] < history[0]["lm_loss"] - 0.3  # real text, 300-token BPE: learning
+    assert all(math.isfinite(m["domain_nmi"]) for m in history[:3])  # domains = the two input files
+    assert history[2]["eval/loss"] < history[0]["eval/loss"] and {"eval/loss/early", "eval/loss/late"} <= history[2].keys()
+    assert result.stop_reason is not None and "non-finite loss within steps 16..20" in result.stop_reason
+    assert "stop_reason" not in history[2]

@@ -32,10 +32,13 @@ def describe(cfg) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ercstudy.trainables.config import load_trial_config
+    from ercstudy.trainables.data import check_data
+    from ercstudy.trainables.shards import DataError
 
     try:
         cfg = load_trial_config(args.file)
-    except ConfigError as err:
+        check_data(cfg)
+    except (ConfigError, DataError) as err:
         return _fail(str(err))
     name = args.name or Path(args.file).stem
     storage = os.path.abspath(args.storage)
@@ -57,6 +60,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from ercstudy.platform.prepare_data import prepare_data
+    from ercstudy.trainables.shards import DataError
+
+    try:
+        prepare_data(
+            args.inputs, args.out, vocab_size=args.vocab_size, seq_len=args.seq_len, eval_fraction=args.eval_fraction,
+            column=args.column, rows_per_shard=args.rows_per_shard, seed=args.seed,
+        )
+    except DataError as err:
+        return _fail(str(err))
+    print(f"use it in a trial config:\n  data: {{kind: parquet, path: {args.out}}}\n  model: {{vocab_size: {args.vocab_size}, seq_len: <= {args.seq_len}}}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ercstudy", description="MoE studies with the expert-router coupling (ERC) loss.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--storage", default=DEFAULT_STORAGE, help=f"results directory (default: ./{DEFAULT_STORAGE})")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run of the same name from its last checkpoint")
     train.set_defaults(func=cmd_train)
+
+    prep = sub.add_parser("prepare-data", help="tokenize text files (or a Parquet text column) into Parquet token shards")
+    prep.add_argument("inputs", nargs="+", help="text files (documents separated by blank lines) or Parquet files; each file is one domain")
+    prep.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size, trained on the inputs (default: 4096)")
+    prep.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default: 256)")
+    prep.add_argument("--eval-fraction", type=float, default=0.05, help="share of sequences held out for evaluation (default: 0.05)")
+    prep.add_argument("--column", help="text column of Parquet inputs (default: text)")
+    prep.add_argument("--rows-per-shard", type=int, default=8192, help="sequences per Parquet file (default: 8192)")
+    prep.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the train/eval split (default: 0)")
+    prep.set_defaults(func=cmd_prepare_data)
     return parser
 
 

@@ -7,11 +7,13 @@ A worker turns Ray's dict into it on its first line with `TrialConfig.from_dict`
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from .erc import ERCConfig
+from .evals import EvalConfig
 from .model import ModelConfig, flops_per_token, moe_layer_ids, num_active_params, num_params
 from .moe import MoEConfig
 from .validation import ConfigError, from_dict, require, to_dict
@@ -61,9 +63,10 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """The `data:` section: the built-in synthetic corpus."""
+    """The `data:` section: the built-in synthetic corpus, or Parquet token shards from `ercstudy prepare-data`."""
 
-    kind: Literal["synthetic"] = "synthetic"
+    kind: Literal["synthetic", "parquet"] = "synthetic"
+    path: str | None = None  # parquet: the directory prepare-data wrote (relative paths: to the working directory)
     # synthetic: several Markov-chain "languages" over partly shared vocabularies
     num_domains: int = 4
     tokens_per_domain: int = 48  # private tokens of each domain
@@ -74,6 +77,10 @@ class DataConfig:
         for name in ("num_domains", "tokens_per_domain", "branching"):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         require(self.shared_tokens >= 0, "shared_tokens", f"must be >= 0, got {self.shared_tokens}")
+        require(self.kind != "parquet" or bool(self.path), "path", "kind 'parquet' needs the shard directory made by `ercstudy prepare-data`")
+        if self.path and "://" not in self.path:
+            # Ray Train workers run in another working directory: hand them an absolute path.
+            object.__setattr__(self, "path", os.path.abspath(os.path.expanduser(self.path)))
 
     @property
     def synthetic_vocab(self) -> int:
@@ -108,6 +115,7 @@ class TrialConfig:
     erc: ERCConfig = field(default_factory=ERCConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def __post_init__(self) -> None:
@@ -149,6 +157,23 @@ class TrialConfig:
             "train.crash_at_step",
             f"must come after the first checkpoint (step {train.checkpoint_every}) so that the trial can resume",
         )
+        ev = self.eval
+        require(
+            ev.every % train.report_every == 0,
+            "eval.every",
+            f"must be a multiple of train.report_every ({train.report_every}), got {ev.every}",
+        )
+        if self.data.kind == "synthetic" and ev.mc_items:
+            require(
+                ev.mc_choices <= self.data.num_domains,
+                "eval.mc_choices",
+                f"must be <= data.num_domains ({self.data.num_domains}): each choice comes from another domain, got {ev.mc_choices}",
+            )
+            require(
+                ev.mc_context + ev.mc_continuation <= model.seq_len + 1,
+                "eval.mc_context",
+                f"mc_context + mc_continuation must be <= model.seq_len + 1 ({model.seq_len + 1}), got {ev.mc_context + ev.mc_continuation}",
+            )
         for name in ("crash_at_step", "nan_at_step"):
             step = getattr(train, name)
             require(step is None or 1 <= step <= self.steps, f"train.{name}", f"must be in [1, {self.steps}], got {step}")

@@ -204,7 +204,7 @@ def random_expert_weights(
     expert-parallel split; each rank then keeps its slice (see MoELM.reset_parameters).
     """
     n, d, D = num_experts, d_model, expert_dim
-    normal = lambda *shape, s: torch.randn(*shape, generator=generator) * s  # noqa: E731
+    normal = lambda *shape, s: torch.randn(*shape, generator=generator) * s
     return {"router": normal(n, d, s=std), "gate": normal(n, d, D, s=std), "up": normal(n, d, D, s=std), "down": normal(n, D, d, s=out_std)}
 
 

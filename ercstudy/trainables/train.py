@@ -21,8 +21,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .config import TrialConfig
-from .data import build_train_data
+from .data import build_train_data, check_data, train_dataset
 from .erc import coupling_activations, erc_from_activations, make_proxies, resolve_epsilon
+from .evals import build_evaluator
 from .model import MoELM
 from .specialization import domain_expert_counts, layer_metrics
 
@@ -122,9 +123,9 @@ class Window:
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
-    def empty(cls, cfg: TrialConfig, device: torch.device, with_domains: bool) -> Window:
+    def empty(cls, cfg: TrialConfig, device: torch.device, num_domains: int) -> Window:
         L, n = cfg.num_moe_layers, cfg.moe.num_experts
-        domains = torch.zeros(L, cfg.data.num_domains, n, device=device) if with_domains else None
+        domains = torch.zeros(L, num_domains, n, device=device) if num_domains else None
         zeros = partial(torch.zeros, device=device)
         return cls(zeros(5), zeros(()).fill_(float("nan")), zeros(L, n), zeros(L), domains)
 
@@ -157,6 +158,7 @@ class Trial:
     world: int
     ep_group: Any
     erc_generator: torch.Generator
+    evaluator: Any = None
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -208,7 +210,7 @@ def train_step(trial: Trial, window: Window, *, measure_grad_norm: bool) -> None
             window.dropped += out.aux.dropped_fraction
             if window.domain_counts is not None:
                 window.domain_counts += domain_expert_counts(
-                    out.aux.experts, batch.domains.to(trial.device), cfg.data.num_domains, cfg.moe.num_experts
+                    out.aux.experts, batch.domains.to(trial.device), trial.data.num_domains, cfg.moe.num_experts
                 )
             window.micro_batches += 1
     window.steps += 1
@@ -276,6 +278,10 @@ def progress_line(cfg: TrialConfig, m: dict[str, Any]) -> str:
     ]
     if "domain_nmi" in m:
         parts.append(f"nmi {m['domain_nmi']:.3f}")
+    if "eval/loss" in m:
+        parts.append(f"eval {m['eval/loss']:.4f}")
+    if "eval/mc_domain/acc" in m:
+        parts.append(f"mc {m['eval/mc_domain/acc']:.2f}")
     parts += [f"lr {m['lr']:.2e}", f"{m['tokens_per_s']:,.0f} tok/s"]
     return " | ".join(parts)
 
@@ -324,7 +330,8 @@ def setup_trial(cfg: TrialConfig) -> Trial:
 
         ep_group = groups._get_expert_parallel_group(f"ep_size_{ep}")
     data = build_train_data(cfg, rank=rank, world=world)
-    trial = Trial(cfg, engine, model, data, device, rank, world, ep_group, torch.Generator(device=device))
+    trial = Trial(cfg, engine, model, data, device, rank, world, ep_group, torch.Generator(device=device),
+                  build_evaluator(cfg, rank=rank, world=world, device=device))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -357,7 +364,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     """The Ray Train worker: train one trial; rank 0 returns the metric history."""
     cfg = TrialConfig.from_dict(config)
     trial = setup_trial(cfg)
-    window = Window.empty(cfg, trial.device, trial.data.has_domains)
+    window = Window.empty(cfg, trial.device, trial.data.num_domains)
     while trial.step < cfg.steps:
         trial.step += 1
         if cfg.train.crash_at_step == trial.step and trial.rank == 0:
@@ -367,14 +374,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         if not reporting:
             continue
         metrics = window_metrics(trial, window)
-        trial.history.append(metrics)
         stop = "stop_reason" in metrics
+        every = cfg.eval.every
+        if trial.evaluator is not None and not stop and ((every and trial.step % every == 0) or trial.step == cfg.steps):
+            metrics.update(trial.evaluator(trial.model))  # collective: every rank evaluates its share
+        trial.history.append(metrics)
         if trial.rank == 0:
             print(progress_line(cfg, metrics) if not stop else f"stopping: {metrics['stop_reason']}", flush=True)
         save_and_report(trial, metrics, checkpoint=not stop and (trial.step % cfg.train.checkpoint_every == 0 or trial.step == cfg.steps))
         if stop:
             break
-        window = Window.empty(cfg, trial.device, trial.data.has_domains)
+        window = Window.empty(cfg, trial.device, trial.data.num_domains)
     return trial.history if trial.rank == 0 else []
 
 
@@ -399,17 +409,23 @@ def run_trial(cfg: TrialConfig, *, name: str, storage_path: str, callbacks: list
     """Run one trial as a TorchTrainer on the connected (or a new local) Ray; never raises for a failed trial."""
     import ray
     import ray.train
+    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
         from ercstudy.platform.ray_runtime import ensure_ray
 
         ensure_ray()
+    check_data(cfg)
     res = cfg.resources
     use_gpu = res.gpus_per_worker > 0
+    dataset = train_dataset(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
+        datasets={"train": dataset} if dataset is not None else None,
+        # Every worker reads the whole dataset in order and takes its rows (see data.ParquetStream).
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers,
             use_gpu=use_gpu,
