@@ -55,7 +55,8 @@ def deepspeed_config(cfg: TrialConfig, *, bf16: bool) -> dict[str, Any]:
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": cfg.steps,
-                "warmup_num_steps": min(t.warmup_steps, cfg.steps),
+                # DeepSpeed refuses 0 warm-up steps: 0 means one (its first step then runs at lr 0)
+                "warmup_num_steps": max(1, min(t.warmup_steps, cfg.steps)),
                 "warmup_type": "linear",
                 "warmup_min_ratio": 0.0,
                 "cos_min_ratio": t.min_lr_ratio,
@@ -306,14 +307,10 @@ def skip_cpu_shm_comm_build() -> None:
         ops[builder.NAME] = False
 
 
-def setup_trial(cfg: TrialConfig) -> Trial:
+def build_engine(cfg: TrialConfig, device: torch.device, *, rank: int) -> tuple[Any, MoELM, Any]:
+    """The model and its DeepSpeed engine on the current process group: (engine, model, expert-parallel group)."""
     import deepspeed
-    import ray.train
-    import ray.train.torch
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if cfg.resources.gpus_per_worker > 0 else torch.device("cpu")
     if device.type == "cpu":
         skip_cpu_shm_comm_build()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")  # reuses Ray's process group
@@ -329,6 +326,17 @@ def setup_trial(cfg: TrialConfig) -> Trial:
         from deepspeed.utils import groups
 
         ep_group = groups._get_expert_parallel_group(f"ep_size_{ep}")
+    return engine, model, ep_group
+
+
+def setup_trial(cfg: TrialConfig) -> Trial:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.resources.gpus_per_worker > 0 else torch.device("cpu")
+    engine, model, ep_group = build_engine(cfg, device, rank=rank)
     data = build_train_data(cfg, rank=rank, world=world)
     trial = Trial(cfg, engine, model, data, device, rank, world, ep_group, torch.Generator(device=device),
                   build_evaluator(cfg, rank=rank, world=world, device=device))
