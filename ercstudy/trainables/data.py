@@ -144,7 +144,9 @@ def train_dataset(cfg):
     import ray.data
 
     # Pre-tokenized shards only need decoding: 0-CPU read tasks run beside workers that hold every CPU.
-    return ray.data.read_parquet(str(Path(cfg.data.path) / "train"), columns=["tokens", "domain"], ray_remote_args={"num_cpus": 0})
+    ds = ray.data.read_parquet(str(Path(cfg.data.path) / "train"), columns=["tokens", "domain"], num_cpus=0)
+    ds.context.execution_options.preserve_order = True  # file order: the step -> batch contract of ParquetStream
+    return ds
 
 
 class ParquetStream(GlobalBatchStream):
