@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -23,8 +26,6 @@ def test_erc_overhead_checks_then_times_every_variant(tmp_path):
 
 
 def test_erc_variants_agree_with_the_reference():
-    import torch
-
     router, gate, noise = erc_overhead.make_inputs((3, 6, 10, 4), torch.device("cpu"), torch.float64)
     loss, m = erc_overhead.batched(router, gate, noise, 0.7, torch.float64)
     from ercstudy.trainables.erc import coupling_activations, erc_from_activations
@@ -52,3 +53,18 @@ def test_train_step_runs_the_real_step_with_erc_on_and_off(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["erc"] for r in rows] == [False, True]
     assert all(r["tokens_per_s"] > 0 for r in rows) and "erc_overhead" in rows[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_correctness_at_benchmark_sizes():
+    """On a GPU, in bf16: the grouped layer against DeepSpeed-MoE at the paper's layer shape, and the
+    batched ERC loss (fp32 and bf16 operands) against the float64 per-layer pseudocode."""
+    dev = torch.device("cuda")
+    erc_overhead.check((12, 64, 256, 128), dev)
+    router, gate, noise = erc_overhead.make_inputs((12, 64, 1536, 768), dev, torch.float32)
+    with torch.no_grad():
+        m32 = erc_overhead.batched(router, gate, noise, 1.0)[1]
+        m16 = erc_overhead.batched(router, gate, noise, 1.0, torch.bfloat16)[1]
+    assert ((m16 - m32).abs().max() / m32.abs().max()).item() < 1e-2
+    moe_layer.main(["--device", "cuda", "--warmup", "0", "--repeats", "1", "--out", "/tmp/moe_gpu_check.json"])
