@@ -34,5 +34,5 @@ def test_missing_file_and_existing_run(tmp_path, capsys):
 
 def test_quickstart_config_is_valid_and_tiny():
     cfg = load_trial_config("search_spaces/quickstart.yaml")
-    assert cfg.erc.enabled and cfg.num_params() < 1_000_000 and cfg.steps == 100
+    assert cfg.erc.enabled and cfg.num_params() < 1_000_000 and cfg.steps == 60
     assert "MoE: 8 experts, top-2" in describe(cfg)

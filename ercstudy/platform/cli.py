@@ -31,14 +31,19 @@ def describe(cfg) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ercstudy.trainables.config import load_trial_config
+    from ercstudy.platform import tracking
+    from ercstudy.trainables.config import load_trial_config, read_yaml
     from ercstudy.trainables.data import check_data
     from ercstudy.trainables.shards import DataError
 
     try:
         cfg = load_trial_config(args.file)
         check_data(cfg)
-    except (ConfigError, DataError) as err:
+        spec = read_yaml(args.file)
+        study_tracking = (spec.get("tracking") or {}) if isinstance(spec, dict) and "base" in spec else {}
+        uri = tracking.resolve_uri(study_tracking.get("uri"))
+        tracking.check_reachable(uri)
+    except (ConfigError, DataError, tracking.TrackingError) as err:
         return _fail(str(err))
     name = args.name or Path(args.file).stem
     storage = os.path.abspath(args.storage)
@@ -48,13 +53,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(describe(cfg), flush=True)
     from ercstudy.trainables.train import run_trial
 
-    result = run_trial(cfg, name=name, storage_path=storage)
+    # one MLflow run per trial, logged live by the Train controller; a resumed trial continues its run
+    c = tracking.client(uri)
+    exp_id = tracking.experiment_id(c, study_tracking.get("experiment") or name)
+    found = c.search_runs([exp_id], filter_string=f"tags.`{tracking.TRIAL_TAG}` = '{run_dir}'", max_results=1) if args.resume else []
+    run_id = found[0].info.run_id if found else tracking.start_trial_run(
+        c, exp_id, name=name, config=cfg.to_dict(), tags={tracking.TRIAL_TAG: str(run_dir)})
+    print(f"MLflow: {uri} | experiment {study_tracking.get('experiment') or name!r} | run {run_id}", flush=True)
+    result = run_trial(cfg, name=name, storage_path=storage, callbacks=[tracking.MLflowTrainCallback(uri, run_id)])
+    final = result.final
+    status = tracking.trial_status(final, cfg.steps, error=result.error is not None)
+    tracking.finish_trial_run(c, run_id, status, final, note=result.error or result.stop_reason or "")
     if result.error:
         return _fail(f"trial failed: {result.error}", 1)
-    final = result.final
     print(f"\nfinished {name}: step {final.get('step')} | lm_loss {final.get('lm_loss', float('nan')):.4f} | "
           f"alpha* {final.get('alpha_star', float('nan')):.2f} | eps {final.get('eps_mean', float('nan')):.3f}")
-    print(f"results: {result.path}\ncheckpoint: {result.checkpoint_path}")
+    print(f"results: {result.path}\ncheckpoint: {result.checkpoint_path}\nMLflow UI: mlflow ui --backend-store-uri {uri}")
     if result.stop_reason:
         return _fail(f"trial stopped: {result.stop_reason}", 1)
     return 0
@@ -72,6 +86,117 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     except DataError as err:
         return _fail(str(err))
     print(f"use it in a trial config:\n  data: {{kind: parquet, path: {args.out}}}\n  model: {{vocab_size: {args.vocab_size}, seq_len: <= {args.seq_len}}}")
+    return 0
+
+
+def _load_study(path: str):
+    from ercstudy.platform.study import load_study
+
+    return load_study(path)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        study = _load_study(args.spec)
+    except ConfigError as err:
+        return _fail(str(err))
+    params = ", ".join(study.search.params)
+    print(f"{args.spec}: ok | study {study.name}: {study.search.num_trials} trials ({study.search.sampler}) over {params}; "
+          f"objective {', '.join(f'{o.metric} ({o.mode})' for o in study.objectives)}")
+    return 0
+
+
+def _local_devices() -> tuple[int, int]:
+    gpus = 0
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    except Exception:
+        pass
+    return os.cpu_count() or 1, gpus
+
+
+def cmd_dry_run(args: argparse.Namespace) -> int:
+    from ercstudy.platform.study import dry_run_lines
+
+    try:
+        study = _load_study(args.spec)
+    except ConfigError as err:
+        return _fail(str(err))
+    cpus, gpus = _local_devices()
+    print(f"study {study.name} ({args.spec}): distinct model shapes in the space")
+    print("\n".join(dry_run_lines(study, cpus=cpus, gpus=gpus)))
+    return 0
+
+
+def _run(study, args: argparse.Namespace, *, resume: bool) -> int:
+    from ercstudy.platform.runner import StudyError, run_study
+    from ercstudy.platform.tracking import TrackingError
+
+    try:
+        board = run_study(study, storage=args.storage, address=args.address, resume=resume)
+    except (StudyError, TrackingError, ConfigError) as err:
+        return _fail(str(err))
+    return 0 if any(r["status"] == "completed" for r in board) else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        study = _load_study(args.spec)
+    except ConfigError as err:
+        return _fail(str(err))
+    return _run(study, args, resume=False)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from ercstudy.platform.runner import StudyError, load_saved_study
+
+    try:
+        study, _ = load_saved_study(args.storage, args.name)
+    except (StudyError, ConfigError) as err:
+        return _fail(str(err))
+    return _run(study, args, resume=True)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        study = _load_study(args.spec)
+    except ConfigError as err:
+        return _fail(str(err))
+    spec = os.path.relpath(os.path.abspath(args.spec), os.getcwd())
+    if spec.startswith(".."):
+        return _fail(f"{args.spec}: submit from the directory that holds the study (it is shipped as the job's working_dir)")
+    entrypoint = f"ercstudy run {spec} --storage {args.storage}"
+    try:
+        client = JobSubmissionClient(args.address)
+        job_id = client.submit_job(
+            entrypoint=entrypoint,
+            submission_id=args.job_id,
+            runtime_env={"working_dir": ".", "excludes": [".git", ".venv*", "ercstudy_results", "mlflow.db", "*.egg-info"]},
+            metadata={"ercstudy.study": study.name},
+        )
+    except Exception as err:  # connection refused, bad address, duplicate id
+        return _fail(f"could not submit to {args.address}: {str(err).splitlines()[0]}")
+    print(f"submitted study {study.name} as Ray job {job_id} to {args.address}\n"
+          f"follow it:  ray job logs --follow --address {args.address} {job_id}\n"
+          f"status:     ray job status --address {args.address} {job_id}\n"
+          f"stop it:    ray job stop --address {args.address} {job_id}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ercstudy.platform.report import write_report
+    from ercstudy.platform.runner import StudyError, load_saved_study
+
+    try:
+        study, state = load_saved_study(args.storage, args.name)
+        out = write_report(study, state, args.out or None, storage=args.storage)
+    except (StudyError, ConfigError) as err:
+        return _fail(str(err))
+    print(f"report written to {out}")
     return 0
 
 
@@ -95,6 +220,35 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--rows-per-shard", type=int, default=8192, help="sequences per Parquet file (default: 8192)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the train/eval split (default: 0)")
     prep.set_defaults(func=cmd_prepare_data)
+
+    for name, func, text in (("validate", cmd_validate, "check a study file (no Ray started); errors exit 2"),
+                             ("dry-run", cmd_dry_run, "validate, then show the model shapes, budgets and memory of the space")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("spec", help="a study YAML (search_spaces/...)")
+        p.set_defaults(func=func)
+    address = "Ray cluster address (default: RAY_ADDRESS, else a local embedded Ray)"
+    storage = f"results directory (default: ./{DEFAULT_STORAGE}); the study lives in STORAGE/NAME"
+    run = sub.add_parser("run", help="run a study: Tune + Optuna (+ ASHA) over TorchTrainer trials, tracked in MLflow")
+    run.add_argument("spec", help="a study YAML")
+    run.add_argument("--address", help=address)
+    run.add_argument("--storage", default=DEFAULT_STORAGE, help=storage)
+    run.set_defaults(func=cmd_run)
+    resume = sub.add_parser("resume", help="continue an interrupted study: finished trials kept, unfinished ones from their checkpoints")
+    resume.add_argument("name", help="the study's name")
+    resume.add_argument("--address", help=address)
+    resume.add_argument("--storage", default=DEFAULT_STORAGE, help=storage)
+    resume.set_defaults(func=cmd_resume)
+    submit = sub.add_parser("submit", help="submit `ercstudy run SPEC` to a Ray cluster as a Ray job (this directory shipped)")
+    submit.add_argument("spec", help="a study YAML, inside the current directory")
+    submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265 (after `ray dashboard cluster.yaml`)")
+    submit.add_argument("--storage", default=DEFAULT_STORAGE, help="results directory on the cluster (shared storage for multi-node: s3://, NFS)")
+    submit.add_argument("--job-id", help="submission id (default: Ray picks one)")
+    submit.set_defaults(func=cmd_submit)
+    report = sub.add_parser("report", help="leaderboard, plots and scaling fits of a study, written to files and its MLflow parent run")
+    report.add_argument("name", help="the study's name")
+    report.add_argument("--storage", default=DEFAULT_STORAGE, help=storage)
+    report.add_argument("--out", help="output directory (default: STORAGE/NAME/report)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

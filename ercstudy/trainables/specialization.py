@@ -70,6 +70,9 @@ def normalized_mutual_information(joint: Tensor) -> Tensor:
     return torch.where(h > 0, mi / h.clamp_min(1e-30), torch.zeros_like(h)).clamp(0, 1)
 
 
+LAYER_METRICS = ("eps_mean", "eps_min", "alpha_star", "diag_dominance", "router_cos", "load_entropy", "load_max_over_mean", "dropped")
+
+
 @torch.no_grad()
 def layer_metrics(
     router: Tensor,
@@ -78,7 +81,8 @@ def layer_metrics(
     dropped: Tensor,
     domain_counts: Tensor | None = None,
 ) -> dict[str, float]:
-    """All specialization metrics of the L MoE layers as report keys (one host transfer)."""
+    """All specialization metrics of the L MoE layers as report keys (one host transfer): LAYER_METRICS
+    (+ domain_nmi with domain labels), each as the mean over layers and per layer (`name/layer{i}`)."""
     eps = noise_bound(router)
     entropy, max_over_mean = load_balance(tokens_per_expert)
     per_layer = {
@@ -91,6 +95,7 @@ def layer_metrics(
         "load_max_over_mean": max_over_mean,
         "dropped": dropped.float(),
     }
+    assert tuple(per_layer) == LAYER_METRICS
     if domain_counts is not None:
         per_layer["domain_nmi"] = normalized_mutual_information(domain_counts)
     names = list(per_layer)

@@ -237,6 +237,7 @@ def window_metrics(trial: Trial, window: Window) -> dict[str, Any]:
     grad_norm = window.grad_norm.item() if ds_norm is None or not math.isfinite(float(ds_norm)) else float(ds_norm)
     metrics: dict[str, Any] = {
         "step": trial.step,
+        "total_steps": cfg.steps,
         "tokens": trial.step * cfg.train.global_batch_size * cfg.model.seq_len,
         "lm_loss": lm,
         "lb_loss": lb,
@@ -250,6 +251,8 @@ def window_metrics(trial: Trial, window: Window) -> dict[str, Any]:
     peak = next((v for k, v in PEAK_FLOPS.items() if trial.device.type == "cuda" and k in torch.cuda.get_device_name(trial.device)), None)
     if peak:
         metrics["mfu"] = cfg.flops_per_token() * metrics["tokens_per_s"] / (peak * trial.world)
+    if trial.step == cfg.steps:
+        metrics["coupling_matrix"] = m_clean.float().cpu().tolist()  # [L, n, n], for the trial's heatmaps
     if nonfinite > 0 or not math.isfinite(lm):
         metrics["stop_reason"] = f"non-finite loss within steps {trial.step - window.steps + 1}..{trial.step} (lm_loss={lm})"
     return metrics

@@ -1,0 +1,215 @@
+"""`ercstudy report NAME`: the leaderboard, comparison plots and scaling fits of a study.
+
+The trials are read back from MLflow (the study's parent run and its children), so a report
+can be made at any time, also while the study runs or after a crash. Fits:
+- loss against training compute C (FLOPs), a power law with an irreducible term,
+  L(C) = E + A * C^(-b), per expert count and per alpha (groups with at least 4 trials);
+- the best alpha per expert count: the vertex of a quadratic in alpha through the objective,
+  with a bootstrap standard error (groups with at least 3 distinct alphas), else the best trial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from . import tracking
+from .study import Study
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    E: float  # irreducible loss
+    A: float
+    b: float  # exponent: L - E ~ C^-b
+    E_err: float
+    b_err: float
+    n: int
+
+    def __call__(self, c: np.ndarray) -> np.ndarray:
+        return self.E + self.A * np.power(c, -self.b)
+
+
+def fit_power_law(compute: Any, loss: Any) -> PowerLawFit:
+    """Least squares fit of L = E + A * C^-b (in log-compute units for conditioning); needs >= 4 points."""
+    from scipy.optimize import curve_fit
+
+    c = np.asarray(compute, dtype=np.float64)
+    y = np.asarray(loss, dtype=np.float64)
+    if len(c) < 4 or len(np.unique(c)) < 3:
+        raise ValueError(f"a power law with an irreducible term needs >= 4 points at >= 3 compute values, got {len(c)}")
+    c0 = float(np.exp(np.mean(np.log(c))))  # fit in C / C0: A stays O(1)
+
+    def f(x: np.ndarray, E: float, logA: float, b: float) -> np.ndarray:
+        return E + np.exp(logA) * np.power(x, -b)
+
+    x = c / c0
+    best = None
+    for b0 in (0.1, 0.3, 0.6, 1.0):  # a few starts: the fit is not convex in b
+        E0 = float(y.min()) * 0.9
+        try:
+            p, cov = curve_fit(f, x, y, p0=(E0, math.log(max(float(y.max() - E0), 1e-6)), b0), maxfev=20000)
+        except RuntimeError:
+            continue
+        sse = float(np.sum((f(x, *p) - y) ** 2))
+        if best is None or sse < best[0]:
+            best = (sse, p, cov)
+    if best is None:
+        raise ValueError("the power-law fit did not converge")
+    _, (E, logA, b), cov = best
+    err = np.sqrt(np.clip(np.diag(cov), 0, None)) if np.all(np.isfinite(cov)) else np.full(3, np.nan)
+    return PowerLawFit(E=float(E), A=float(math.exp(logA) * c0**b), b=float(b), E_err=float(err[0]), b_err=float(err[2]), n=len(c))
+
+
+def best_alpha(alpha: Any, objective: Any, *, mode: str = "min", boot: int = 200, seed: int = 0) -> tuple[float, float]:
+    """(best alpha, standard error): vertex of a quadratic fit (bootstrap error), or the best point."""
+    a = np.asarray(alpha, dtype=np.float64)
+    y = np.asarray(objective, dtype=np.float64) * (1 if mode == "min" else -1)
+    if len(np.unique(a)) < 3:
+        i = int(np.argmin(y))
+        return float(a[i]), float("nan")
+
+    def vertex(aa: np.ndarray, yy: np.ndarray) -> float:
+        if len(np.unique(aa)) < 3:
+            return float(aa[np.argmin(yy)])
+        c2, c1, _ = np.polyfit(aa, yy, 2)
+        if c2 <= 0:  # no minimum inside: the best end
+            return float(aa[np.argmin(yy)])
+        return float(np.clip(-c1 / (2 * c2), aa.min(), aa.max()))
+
+    rng = np.random.default_rng(seed)
+    draws = [vertex(a[idx], y[idx]) for idx in (rng.integers(0, len(a), len(a)) for _ in range(boot))]
+    return vertex(a, y), float(np.std(draws))
+
+
+# ---------------------------------------------------------------------------------------------
+# Trials from MLflow
+
+
+def study_trials(study: Study, state: Any) -> list[dict[str, Any]]:
+    """One dict per child run: trial id, status, the searched params (typed), final metrics, compute."""
+    c = tracking.client(state.tracking_uri)
+    runs = c.search_runs([state.experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{state.parent_run_id}'",
+                         max_results=10000)
+    out = []
+    for run in runs:
+        params = {k[len("search."):]: yaml.safe_load(v) for k, v in run.data.params.items() if k.startswith("search.")}
+        cfg = study.trial_config(params)
+        m = run.data.metrics
+        tokens = m.get("tokens", 0.0)
+        out.append({
+            "trial": run.data.tags.get(tracking.TRIAL_TAG, run.info.run_id),
+            "run_id": run.info.run_id,
+            "status": run.data.tags.get(tracking.STATUS_TAG, "?"),
+            **params,
+            **{o.metric: m.get(o.metric) for o in study.objectives},
+            "step": m.get("step", m.get("tokens", 0) and None),
+            "params_total": cfg.num_params(),
+            "params_active": cfg.num_active_params(),
+            "compute": cfg.flops_per_token() * tokens,
+            "num_experts": cfg.moe.num_experts,
+            "top_k": cfg.moe.top_k,
+            "alpha": cfg.erc.alpha if cfg.erc.enabled else 0.0,
+        })
+    return out
+
+
+def write_report(study: Study, state: Any, out: str | None = None, *, storage: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .runner import study_path
+
+    out_dir = Path(out) if out else study_path(storage, study.name) / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trials = study_trials(study, state)
+    o = study.objective
+    done = [t for t in trials if t["status"] == "completed" and isinstance(t.get(o.metric), (int, float))]
+    sign = 1 if o.mode == "min" else -1
+    board = sorted(done, key=lambda t: sign * t[o.metric]) + [t for t in trials if t not in done]
+    cols = ["trial", "status", *study.search.params, *(x.metric for x in study.objectives), "params_active", "compute"]
+    lines = [f"# Study {study.name}", "", f"{len(trials)} trials, {len(done)} completed; objective {o.metric} ({o.mode}).", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for t in board:
+        lines.append("| " + " | ".join(_cell(t.get(k)) for k in cols) + " |")
+    import csv
+
+    with (out_dir / "leaderboard.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(board)
+
+    # objective against each searched param
+    params = list(study.search.params)
+    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.3), squeeze=False)
+    for ax, p in zip(axes[0], params):
+        xs = [t[p] for t in done]
+        ax.scatter(xs, [t[o.metric] for t in done], c=[t["num_experts"] for t in done], cmap="viridis")
+        ax.set_xlabel(p)
+        ax.set_ylabel(o.metric)
+    fig.tight_layout()
+    fig.savefig(out_dir / "objective_vs_params.png", dpi=110)
+    plt.close(fig)
+
+    fits: dict[str, Any] = {"loss_vs_compute": {}, "best_alpha": {}}
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for group_key, label in (("num_experts", "experts"), ("alpha", "alpha")):
+        groups: dict[Any, list[dict]] = {}
+        for t in done:
+            if t["compute"] > 0:
+                groups.setdefault(t[group_key], []).append(t)
+        for value, ts in sorted(groups.items()):
+            name = f"{label}={value:g}"
+            try:
+                fit = fit_power_law([t["compute"] for t in ts], [t[o.metric] for t in ts])
+            except ValueError as err:
+                fits["loss_vs_compute"][name] = {"skipped": str(err), "n": len(ts)}
+                continue
+            fits["loss_vs_compute"][name] = asdict(fit)
+            if group_key == "num_experts":
+                cs = np.geomspace(min(t["compute"] for t in ts), max(t["compute"] for t in ts), 50)
+                ax.plot(cs, fit(cs), label=f"{name}: b={fit.b:.2f}")
+    for t in done:
+        if t["compute"] > 0:
+            ax.scatter(t["compute"], t[o.metric], s=12, color="k")
+    ax.set_xscale("log")
+    ax.set_xlabel("training compute (FLOPs)")
+    ax.set_ylabel(o.metric)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss_vs_compute.png", dpi=110)
+    plt.close(fig)
+    by_n: dict[int, list[dict]] = {}
+    for t in done:
+        by_n.setdefault(t["num_experts"], []).append(t)
+    for n, ts in sorted(by_n.items()):
+        a, err = best_alpha([t["alpha"] for t in ts], [t[o.metric] for t in ts], mode=o.mode)
+        fits["best_alpha"][f"experts={n}"] = {"alpha": a, "stderr": err, "n": len(ts)}
+    (out_dir / "fits.json").write_text(json.dumps(fits, indent=2))
+    lines += ["", "## Scaling fits: L(C) = E + A C^-b", ""]
+    for name, f in fits["loss_vs_compute"].items():
+        lines.append(f"- {name}: " + (f"skipped ({f['skipped']})" if "skipped" in f else
+                                      f"b = {f['b']:.3f} ± {f['b_err']:.3f}, E = {f['E']:.3f} ± {f['E_err']:.3f} ({f['n']} trials)"))
+    lines += ["", "## Best alpha per expert count", ""]
+    for name, f in fits["best_alpha"].items():
+        lines.append(f"- {name}: alpha = {f['alpha']:.3g}" + (f" ± {f['stderr']:.2g}" if math.isfinite(f["stderr"]) else " (best trial; too few alphas for a fit)") + f" ({f['n']} trials)")
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    c = tracking.client(state.tracking_uri)
+    for path in sorted(out_dir.iterdir()):
+        c.log_artifact(state.parent_run_id, str(path), "report")
+    return out_dir
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

@@ -1,0 +1,577 @@
+"""The study file: a YAML under search_spaces/ validated into a frozen `Study` before any Ray resource starts.
+
+Sections, exactly: name, base, search, objective, scheduler, resources, tracking. `base` is a
+trial config (trainables/config.py); `search.params` address it by dotted paths. Every error is
+a ConfigError whose message starts with the dotted key (`search.params.moe.top_k.high: ...`).
+
+The search space is define-by-run (Optuna): params are drawn in file order, and a param that a
+constraint ties to an already known value (an earlier param, the base config, or a number) has
+its range narrowed first, so that every sampled trial satisfies every constraint; no trial is
+ever started only to fail.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ercstudy.trainables.config import ResourcesConfig, TrialConfig, read_yaml
+from ercstudy.trainables.validation import ConfigError, from_dict, require
+
+SECTIONS = ("name", "base", "search", "objective", "scheduler", "resources", "tracking")
+SAMPLERS = ("tpe", "random", "grid", "cmaes")
+OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
+FLIP = {"<=": ">=", "<": ">", ">=": "<=", ">": "<", "==": "=="}
+# fields of the trial config that change the model's shape (dry-run groups trials by them)
+SHAPE_FIELDS = ("model.", "moe.num_experts", "moe.top_k", "moe.expert_dim", "moe.moe_every")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParamSpec:
+    """One searched value: float (low, high, log), int (low, high, step, log) or categorical (choices)."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: int | None = None
+    choices: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.type == "categorical":
+            require(len(self.choices) > 0, "choices", "must be a non-empty list for a categorical param")
+            require(self.low is None and self.high is None, "low", "a categorical param takes choices, not low/high")
+            return
+        require(not self.choices, "choices", f"a {self.type} param takes low/high, not choices")
+        require(self.low is not None and self.high is not None, "low", f"a {self.type} param needs low and high")
+        require(self.low <= self.high, "low", f"must be <= high ({self.high}), got {self.low}")
+        require(not self.log or self.low > 0, "log", f"a log-scale param needs low > 0, got {self.low}")
+        if self.type == "int":
+            require(float(self.low).is_integer() and float(self.high).is_integer(), "low", "an int param needs integer low and high")
+            require(self.step is None or self.step >= 1, "step", f"must be >= 1, got {self.step}")
+            require(self.step is None or not self.log, "step", "cannot be combined with log: true")
+        else:
+            require(self.step is None, "step", "only int params take a step")
+
+    @property
+    def discrete(self) -> bool:
+        return self.type != "float"
+
+    def values(self, limit: int = 16) -> list[Any]:
+        """Representative values: all of a discrete param (up to `limit`), else the ends of the range."""
+        if self.type == "categorical":
+            return list(self.choices)
+        if self.type == "int":
+            step = self.step or 1
+            every = list(range(int(self.low), int(self.high) + 1, step))
+            return every if len(every) <= limit else sorted({every[0], every[len(every) // 2], every[-1]})
+        return sorted({self.low, self.high})
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """`lhs op rhs` over dotted trial-config paths and numbers, e.g. `moe.top_k <= moe.num_experts`."""
+
+    text: str
+    lhs: str | float
+    op: str
+    rhs: str | float
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> Constraint:
+        m = re.fullmatch(r"\s*(\S+)\s*(<=|>=|==|<|>)\s*(\S+)\s*", str(text))
+        if not m:
+            raise ConfigError(where, f"must read `A op B` with op one of {', '.join(OPS)} and A, B dotted paths or numbers, got {text!r}")
+
+        def term(s: str) -> str | float:
+            try:
+                return float(s)
+            except ValueError:
+                return s
+
+        return cls(str(text).strip(), term(m.group(1)), m.group(2), term(m.group(3)))
+
+    def paths(self) -> list[str]:
+        return [t for t in (self.lhs, self.rhs) if isinstance(t, str)]
+
+    def holds(self, values: dict[str, Any]) -> bool:
+        a = self.lhs if isinstance(self.lhs, float) else values[self.lhs]
+        b = self.rhs if isinstance(self.rhs, float) else values[self.rhs]
+        return OPS[self.op](a, b)
+
+    def bound_for(self, path: str, known: dict[str, Any]) -> tuple[str, float] | None:
+        """(op, value) that `path` must satisfy given the known other side, or None if that is not known yet."""
+        if self.lhs == path:
+            other, op = self.rhs, self.op
+        elif self.rhs == path:
+            other, op = self.lhs, FLIP[self.op]
+        else:
+            return None
+        if isinstance(other, str):
+            if other not in known:
+                return None
+            other = known[other]
+        return op, other
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+    sampler: Literal["tpe", "random", "grid", "cmaes"] = "tpe"
+    num_trials: int = 8
+    max_concurrent: int = 0  # 0: as many as the cluster's resources allow
+    seed: int = 0
+    params: dict[str, ParamSpec] = field(default_factory=dict)
+    constraints: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        require(self.num_trials >= 1, "num_trials", f"must be >= 1, got {self.num_trials}")
+        require(self.max_concurrent >= 0, "max_concurrent", f"must be >= 0 (0 = as many as resources allow), got {self.max_concurrent}")
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    mode: Literal["min", "max"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    type: Literal["none", "asha"] = "none"
+    time_attr: Literal["step", "tokens"] = "step"
+    grace_period: int = 1  # in time_attr units: no trial is stopped before it
+    reduction_factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        require(self.grace_period >= 1, "grace_period", f"must be >= 1, got {self.grace_period}")
+        require(self.reduction_factor > 1, "reduction_factor", f"must be > 1, got {self.reduction_factor}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite in the working directory
+    experiment: str | None = None  # default: the study name
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    base: dict[str, Any]  # the trial config as a dict (validated: TrialConfig.from_dict(base) works)
+    search: SearchConfig
+    objectives: tuple[Objective, ...]
+    scheduler: SchedulerConfig
+    tracking: TrackingConfig
+    constraints: tuple[Constraint, ...]
+    source: str = ""
+
+    @property
+    def objective(self) -> Objective:
+        """The primary objective (ASHA and the leaderboard order use it)."""
+        return self.objectives[0]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def base_config(self) -> TrialConfig:
+        return TrialConfig.from_dict(self.base)
+
+    def trial_config(self, params: dict[str, Any]) -> TrialConfig:
+        """The trial config of one sampled point: the base with the params set."""
+        return TrialConfig.from_dict(apply_params(self.base, params))
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths into the trial config
+
+
+def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for path, value in params.items():
+        node = out
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return out
+
+
+def config_value(cfg: TrialConfig, path: str) -> Any:
+    node: Any = cfg
+    for key in path.split("."):
+        node = getattr(node, key)
+    return node
+
+
+def field_type(path: str) -> Any:
+    """The annotation of a trial-config field, or ConfigError if the path does not exist."""
+    import dataclasses
+    import typing
+
+    cls: Any = TrialConfig
+    keys = path.split(".")
+    for i, key in enumerate(keys):
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        if key not in names:
+            import difflib
+
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {'.'.join(keys[:i] + [close[0]])!r}?)" if close else ""
+            raise ConfigError(f"search.params.{path}", f"not a trial-config path{hint}; {'.'.join(keys[:i]) or 'top level'} has: {', '.join(names)}")
+        tp = hints[key]
+        if i < len(keys) - 1:
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(f"search.params.{path}", f"{'.'.join(keys[: i + 1])} is a value, not a section")
+            cls = tp
+        elif dataclasses.is_dataclass(tp):
+            raise ConfigError(f"search.params.{path}", "is a whole section; search one of its fields")
+    return tp
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"must be a mapping, got {value!r}")
+    return value
+
+
+def _objectives(value: Any) -> tuple[Objective, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items or any(not isinstance(i, dict) for i in items):
+        raise ConfigError("objective", "must be {metric: NAME, mode: min|max} or a list of them (multi-objective)")
+    out = []
+    for i, item in enumerate(items):
+        where = "objective" if not isinstance(value, list) else f"objective[{i}]"
+        unknown = set(item) - {"metric", "mode"}
+        require(not unknown, f"{where}.{next(iter(unknown), '')}", "unknown key; allowed: metric, mode")
+        require(isinstance(item.get("metric"), str) and item["metric"], f"{where}.metric", "must name a reported metric, e.g. eval/loss")
+        require(item.get("mode") in ("min", "max"), f"{where}.mode", f"must be 'min' or 'max', got {item.get('mode')!r}")
+        out.append(Objective(item["metric"], item["mode"]))
+    return tuple(out)
+
+
+def parse_study(data: Any, *, source: str = "") -> Study:
+    if not isinstance(data, dict):
+        raise ConfigError("", f"a study must be a mapping with sections {', '.join(SECTIONS)}, got {type(data).__name__}")
+    for key in data:
+        if key not in SECTIONS:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), SECTIONS, n=1)
+            raise ConfigError(str(key), f"unknown section{f' (did you mean {close[0]!r}?)' if close else ''}; allowed: {', '.join(SECTIONS)}")
+    name = data.get("name")
+    require(isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or "") is not None, "name",
+            f"must be a name of letters, digits, '_', '.', '-', got {name!r}")
+    require("objective" in data, "objective", "missing: say what to optimize, e.g. {metric: eval/loss, mode: min}")
+
+    # base + resources: the study's resources section overrides base.resources
+    base = copy.deepcopy(_section(data, "base"))
+    resources = _section(data, "resources")
+    if resources:
+        from_dict(ResourcesConfig, {**(base.get("resources") or {}), **resources}, prefix="resources")
+        base["resources"] = {**(base.get("resources") or {}), **resources}
+    base_cfg = from_dict(TrialConfig, base, prefix="base")
+
+    search_raw = dict(_section(data, "search"))
+    params_raw = search_raw.pop("params", None) or {}
+    constraints_raw = search_raw.pop("constraints", None) or []
+    require(isinstance(params_raw, dict), "search.params", "must be a mapping of dotted trial-config paths to param specs")
+    require(isinstance(constraints_raw, list), "search.constraints", "must be a list of `A op B` strings")
+    search = from_dict(SearchConfig, search_raw, prefix="search")
+    params: dict[str, ParamSpec] = {}
+    for path, spec in params_raw.items():
+        where = f"search.params.{path}"
+        tp = field_type(str(path))
+        if isinstance(spec, list):
+            spec = {"type": "categorical", "choices": spec}
+        param = from_dict(ParamSpec, spec, prefix=where)
+        from ercstudy.trainables.validation import _coerce
+
+        for v in ([param.low, param.high] if param.type != "categorical" else list(param.choices)):
+            if param.type == "int" and v is not None:
+                v = int(v)
+            _coerce(v, tp, where)  # the field's own type check: e.g. a float range for an int field
+        if param.type == "float" and tp is int:
+            raise ConfigError(where, "is an integer field: use type int")
+        params[str(path)] = param
+    search = SearchConfig(sampler=search.sampler, num_trials=search.num_trials, max_concurrent=search.max_concurrent,
+                          seed=search.seed, params=params, constraints=tuple(map(str, constraints_raw)))
+    constraints = tuple(Constraint.parse(c, f"search.constraints[{i}]") for i, c in enumerate(constraints_raw))
+    for i, c in enumerate(constraints):
+        for p in c.paths():
+            if p not in params:
+                try:
+                    config_value(base_cfg, p)
+                except AttributeError:
+                    raise ConfigError(f"search.constraints[{i}]", f"{p!r} is not a trial-config path") from None
+        require(any(p in params for p in c.paths()), f"search.constraints[{i}]",
+                f"{c.text!r} constrains no searched param (the base config alone must already satisfy the trial config's own checks)")
+    if search.sampler == "cmaes":
+        require(all(p.type != "categorical" for p in params.values()), "search.sampler",
+                "cmaes searches int and float params only; use tpe or random with categorical params")
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise ConfigError("search.sampler", "cmaes needs the `cmaes` package (pip install cmaes)") from None
+    if search.sampler == "grid":
+        require(all(p.discrete for p in params.values()), "search.sampler",
+                "grid needs discrete params (int or categorical); give float params as categorical choices")
+    require(bool(params), "search.params", "is empty: give at least one param to search (or use `ercstudy train` for one trial)")
+
+    scheduler = from_dict(SchedulerConfig, _section(data, "scheduler"), prefix="scheduler")
+    tracking = from_dict(TrackingConfig, _section(data, "tracking"), prefix="tracking")
+    objectives = _objectives(data["objective"])
+    study = Study(name, base, search, objectives, scheduler, tracking, constraints, source)
+    check_space(study)
+    known = reported_metrics(base_cfg)
+    for i, obj in enumerate(objectives):
+        where = "objective.metric" if len(objectives) == 1 else f"objective[{i}].metric"
+        if obj.metric not in known:
+            import difflib
+
+            close = difflib.get_close_matches(obj.metric, sorted(known), n=1)
+            raise ConfigError(where, f"no trial reports {obj.metric!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                                     f"reported: {', '.join(sorted(k for k in known if '/layer' not in k))}")
+    return study
+
+
+def load_study(path: str | Path) -> Study:
+    data = read_yaml(path)
+    try:
+        return parse_study(data, source=str(path))
+    except ConfigError as err:
+        raise ConfigError(err.path, f"{err.reason} (in {path})") from None
+
+
+def reported_metrics(cfg: TrialConfig) -> set[str]:
+    """Every metric name a trial of this config reports (objectives must be among them)."""
+    from ercstudy.trainables.specialization import LAYER_METRICS
+
+    names = {"step", "total_steps", "tokens", "lm_loss", "lb_loss", "z_loss", "erc_loss", "grad_norm", "lr", "tokens_per_s", "mfu"}
+    layer = list(LAYER_METRICS) + (["domain_nmi"] if cfg.data.kind == "synthetic" else [])
+    for m in layer:
+        names.add(m)
+        names.update(f"{m}/layer{i}" for i in range(cfg.num_moe_layers))
+    if cfg.eval.sequences:
+        names.update({"eval/loss", "eval/ppl"})
+        if cfg.data.kind == "synthetic":
+            names.update(f"eval/loss/domain{d}" for d in range(cfg.data.num_domains))
+        else:
+            from ercstudy.trainables.shards import ShardMeta
+
+            try:
+                names.update(f"eval/loss/{d}" for d in ShardMeta.read(cfg.data.path).domains)
+            except Exception:
+                pass
+    if cfg.eval.mc_items and cfg.data.kind == "synthetic":
+        names.update({"eval/mc_domain/acc", "eval/mc_domain/acc_norm"})
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# The define-by-run space
+
+
+def narrow(param: ParamSpec, bounds: list[tuple[str, float]]) -> ParamSpec | list[Any]:
+    """The param's range (int/float) or choices (categorical) restricted to the bounds; may be empty."""
+    if param.type == "categorical":
+        return [c for c in param.choices if all(OPS[op](c, v) for op, v in bounds)]
+    low, high = float(param.low), float(param.high)
+    for op, v in bounds:
+        if param.type == "int":
+            v_lo, v_hi = (math.floor(v) + 1 if op == ">" else math.ceil(v)), (math.ceil(v) - 1 if op == "<" else math.floor(v))
+        else:
+            v_lo = math.nextafter(v, math.inf) if op == ">" else v
+            v_hi = math.nextafter(v, -math.inf) if op == "<" else v
+        if op in (">", ">=", "=="):
+            low = max(low, v_lo)
+        if op in ("<", "<=", "=="):
+            high = min(high, v_hi)
+    if param.type == "int" and param.step:
+        # keep the grid of the original range: low + k * step
+        first = int(param.low) + math.ceil((low - param.low) / param.step) * param.step
+        last = int(param.low) + math.floor((high - param.low) / param.step) * param.step
+        low, high = first, last
+    return ParamSpec(type=param.type, low=low, high=high, log=param.log, step=param.step)
+
+
+def _empty(space: ParamSpec | list[Any]) -> bool:
+    return (len(space) == 0) if isinstance(space, list) else space.low > space.high
+
+
+def sample_point(study: Study, trial: Any) -> dict[str, Any]:
+    """Draw one point with the Optuna `trial` (define-by-run), every constraint satisfied by construction.
+
+    A param whose range a constraint narrows is asked under a name that carries the range
+    (`moe.top_k|1..4`): Optuna refuses to change a categorical's choices under one name, and
+    TPE models each such conditional range separately.
+    """
+    base_cfg = study.base_config
+    known: dict[str, Any] = {}
+    for c in study.constraints:
+        for p in c.paths():
+            if p not in study.search.params:
+                known[p] = config_value(base_cfg, p)
+    point: dict[str, Any] = {}
+    for path, param in study.search.params.items():
+        bounds = [b for c in study.constraints if (b := c.bound_for(path, known)) is not None]
+        space = narrow(param, bounds)
+        if _empty(space):
+            raise ConfigError(f"search.params.{path}", f"no value satisfies the constraints given {point}")
+        if isinstance(space, list):
+            name = path if len(space) == len(param.choices) else f"{path}|{','.join(map(str, space))}"
+            value = trial.suggest_categorical(name, space)
+        else:
+            narrowed = (space.low, space.high) != (param.low, param.high)
+            name = f"{path}|{space.low:g}..{space.high:g}" if narrowed else path
+            if param.type == "int":
+                value = trial.suggest_int(name, int(space.low), int(space.high), step=param.step or 1, log=param.log)
+            else:
+                value = trial.suggest_float(name, space.low, space.high, log=param.log)
+        point[path] = value
+        known[path] = value
+    return point
+
+
+def check_space(study: Study) -> None:
+    """Every corner of the space leaves each param a non-empty range, and every point is a valid trial config."""
+    for point in corner_points(study):
+        try:
+            study.trial_config(point)
+        except ConfigError as err:
+            raise ConfigError(err.path, f"{err.reason}, for the searched point {point} "
+                              f"(add a search.constraints entry so that the search avoids it)") from None
+
+
+def corner_points(study: Study, limit: int = 4096, *, full: bool = False) -> list[dict[str, Any]]:
+    """Representative points of the space (discrete values, ends of ranges), constraints applied in order.
+
+    full: every value of int params (the grid sampler's points), not a sample of wide ranges.
+    """
+    base_cfg = study.base_config
+    known0 = {p: config_value(base_cfg, p) for c in study.constraints for p in c.paths() if p not in study.search.params}
+    points: list[dict[str, Any]] = [{}]
+    for path, param in study.search.params.items():
+        nxt = []
+        for point in points:
+            known = {**known0, **point}
+            bounds = [b for c in study.constraints if (b := c.bound_for(path, known)) is not None]
+            space = narrow(param, bounds)
+            if _empty(space):
+                raise ConfigError(f"search.params.{path}", f"no value satisfies the constraints when {point}: widen its range or fix search.constraints")
+            values = space if isinstance(space, list) else space.values(limit=10**6 if full else 16)
+            nxt.extend({**point, path: v} for v in values)
+        points = nxt[:limit]
+    return points
+
+
+def num_trials(study: Study) -> int:
+    """Trials to run: search.num_trials, at most the number of grid points for the grid sampler."""
+    if study.search.sampler == "grid":
+        return min(study.search.num_trials, len(corner_points(study, limit=10**6, full=True)))
+    return study.search.num_trials
+
+
+def optuna_sampler(study: Study) -> Any:
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    s = study.search
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.sampler == "grid":
+        # BruteForceSampler walks a define-by-run space exhaustively (narrowed ranges included)
+        return optuna.samplers.BruteForceSampler(seed=s.seed)
+    if s.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=s.seed, warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, group=True, constant_liar=True)
+
+
+def model_shapes(study: Study) -> dict[tuple, tuple[TrialConfig, int]]:
+    """Distinct model shapes among the representative points: shape key -> (a config, how many points)."""
+    shapes: dict[tuple, tuple[TrialConfig, int]] = {}
+    for point in corner_points(study):
+        cfg = study.trial_config(point)
+        key = tuple(sorted((p, v) for p, v in point.items() if p.startswith(SHAPE_FIELDS) or p == "train.tokens"))
+        prev = shapes.get(key)
+        shapes[key] = (prev[0] if prev else cfg, (prev[1] if prev else 0) + 1)
+    return shapes
+
+
+def default_storage() -> str:
+    return os.path.abspath(os.environ.get("ERCSTUDY_STORAGE", "ercstudy_results"))
+
+
+
+def memory_per_worker_gb(cfg: TrialConfig, *, gpu: bool) -> float:
+    """A rough upper estimate of one worker's memory: weights, gradients and AdamW states, plus activations.
+
+    16 bytes per parameter (fp32 weights + grads + two Adam moments on CPU; bf16 weights + grads +
+    fp32 master + moments on GPU), expert parameters divided over ep_size, optimizer states over the
+    data-parallel ranks with ZeRO >= 1; activations per micro-batch as in Korthikanti et al. (2022),
+    with the MoE layers' expert activations scaled by top_k.
+    """
+    m, moe, res = cfg.model, cfg.moe, cfg.resources
+    total = cfg.num_params()
+    expert_params = moe.num_experts * 3 * m.d_model * moe.expert_dim * cfg.num_moe_layers
+    dense_params = total - expert_params
+    local = dense_params + expert_params / res.ep_size
+    optimizer = 8 * local / (res.num_workers if cfg.train.zero_stage >= 1 else 1)
+    weights_grads = (4 + 4) * local
+    act_bytes = 2 if gpu else 4
+    tokens = cfg.train.micro_batch_size * m.seq_len
+    attn = tokens * m.d_model * (34 + 5 * m.n_heads * m.seq_len / m.d_model) * act_bytes / 2
+    experts = tokens * moe.top_k * moe.expert_dim * 3 * act_bytes
+    activations = m.n_layers * attn + cfg.num_moe_layers * experts
+    return (weights_grads + optimizer + activations) / 1e9
+
+
+def dry_run_lines(study: Study, *, cpus: int, gpus: int) -> list[str]:
+    """What `ercstudy dry-run` prints: one row per distinct model shape in the space."""
+    gpu = study.base_config.resources.gpus_per_worker > 0
+    rows = [("shape", "params", "active", "MFLOP/tok", "tokens", "steps", "mem/worker", "points")]
+    for key, (cfg, count) in model_shapes(study).items():
+        shape = ", ".join(f"{p.split('.')[-1]}={v}" for p, v in key) or "base"
+        tokens = cfg.steps * cfg.train.global_batch_size * cfg.model.seq_len
+        rows.append((shape, f"{cfg.num_params() / 1e6:.2f}M", f"{cfg.num_active_params() / 1e6:.2f}M",
+                     f"{cfg.flops_per_token() / 1e6:.1f}", f"{tokens:,}", str(cfg.steps),
+                     f"{memory_per_worker_gb(cfg, gpu=gpu):.2f} GB", str(count)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    res = study.base_config.resources
+    need_cpu, need_gpu = res.num_workers * res.cpus_per_worker, res.num_workers * res.gpus_per_worker
+    fit = cpus // need_cpu if not need_gpu else min(cpus // need_cpu, gpus // need_gpu)
+    cap = min(fit, study.search.max_concurrent or fit, study.search.num_trials)
+    lines += [
+        "",
+        f"search: {study.search.sampler}, {study.search.num_trials} trials over {', '.join(study.search.params)}"
+        + (f"; constraints: {'; '.join(c.text for c in study.constraints)}" if study.constraints else ""),
+        f"objective: {', '.join(f'{o.metric} ({o.mode})' for o in study.objectives)}; scheduler: {study.scheduler.type}"
+        + (f" (grace {study.scheduler.grace_period} {study.scheduler.time_attr}s, reduction {study.scheduler.reduction_factor:g})"
+           if study.scheduler.type == "asha" else ""),
+        f"per trial: {res.num_workers} worker(s) x ({res.cpus_per_worker} CPU, {res.gpus_per_worker} GPU), ep_size {res.ep_size}; "
+        f"this machine ({cpus} CPUs, {gpus} GPUs) runs {cap} trial(s) at once"
+        + ("" if cap else " -- none: it lacks the resources of one trial; run on a cluster (--address)"),
+    ]
+    return lines

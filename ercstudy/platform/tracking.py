@@ -1,0 +1,210 @@
+"""MLflow: one parent run per study, one nested child run per trial (or one run per `ercstudy train`).
+
+All writes come from one place per run: the study driver (a Tune callback) or the Ray Train
+controller of a single trial (a Train callback), never from the workers, so a local SQLite
+store sees one writer. The tracking URI is resolved to an absolute one (Ray's processes run in
+other working directories) and checked before any trial starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from ray.train import UserCallback
+
+DEFAULT_DB = "mlflow.db"
+STATUS_TAG = "ercstudy.status"  # completed | stopped_early | stopped_nonfinite | failed | running
+TRIAL_TAG = "ercstudy.trial_id"
+STUDY_TAG = "ercstudy.study"
+PARENT_TAG = "mlflow.parentRunId"
+LIVE_SKIP = ("coupling_matrix", "stop_reason", "checkpoint_path")
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (unreachable server, refused URI)."""
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """The tracking URI to use: the given one, else MLFLOW_TRACKING_URI, else ./mlflow.db (SQLite), made absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    elif "://" not in uri or uri.startswith("file:"):
+        raise TrackingError(
+            f"tracking URI {uri!r}: MLflow 3.17 refuses plain file stores; use sqlite:///PATH.db or http://HOST:5000"
+        )
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail before any trial starts when a tracking server does not answer (SQLite: the directory must exist)."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+                if resp.status != 200:
+                    raise TrackingError(f"MLflow tracking server {uri} answered /health with HTTP {resp.status}")
+        except (urllib.error.URLError, OSError) as err:
+            raise TrackingError(f"MLflow tracking server {uri} cannot be reached: {getattr(err, 'reason', err)}") from None
+    elif uri.startswith("sqlite:///"):
+        parent = Path(uri[len("sqlite:///"):]).parent
+        if not parent.is_dir():
+            raise TrackingError(f"tracking URI {uri}: directory {parent} does not exist")
+
+
+def client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(c: Any, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else c.create_experiment(name)
+
+
+def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_params(v, key + "."))
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v) for k, v in result.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in LIVE_SKIP and math.isfinite(float(v))
+    }
+
+
+def log_result(c: Any, run_id: str, result: dict[str, Any]) -> None:
+    """One reported result as metrics at its training step (one batch call)."""
+    from mlflow.entities import Metric
+
+    step = int(result.get("step", 0))
+    now = int(time.time() * 1000)
+    metrics = [Metric(k.replace("@", "_"), v, now, step) for k, v in numeric_metrics(result).items() if k != "step"]
+    for i in range(0, len(metrics), 900):  # MLflow's batch limit is 1000 metrics
+        c.log_batch(run_id, metrics=metrics[i : i + 900], synchronous=True)
+
+
+def start_trial_run(c: Any, exp_id: str, *, name: str, config: dict[str, Any], params: dict[str, Any] | None = None,
+                    parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """A run for one trial: the resolved config as params (and the searched ones as `search.*`), config YAML artifact."""
+    import yaml
+
+    all_tags = {STATUS_TAG: "running", **(tags or {})}
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = c.create_run(exp_id, run_name=name, tags=all_tags)
+    run_id = run.info.run_id
+    from mlflow.entities import Param
+
+    flat = flat_params(config)
+    flat.update({f"search.{k}": str(v) for k, v in (params or {}).items()})
+    items = [Param(k, v) for k, v in flat.items()]
+    for i in range(0, len(items), 90):
+        c.log_batch(run_id, params=items[i : i + 90], synchronous=True)
+    c.log_text(run_id, yaml.safe_dump(config, sort_keys=False), "trial_config.yaml")
+    return run_id
+
+
+def trial_status(final: dict[str, Any] | None, total_steps: int | None, *, error: bool = False) -> str:
+    if error:
+        return "failed"
+    if final and final.get("stop_reason"):
+        return "stopped_nonfinite"
+    if final and total_steps and int(final.get("step", 0)) < total_steps:
+        return "stopped_early"
+    return "completed"
+
+
+def finish_trial_run(c: Any, run_id: str, status: str, final: dict[str, Any] | None, *, note: str = "") -> None:
+    """Mark the run (MLflow status + ercstudy.status tag) and attach its plots and tables."""
+    c.set_tag(run_id, STATUS_TAG, status)
+    if note:
+        c.set_tag(run_id, "ercstudy.note", note[:4000])
+    try:
+        log_trial_artifacts(c, run_id, final or {})
+    except Exception as err:  # plots are a convenience: never fail a study on them
+        c.set_tag(run_id, "ercstudy.artifact_error", f"{type(err).__name__}: {err}"[:500])
+    c.set_terminated(run_id, status={"completed": "FINISHED", "failed": "FAILED"}.get(status, "KILLED"))
+
+
+def metric_curves(c: Any, run_id: str, keys: list[str]) -> dict[str, tuple[list[int], list[float]]]:
+    out = {}
+    for key in keys:
+        hist = sorted(c.get_metric_history(run_id, key), key=lambda m: m.step)
+        if hist:
+            out[key] = ([m.step for m in hist], [m.value for m in hist])
+    return out
+
+
+def log_trial_artifacts(c: Any, run_id: str, final: dict[str, Any]) -> None:
+    """Specialization curves per layer, the final coupling matrices M per layer, the eval table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = c.get_run(run_id)
+    keys = list(run.data.metrics)
+    panels = [("eps_mean", "ERC noise bound eps (mean)"), ("alpha_star", "coupling alpha*"), ("domain_nmi", "routing-domain NMI"),
+              ("lm_loss", "LM loss"), ("router_cos", "router row |cos|"), ("load_entropy", "load entropy")]
+    panels = [(k, t) for k, t in panels if k in keys]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+        for ax, (key, title) in zip(axes[0], panels):
+            layer_keys = sorted(k for k in keys if k.startswith(key + "/layer"))
+            for k, (x, y) in metric_curves(c, run_id, layer_keys or [key]).items():
+                ax.plot(x, y, label=k.split("/")[-1])
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            if layer_keys:
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        c.log_figure(run_id, fig, "plots/specialization.png")
+        plt.close(fig)
+    m = final.get("coupling_matrix")
+    if m:
+        L = len(m)
+        fig, axes = plt.subplots(1, L, figsize=(3.6 * L, 3.2), squeeze=False)
+        for i, (ax, layer) in enumerate(zip(axes[0], m)):
+            im = ax.imshow(layer, cmap="viridis")
+            ax.set_title(f"M, MoE layer {i}")
+            ax.set_xlabel("expert (gate)")
+            ax.set_ylabel("router row")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        c.log_figure(run_id, fig, "plots/coupling_matrices.png")
+        plt.close(fig)
+        c.log_text(run_id, json.dumps(m), "coupling_matrices.json")
+    evals = {k: v for k, v in final.items() if k.startswith("eval/") and isinstance(v, (int, float))}
+    if evals:
+        c.log_table(run_id, {"metric": list(evals), "value": list(evals.values())}, "eval_table.json")
+
+
+class MLflowTrainCallback(UserCallback):
+    """Ray Train callback for `ercstudy train`: logs every report of one trial to one MLflow run, live.
+
+    It runs in the Train controller (not on the workers), with the run made by the driver.
+    """
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        try:
+            log_result(client(self.uri), self.run_id, metrics[0])
+        except Exception as err:  # tracking must never stop training: say so and go on
+            print(f"ercstudy: MLflow logging failed at step {metrics[0].get('step')}: {type(err).__name__}: {err}", flush=True)

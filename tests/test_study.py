@@ -1,0 +1,183 @@
+"""Study files: validation (one line, exit 2, before Ray), the constrained define-by-run space, dry-run, fits."""
+
+import contextlib
+import math
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+
+from ercstudy.platform.cli import main
+from ercstudy.platform.report import best_alpha, fit_power_law
+from ercstudy.platform.runner import Capacity, StudyError, concurrency
+from ercstudy.platform.study import corner_points, load_study, parse_study, sample_point
+from ercstudy.platform.tracking import TrackingError, check_reachable, resolve_uri
+from ercstudy.platform.ray_runtime import free_ports
+
+QUICKSTART = yaml.safe_load(open("search_spaces/quickstart.yaml"))
+
+
+def spec(**changes):
+    """The quickstart study with sections replaced (a value of None deletes the section)."""
+    data = yaml.safe_load(yaml.safe_dump(QUICKSTART))
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return data
+
+
+@pytest.mark.parametrize("path", ["search_spaces/quickstart.yaml", "search_spaces/alpha_epsilon.yaml", "search_spaces/expert_scaling.yaml"])
+def test_shipped_studies_validate(path, capsys):
+    assert main(["validate", path]) == 0
+    assert ": ok | study " in capsys.readouterr().out
+
+
+SEARCH = QUICKSTART["search"]
+BAD = [
+    (spec(seach=SEARCH), "seach: unknown section (did you mean 'search'?)"),
+    (spec(search={**SEARCH, "samplr": "tpe"}), "search.samplr: unknown key (did you mean 'sampler'?)"),
+    (spec(search={**SEARCH, "params": {"erc.alpah": {"type": "float", "low": 0, "high": 1}}}),
+     "search.params.erc.alpah: not a trial-config path (did you mean 'erc.alpha'?)"),
+    (spec(search={**SEARCH, "params": {"erc.alpha": {"type": "float", "low": 1.2, "high": 0.5}}}),
+     "search.params.erc.alpha.low: must be <= high (0.5), got 1.2"),
+    (spec(search={**SEARCH, "params": {"moe.num_experts": {"type": "categorical", "choices": []}}}),
+     "search.params.moe.num_experts.choices: must be a non-empty list"),
+    (spec(search={**SEARCH, "params": {"moe.num_experts": {"type": "float", "low": 2, "high": 8}}}),
+     "search.params.moe.num_experts: must be an integer"),
+    (spec(base={**QUICKSTART["base"], "moe": {"num_experts": 4, "top_k": 8}}), "base.moe.top_k: must be <= num_experts (4), got 8"),
+    (spec(base={**QUICKSTART["base"], "erc": {"alpha": -0.5}}), "base.erc.alpha: must be >= 0"),
+    (spec(objective={"metric": "eval/los", "mode": "min"}), "objective.metric: no trial reports 'eval/los' (did you mean 'eval/loss'?)"),
+    (spec(objective={"metric": "eval/loss", "mode": "lowest"}), "objective.mode: must be 'min' or 'max'"),
+    (spec(search={**SEARCH, "num_trials": 0}), "search.num_trials: must be >= 1, got 0"),
+    (spec(search={**SEARCH, "constraints": ["moe.top_k <== moe.num_experts"]}), "search.constraints[0]: must read `A op B`"),
+    (spec(scheduler={"type": "hyperband"}), "scheduler.type: must be one of 'none', 'asha'"),
+    (spec(resources={"num_workers": 2, "ep_size": 3}), "resources.ep_size: must divide num_workers (2), got 3"),
+]
+
+
+@pytest.mark.parametrize("data,expected", BAD)
+def test_validation_errors_are_one_line_with_exit_status_2(tmp_path, capsys, data, expected):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    for command in ("validate", "dry-run", "run"):
+        assert main([command, str(path), "--storage", str(tmp_path)] if command == "run" else [command, str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ercstudy: error: ") and expected in err and "\n" not in err, err
+    assert not (tmp_path / "quickstart").exists()  # nothing started
+
+
+def test_unconstrained_space_that_reaches_invalid_configs_is_refused():
+    data = spec(search={**SEARCH, "params": {"moe.num_experts": [2, 4], "moe.top_k": {"type": "int", "low": 1, "high": 4}},
+                        "constraints": []})
+    with pytest.raises(Exception) as err:
+        parse_study(data)
+    assert "moe.top_k: must be <= num_experts (2), got 3" in str(err.value) and "search.constraints" in str(err.value)
+
+
+def test_yaml_syntax_error_and_missing_file(tmp_path, capsys):
+    path = tmp_path / "study.yaml"
+    path.write_text("name: x\nsearch:\n  params:\n   erc.alpha: [1\n")
+    assert main(["validate", str(path)]) == 2
+    assert "YAML syntax error at line" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "grid"])
+def test_constraints_hold_on_every_sampled_point(sampler):
+    data = spec(search={**SEARCH, "sampler": sampler, "num_trials": 100, "params": {
+        "moe.num_experts": [2, 4, 8], "moe.top_k": {"type": "int", "low": 1, "high": 8},
+        "erc.alpha": [0.5, 1.0] if sampler == "grid" else {"type": "float", "low": 0.5, "high": 1.0}}})
+    study = parse_study(data)
+    from ercstudy.platform.study import num_trials, optuna_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ot = optuna.create_study(sampler=optuna_sampler(study))
+    seen = set()
+    n = 40 if sampler != "grid" else num_trials(study)
+    if sampler == "grid":
+        assert n == 2 * (2 + 4 + 8)  # alpha x (top_k <= num_experts): the grid has no invalid point
+    for _ in range(n):
+        trial = ot.ask()
+        point = sample_point(study, trial)
+        assert 1 <= point["moe.top_k"] <= point["moe.num_experts"]
+        study.trial_config(point)  # a valid trial config
+        seen.add((point["moe.num_experts"], point["moe.top_k"]))
+        with contextlib.suppress(RuntimeError):  # the grid's last tell stops the study (outside optimize(): an error)
+            ot.tell(trial, point["erc.alpha"])
+    assert any(k == e for e, k in seen) and len({e for e, _ in seen}) >= 2  # the narrowed range reaches its ends
+    if sampler == "grid":
+        assert len(seen) == 14  # every (num_experts, top_k) pair once per alpha
+
+
+def test_fixed_optuna_trial_sees_the_narrowed_range():
+    data = spec(search={**SEARCH, "params": {"moe.num_experts": [2, 8], "moe.top_k": {"type": "int", "low": 1, "high": 4}}})
+    study = parse_study(data)
+    point = sample_point(study, optuna.trial.FixedTrial({"moe.num_experts": 2, "moe.top_k|1..2": 2}))
+    assert point == {"moe.num_experts": 2, "moe.top_k": 2}
+    # with two experts the full range is not on offer: a value for the unconstrained name is not even asked for
+    with pytest.raises(ValueError, match=r"moe.top_k\|1..2"):
+        sample_point(study, optuna.trial.FixedTrial({"moe.num_experts": 2, "moe.top_k": 4}))
+    assert sample_point(study, optuna.trial.FixedTrial({"moe.num_experts": 8, "moe.top_k": 4}))["moe.top_k"] == 4
+    assert {(p["moe.num_experts"], p["moe.top_k"]) for p in corner_points(study)} == {(2, 1), (2, 2), (8, 1), (8, 2), (8, 3), (8, 4)}
+
+
+def test_dry_run_lists_every_model_shape(capsys):
+    assert main(["dry-run", "search_spaces/quickstart.yaml"]) == 0
+    out = capsys.readouterr().out
+    for n, k in [(4, 1), (4, 4), (8, 1), (8, 4)]:
+        assert f"num_experts={n}, top_k={k}" in out
+    assert "MFLOP/tok" in out and "mem/worker" in out and "trial(s) at once" in out
+
+
+def test_a_study_asking_for_gpus_the_cluster_lacks_fails_fast():
+    study = parse_study(spec(resources={"num_workers": 2, "gpus_per_worker": 1}))
+    with pytest.raises(StudyError, match=r"a trial needs 2 GPU\(s\).*has 0"):
+        concurrency(study, Capacity(cpus=16, gpus=0, autoscaling=False))
+    assert concurrency(study, Capacity(cpus=16, gpus=8, autoscaling=True)) == 4  # min(8 // 2, num_trials 4)
+    assert concurrency(parse_study(QUICKSTART), Capacity(cpus=2, gpus=0, autoscaling=False)) == 2
+
+
+def test_tracking_uri_and_unreachable_server(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(TrackingError, match="refuses plain file stores"):
+        resolve_uri("./mlruns")
+    (port,) = free_ports(1)
+    with pytest.raises(TrackingError, match="cannot be reached"):
+        check_reachable(f"http://127.0.0.1:{port}")
+    # `ercstudy run` says so before starting Ray or any trial
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(QUICKSTART))
+    assert main(["run", str(path), "--storage", str(tmp_path / "res")]) == 2
+    assert "cannot be reached" in capsys.readouterr().err
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_power_law_fit_recovers_known_exponent():
+    rng = np.random.default_rng(0)
+    c = np.geomspace(1e15, 1e19, 12)
+    for E, A, b in [(2.0, 3e3, 0.25), (1.5, 40.0, 0.1)]:
+        loss = E + A * c**-b
+        fit = fit_power_law(c, loss * (1 + 1e-4 * rng.standard_normal(len(c))))
+        assert abs(fit.b - b) < 0.02 and abs(fit.E - E) < 0.05 * E, fit
+        assert np.allclose(fit(c), loss, rtol=1e-3)
+    with pytest.raises(ValueError, match=">= 4 points"):
+        fit_power_law([1e15, 1e16, 1e17], [3, 2.5, 2.2])
+
+
+def test_best_alpha_is_the_vertex_with_an_uncertainty():
+    alpha = np.repeat([0.4, 0.6, 0.8, 1.0, 1.2], 3)
+    rng = np.random.default_rng(1)
+    loss = 2.0 + 0.5 * (alpha - 0.8) ** 2 + 0.002 * rng.standard_normal(len(alpha))
+    a, err = best_alpha(alpha, loss)
+    assert abs(a - 0.8) < 0.05 and 0 < err < 0.1
+    assert best_alpha([0.5, 1.0], [2.0, 1.9]) == (1.0, pytest.approx(float("nan"), nan_ok=True))
+    assert math.isclose(best_alpha(alpha, -loss, mode="max")[0], a)

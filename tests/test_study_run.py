@@ -1,0 +1,139 @@
+"""The quickstart study end to end on the shared local Ray with a real MLflow SQLite store.
+
+One run covers: Tune + Optuna trials of TorchTrainer workers, ASHA stopping trials early, the
+MLflow parent run with one nested child run per trial, and `ercstudy resume` after the driver
+was killed (SIGKILL) once a trial had finished: no trial lost, none duplicated in Tune, Optuna
+or MLflow. `ercstudy report` then reads the study back from MLflow.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.timeout(3600),
+    pytest.mark.skipif(os.environ.get("ERCSTUDY_FULL_STUDY_TESTS") != "1",
+                       reason="set ERCSTUDY_FULL_STUDY_TESTS=1: the study run takes 20-40 minutes on a busy 2-core machine"),
+]
+REPO = Path(__file__).resolve().parents[1]
+TRIALS = 4
+
+
+def ercstudy(*args, env, cwd, **kw):
+    return subprocess.Popen([sys.executable, "-m", "ercstudy", *args], env=env, cwd=cwd, start_new_session=True,
+                            stdout=kw.pop("stdout", None), stderr=subprocess.STDOUT, **kw)
+
+
+def child_runs(uri):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("quickstart")
+    if exp is None:
+        return c, [], []
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return c, parents, [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+@pytest.fixture(scope="module")
+def study(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri,
+           "PYTHONPATH": str(REPO)}
+    spec = REPO / "search_spaces" / "quickstart.yaml"
+    storage = tmp / "results"
+    log = (tmp / "run.log").open("w")
+    started = time.monotonic()
+    driver = ercstudy("run", str(spec), "--storage", str(storage), env=env, cwd=tmp, stdout=log)
+    # kill the driver (all of its process group) as soon as one trial has finished
+    killed_after = None
+    while driver.poll() is None and time.monotonic() - started < 1500:
+        _, _, children = child_runs(uri) if (tmp / "mlflow.db").exists() else (None, [], [])
+        if any(r.data.tags.get("ercstudy.status") not in (None, "running") for r in children):
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+            killed_after = time.monotonic() - started
+            break
+        time.sleep(2)
+    log.close()
+    first_log = (tmp / "run.log").read_text()
+    assert killed_after is not None, f"no trial finished (driver exit {driver.returncode}):\n{first_log[-3000:]}"
+    _, _, before = child_runs(uri)
+    time.sleep(5)  # Ray frees the killed driver's actors and placement groups
+    resumed = subprocess.run([sys.executable, "-m", "ercstudy", "resume", "quickstart", "--storage", str(storage)],
+                             env=env, cwd=tmp, capture_output=True, text=True, timeout=1800)
+    report = subprocess.run([sys.executable, "-m", "ercstudy", "report", "quickstart", "--storage", str(storage)],
+                            env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
+    return {"uri": uri, "storage": storage, "before": before, "first_log": first_log, "resumed": resumed, "report": report,
+            "elapsed": time.monotonic() - started}
+
+
+def test_resume_finishes_the_study(study):
+    r = study["resumed"]
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "leaderboard (eval/loss, min; best first)" in r.stdout and "mlflow ui --backend-store-uri sqlite:///" in r.stdout
+
+
+def test_every_trial_is_one_nested_mlflow_run_none_lost_none_duplicated(study):
+    c, parents, children = child_runs(study["uri"])
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0].info.run_id
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent}
+    trial_ids = [r.data.tags["ercstudy.trial_id"] for r in children]
+    assert len(trial_ids) == TRIALS and len(set(trial_ids)) == TRIALS, trial_ids
+    # the runs that existed when the driver was killed are the same runs now (found again, not re-created)
+    assert {r.info.run_id for r in study["before"]} <= {r.info.run_id for r in children}
+    for r in children:
+        status = r.data.tags["ercstudy.status"]
+        assert status in ("completed", "stopped_early"), (status, r.data.tags.get("ercstudy.note"))
+        assert r.info.status == ("FINISHED" if status == "completed" else "KILLED")
+        for p in ("erc.alpha", "moe.num_experts", "moe.top_k", "train.lr"):
+            assert f"search.{p}" in r.data.params and p in r.data.params
+        assert float(r.data.params["moe.top_k"]) <= float(r.data.params["moe.num_experts"])  # the constraint
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "lm_loss")]
+        assert steps == sorted(set(steps)) and steps[0] == 10, steps  # one value per step, no step logged twice
+        for key in ("eval/loss", "alpha_star/layer0", "eps_mean/layer1", "domain_nmi", "erc_loss", "tokens_per_s"):
+            assert key in r.data.metrics, key
+        artifacts = {a.path for a in c.list_artifacts(r.info.run_id)} | {a.path for a in c.list_artifacts(r.info.run_id, "plots")}
+        assert {"trial_config.yaml", "plots/specialization.png"} <= artifacts, artifacts
+        if status == "completed":
+            assert steps[-1] == 60 and {"coupling_matrices.json", "plots/coupling_matrices.png", "eval_table.json"} <= artifacts
+    parent_artifacts = {a.path for a in c.list_artifacts(parent)}
+    assert "leaderboard.csv" in parent_artifacts and "best/eval/loss" in c.get_run(parent).data.metrics
+
+
+def test_asha_stopped_some_trials_early(study):
+    _, _, children = child_runs(study["uri"])
+    statuses = [r.data.tags["ercstudy.status"] for r in children]
+    assert "stopped_early" in statuses and "completed" in statuses, statuses
+    for r in children:
+        if r.data.tags["ercstudy.status"] == "stopped_early":
+            assert "stopped by ASHA" in r.data.tags["ercstudy.note"]
+
+
+def test_tune_and_optuna_hold_each_trial_once(study):
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(study["storage"] / "quickstart"))
+    assert len(analysis.trials) == TRIALS and len({t.trial_id for t in analysis.trials}) == TRIALS
+    board = (study["storage"] / "quickstart" / "leaderboard.csv").read_text().splitlines()
+    assert len(board) == 1 + TRIALS
+
+
+def test_report_from_mlflow(study):
+    r = study["report"]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = study["storage"] / "quickstart" / "report"
+    assert {"report.md", "leaderboard.csv", "fits.json", "objective_vs_params.png", "loss_vs_compute.png"} <= {p.name for p in out.iterdir()}
+    fits = yaml.safe_load((out / "fits.json").read_text())
+    assert set(fits["best_alpha"]) <= {"experts=4", "experts=8"} and fits["best_alpha"]
+    print(f"study: {study['elapsed']:.0f} s including the kill and the resume")
