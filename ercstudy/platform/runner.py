@@ -213,9 +213,10 @@ class MLflowStudyCallback(tune.Callback):
         self.runs: dict[str, str] = {}
         self.logged_step: dict[str, int] = {}  # resumed trials: steps already in MLflow are not logged twice
         self._client = None
+        self._reconciled = False
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment state
-        return {**self.__dict__, "_client": None, "runs": {}, "logged_step": {}}
+        return {**self.__dict__, "_client": None, "runs": {}, "logged_step": {}, "_reconciled": False}
 
     @property
     def client(self) -> Any:
@@ -247,6 +248,15 @@ class MLflowStudyCallback(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.run_id(trial)
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        """On resume: finish the MLflow runs of trials that ended while the previous driver was dying."""
+        if self._reconciled:
+            return
+        self._reconciled = True
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR") and self.client.get_run(self.run_id(trial)).info.status == "RUNNING":
+                (self.on_trial_error if trial.status == "ERROR" else self.on_trial_complete)(iteration, trials, trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         run_id = self.run_id(trial)

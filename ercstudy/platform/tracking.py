@@ -130,8 +130,7 @@ def trial_status(final: dict[str, Any] | None, total_steps: int | None, *, error
 
 
 def finish_trial_run(c: Any, run_id: str, status: str, final: dict[str, Any] | None, *, note: str = "") -> None:
-    """Mark the run (MLflow status + ercstudy.status tag) and attach its plots and tables."""
-    c.set_tag(run_id, STATUS_TAG, status)
+    """Attach the run's plots and tables, then mark it (ercstudy.status tag last: it says the run is whole)."""
     if note:
         c.set_tag(run_id, "ercstudy.note", note[:4000])
     try:
@@ -139,6 +138,7 @@ def finish_trial_run(c: Any, run_id: str, status: str, final: dict[str, Any] | N
     except Exception as err:  # plots are a convenience: never fail a study on them
         c.set_tag(run_id, "ercstudy.artifact_error", f"{type(err).__name__}: {err}"[:500])
     c.set_terminated(run_id, status={"completed": "FINISHED", "failed": "FAILED"}.get(status, "KILLED"))
+    c.set_tag(run_id, STATUS_TAG, status)
 
 
 def metric_curves(c: Any, run_id: str, keys: list[str]) -> dict[str, tuple[list[int], list[float]]]:

@@ -1,0 +1,55 @@
+"""MLflow logging against a real SQLite store: the Train callback of `ercstudy train`, statuses, artifacts."""
+
+import pytest
+
+from ercstudy.platform import tracking
+
+
+@pytest.fixture()
+def store(tmp_path):
+    uri = tracking.resolve_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    c = tracking.client(uri)
+    return uri, c, tracking.experiment_id(c, "t")
+
+
+def report(step, total=30, **extra):
+    m = {"step": step, "total_steps": total, "tokens": step * 512, "lm_loss": 5.0 - step / 10, "eval/loss": 5.1 - step / 10,
+         "alpha_star": 0.5, "alpha_star/layer0": 0.4, "alpha_star/layer1": 0.6, "eps_mean/layer0": 0.7, "eps_mean/layer1": 0.6,
+         "eps_mean": 0.65, "domain_nmi/layer0": step / 100, "domain_nmi/layer1": step / 50, "domain_nmi": step / 75, "flag": True}
+    return {**m, **extra}
+
+
+def test_train_callback_logs_each_report_at_its_step_and_the_run_ends_with_artifacts(store):
+    uri, c, exp = store
+    run_id = tracking.start_trial_run(c, exp, name="trial", config={"erc": {"alpha": 0.8}, "moe": {"num_experts": 4}},
+                                      params={"erc.alpha": 0.8})
+    cb = tracking.MLflowTrainCallback(uri, run_id)
+    for step in (10, 20):
+        cb.after_report(None, [report(step)], None)
+    final = report(30, coupling_matrix=[[[0.5, 0.1], [0.2, 0.4]], [[0.3, 0.1], [0.1, 0.3]]], stop_reason=None)
+    cb.after_report(None, [final], None)
+    history = c.get_metric_history(run_id, "lm_loss")
+    assert sorted((m.step, m.value) for m in history) == [(10, 4.0), (20, 3.0), (30, 2.0)]
+    run = c.get_run(run_id)
+    assert "coupling_matrix" not in run.data.metrics and "flag" not in run.data.metrics and "step" not in run.data.metrics
+    assert run.data.params["erc.alpha"] == "0.8" and run.data.params["search.erc.alpha"] == "0.8"
+
+    tracking.finish_trial_run(c, run_id, tracking.trial_status(final, 30), final)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[tracking.STATUS_TAG] == "completed"
+    paths = {a.path for a in c.list_artifacts(run_id)} | {a.path for a in c.list_artifacts(run_id, "plots")}
+    assert {"trial_config.yaml", "coupling_matrices.json", "eval_table.json", "plots/specialization.png",
+            "plots/coupling_matrices.png"} <= paths, paths
+
+
+def test_trial_status():
+    assert tracking.trial_status(report(30), 30) == "completed"
+    assert tracking.trial_status(report(20), 30) == "stopped_early"
+    assert tracking.trial_status(report(20, stop_reason="non-finite loss"), 30) == "stopped_nonfinite"
+    assert tracking.trial_status(report(30), 30, error=True) == "failed"
+
+
+def test_a_failing_store_does_not_stop_training(tmp_path, capsys):
+    cb = tracking.MLflowTrainCallback(f"sqlite:///{tmp_path}/missing/dir/mlflow.db", "no-such-run")
+    cb.after_report(None, [report(10)], None)  # no exception: training goes on
+    assert "MLflow logging failed at step 10" in capsys.readouterr().out
