@@ -375,6 +375,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     """The Ray Train worker: train one trial; rank 0 returns the metric history."""
     cfg = TrialConfig.from_dict(config)
     trial = setup_trial(cfg)
+    if trial.step >= cfg.steps and trial.history:
+        # resumed after the end (the driver died before it saw the last report): say the final result again
+        save_and_report(trial, trial.history[-1], checkpoint=False)
     window = Window.empty(cfg, trial.device, trial.data.num_domains)
     while trial.step < cfg.steps:
         trial.step += 1
