@@ -179,3 +179,14 @@ def test_best_alpha_is_the_vertex_with_an_uncertainty():
     assert abs(a - 0.8) < 0.05 and 0 < err < 0.1
     assert best_alpha([0.5, 1.0], [2.0, 1.9]) == (1.0, pytest.approx(float("nan"), nan_ok=True))
     assert math.isclose(best_alpha(alpha, -loss, mode="max")[0], a)
+
+
+def test_submit_validates_first_and_reports_an_unreachable_cluster_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "study.yaml"
+    bad.write_text(yaml.safe_dump(spec(search={**SEARCH, "num_trials": 0})))
+    (port,) = free_ports(1)
+    assert main(["submit", str(bad), "--address", f"http://127.0.0.1:{port}"]) == 2
+    assert "search.num_trials: must be >= 1" in capsys.readouterr().err
+    assert main(["submit", "search_spaces/quickstart.yaml", "--address", f"http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ercstudy: error: could not submit to http://127.0.0.1:{port}") and "\n" not in err
