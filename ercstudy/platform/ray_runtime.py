@@ -99,6 +99,10 @@ def start_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIM
     # The node id is normally random; fixing it lets us name the port files before the raylet looks for them.
     env = {**os.environ, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": node_id}
     env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", str(int(timeout_s)))  # Ray's default, 60 s, is too short there too
+    # One node: the GCS health check of its own raylet can only kill it. On a starved 2-core machine
+    # it did (5 checks of 10 s missed in a row, mid-study); allow minutes instead.
+    env.setdefault("RAY_health_check_timeout_ms", "30000")
+    env.setdefault("RAY_health_check_failure_threshold", "60")
     env.pop("RAY_ADDRESS", None)
     log_path = os.path.join(temp_dir, "ray-start.log")
     with open(log_path, "wb") as log:
