@@ -2,6 +2,7 @@
 
 import functools
 import os
+import re
 from pathlib import Path
 
 # DeepSpeed reads its accelerator once, at the first get_accelerator(): CPU for the whole suite.
@@ -22,6 +23,16 @@ def ray_session():
     ensure_ray()
     yield ray
     stop_local_ray()
+
+
+# A line Ray streams from its processes to the driver's stderr, e.g. "(raylet) ..." or "(TrainController pid=1) ...",
+# possibly colored: once the shared Ray runs, such lines reach any test that captures stderr.
+RAY_STREAMED = re.compile(r"^(\x1b\[[0-9;]*m)?\([^()]*\)(\x1b\[0m)? ")
+
+
+def own_stderr(text: str) -> str:
+    """Captured stderr without the lines Ray streamed into it from its own processes."""
+    return "\n".join(line for line in text.splitlines() if not RAY_STREAMED.match(line)).strip()
 
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"

@@ -8,6 +8,8 @@ import optuna
 import pytest
 import yaml
 
+from conftest import own_stderr
+
 from ercstudy.platform.cli import main
 from ercstudy.platform.report import best_alpha, fit_power_law
 from ercstudy.platform.runner import Capacity, StudyError, concurrency
@@ -64,7 +66,7 @@ def test_validation_errors_are_one_line_with_exit_status_2(tmp_path, capsys, dat
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     for command in ("validate", "dry-run", "run"):
         assert main([command, str(path), "--storage", str(tmp_path)] if command == "run" else [command, str(path)]) == 2
-        err = capsys.readouterr().err.strip()
+        err = own_stderr(capsys.readouterr().err)
         assert err.startswith("ercstudy: error: ") and expected in err and "\n" not in err, err
     assert not (tmp_path / "quickstart").exists()  # nothing started
 
@@ -188,5 +190,5 @@ def test_submit_validates_first_and_reports_an_unreachable_cluster_in_one_line(t
     assert main(["submit", str(bad), "--address", f"http://127.0.0.1:{port}"]) == 2
     assert "search.num_trials: must be >= 1" in capsys.readouterr().err
     assert main(["submit", "search_spaces/quickstart.yaml", "--address", f"http://127.0.0.1:{port}"]) == 2
-    err = capsys.readouterr().err.strip()
+    err = own_stderr(capsys.readouterr().err)
     assert err.startswith(f"ercstudy: error: could not submit to http://127.0.0.1:{port}") and "\n" not in err

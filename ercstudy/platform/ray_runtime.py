@@ -103,6 +103,10 @@ def start_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIM
     # it did (5 checks of 10 s missed in a row, mid-study); allow minutes instead.
     env.setdefault("RAY_health_check_timeout_ms", "30000")
     env.setdefault("RAY_health_check_failure_threshold", "60")
+    # A worker process that has not registered within 60 s (Ray's default) is given up on and another
+    # one started while the first goes on importing: on a starved 2-core machine that cascaded (66
+    # give-ups in one test session, hundreds of runnable threads, a Ray Data read past 30 minutes).
+    env.setdefault("RAY_worker_register_timeout_seconds", "600")
     env.pop("RAY_ADDRESS", None)
     log_path = os.path.join(temp_dir, "ray-start.log")
     with open(log_path, "wb") as log:
