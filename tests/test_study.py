@@ -7,15 +7,14 @@ import numpy as np
 import optuna
 import pytest
 import yaml
-
 from conftest import own_stderr
 
 from ercstudy.platform.cli import main
+from ercstudy.platform.ray_runtime import free_ports
 from ercstudy.platform.report import best_alpha, fit_power_law
 from ercstudy.platform.runner import Capacity, StudyError, concurrency
-from ercstudy.platform.study import corner_points, load_study, parse_study, sample_point
+from ercstudy.platform.study import corner_points, parse_study, sample_point
 from ercstudy.platform.tracking import TrackingError, check_reachable, resolve_uri
-from ercstudy.platform.ray_runtime import free_ports
 
 QUICKSTART = yaml.safe_load(open("search_spaces/quickstart.yaml"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -200,6 +201,46 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ercstudy.platform import harness
+    from ercstudy.trainables.checkpoint import CheckpointError
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not tasks:
+        return _fail("--tasks: give at least one lm-eval task name")
+    if args.include_path and not Path(args.include_path).is_dir():
+        return _fail(f"--include-path: {args.include_path}: no such directory")
+    if args.mlflow_run:  # an unreachable store or an unknown run is reported before the evaluation
+        from ercstudy.platform import tracking
+
+        try:
+            from mlflow.tracking import MlflowClient
+
+            uri = tracking.resolve_uri(args.tracking_uri)
+            tracking.check_reachable(uri)
+            MlflowClient(uri).get_run(args.mlflow_run)
+        except Exception as err:
+            return _fail(f"--mlflow-run {args.mlflow_run}: {str(err).splitlines()[0]}")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local task files only: never wait on the network
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        results = harness.run_harness(args.checkpoint, tasks, include_path=args.include_path, config=args.config,
+                                      limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                                      device=args.device, seed=args.seed)
+    except (harness.HarnessError, CheckpointError) as err:
+        return _fail(str(err))
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2, default=str))
+        print(f"results: {args.output}")
+    if args.mlflow_run:
+        uri = harness.log_to_mlflow(results, args.mlflow_run, uri=args.tracking_uri)
+        print(f"logged to MLflow run {args.mlflow_run} ({uri}): {len(harness.flat_metrics(results))} metrics under harness/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ercstudy", description="MoE studies with the expert-router coupling (ERC) loss.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,6 +290,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--storage", default=DEFAULT_STORAGE, help=storage)
     report.add_argument("--out", help="output directory (default: STORAGE/NAME/report)")
     report.set_defaults(func=cmd_report)
+    ev = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a checkpoint (extra `evals`), optionally logged to MLflow")
+    ev.add_argument("checkpoint", help="a checkpoint directory (checkpoint_*/), or a run directory (its newest checkpoint)")
+    ev.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. arc_easy_local,hellaswag_local")
+    ev.add_argument("--include-path", help="directory of local lm-eval task YAMLs (dataset_path: json + local data_files)")
+    ev.add_argument("--config", help="the trial config (only for checkpoints that do not hold trial_config.yaml)")
+    ev.add_argument("--limit", type=float, help="examples per task (an int), or a fraction of each task")
+    ev.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    ev.add_argument("--batch-size", type=int, default=16, help="rows per forward (default: 16)")
+    ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of few-shot sampling (default: 0)")
+    ev.add_argument("--output", help="write lm-eval's results JSON here")
+    ev.add_argument("--mlflow-run", help="log the results to this MLflow run (e.g. the trial's child run)")
+    ev.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

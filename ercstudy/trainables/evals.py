@@ -65,32 +65,42 @@ def _forward_logits(model: Any, tokens: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def choice_logprobs(model: Any, items: list[MCItem], *, seq_len: int, batch_size: int, device: torch.device) -> Tensor:
-    """[N, C] summed log-probability of each choice's tokens given its context (float32); items with
-    fewer than C choices (ARC has 3 to 5) are padded with -inf.
+def continuation_logprobs(model: Any, pairs: list[tuple[list[int], list[int]]], *, seq_len: int, batch_size: int,
+                          device: torch.device) -> tuple[Tensor, Tensor]:
+    """For each (context, continuation) pair of token ids: the summed log-probability of the
+    continuation given the context [N] (float32), and whether greedy decoding yields it [N] (bool).
 
     Rows longer than seq_len + 1 tokens keep their last seq_len + 1 (the context is cut on the
-    left, as lm-evaluation-harness does).
+    left, as lm-evaluation-harness does). Rows are right-padded: causal attention keeps padding
+    out of every scored position.
     """
     rows, spans = [], []
-    for item in items:
-        for choice in item.choices:
-            row = (item.context + choice)[-(seq_len + 1) :]
-            rows.append(row)
-            spans.append((len(row) - len(choice), len(choice)))  # choice tokens at [start, start + n)
-    n_rows = len(rows)
+    for context, continuation in pairs:
+        row = (context + continuation)[-(seq_len + 1) :]
+        n = min(len(continuation), len(row) - 1)
+        rows.append(row)
+        spans.append((len(row) - n, n))  # scored tokens at [start, start + n)
     width = max(len(r) for r in rows)
-    padded = torch.zeros(n_rows, width, dtype=torch.long)
-    mask = torch.zeros(n_rows, width - 1, dtype=torch.bool)  # mask[r, t]: target t + 1 is a choice token
+    padded = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width - 1, dtype=torch.bool)  # mask[r, t]: target t + 1 is scored
     for r, (row, (start, n)) in enumerate(zip(rows, spans)):
         padded[r, : len(row)] = torch.tensor(row)
         mask[r, start - 1 : start - 1 + n] = True
-    out = torch.empty(n_rows)
-    for b in range(0, n_rows, batch_size):
-        tok = padded[b : b + batch_size].to(device)
+    logprob, greedy = torch.empty(len(rows)), torch.empty(len(rows), dtype=torch.bool)
+    for b in range(0, len(rows), batch_size):
+        tok, m = padded[b : b + batch_size].to(device), mask[b : b + batch_size].to(device)
         logp = F.log_softmax(_forward_logits(model, tok[:, :-1]).float(), dim=-1)
-        picked = logp.gather(-1, tok[:, 1:, None]).squeeze(-1)  # [B, T]
-        out[b : b + batch_size] = (picked * mask[b : b + batch_size].to(device)).sum(-1).cpu()
+        target = tok[:, 1:]
+        logprob[b : b + batch_size] = (logp.gather(-1, target[..., None]).squeeze(-1) * m).sum(-1).cpu()
+        greedy[b : b + batch_size] = ((logp.argmax(-1) == target) | ~m).all(-1).cpu()
+    return logprob, greedy
+
+
+def choice_logprobs(model: Any, items: list[MCItem], *, seq_len: int, batch_size: int, device: torch.device) -> Tensor:
+    """[N, C] summed log-probability of each choice's tokens given its context (float32); items with
+    fewer than C choices (ARC has 3 to 5) are padded with -inf."""
+    pairs = [(item.context, choice) for item in items for choice in item.choices]
+    out, _ = continuation_logprobs(model, pairs, seq_len=seq_len, batch_size=batch_size, device=device)
     n_choices = [len(item.choices) for item in items]
     if len(set(n_choices)) == 1:
         return out.view(len(items), -1)

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .checkpoint import CHECKPOINT_TAG
+from .checkpoint import save as save_checkpoint
 from .config import TrialConfig
 from .data import build_train_data, check_data, train_dataset
 from .erc import coupling_activations, erc_from_activations, make_proxies, resolve_epsilon
@@ -27,7 +29,6 @@ from .evals import build_evaluator
 from .model import MoELM
 from .specialization import domain_expert_counts, layer_metrics
 
-CHECKPOINT_TAG = "ds"
 CRASH_GRACE_S = 10.0
 # bf16 dense peak per GPU, for MFU (FLOP/s). Unknown devices report no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -266,7 +267,7 @@ def save_and_report(trial: Trial, metrics: dict[str, Any], *, checkpoint: bool) 
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        trial.engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state={"step": trial.step, "history": trial.history})
+        save_checkpoint(tmp, trial.engine, trial.cfg, step=trial.step, history=trial.history, rank=trial.rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -350,6 +351,8 @@ def setup_trial(cfg: TrialConfig) -> Trial:
         trial.step, trial.history = client_state["step"], list(client_state["history"])
         if rank == 0:
             print(f"resumed from checkpoint at step {trial.step}", flush=True)
+    elif rank == 0:
+        print(f"{world} worker(s) ready on {device.type}: training from step 0", flush=True)
     return trial
 
 
@@ -454,8 +457,11 @@ def run_trial(cfg: TrialConfig, *, name: str, storage_path: str, callbacks: list
             # RAY_TRAIN_ENABLE_PRINT_PATCH=0: rank 0's progress lines once, not twice (stdout + Train's logger).
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **({} if use_gpu else {"DS_ACCELERATOR": "cpu"})}},
             callbacks=callbacks or [],
+            # Ray Train's INFO lines repeat every metric of every report; its warnings stay. Progress is ours.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
+    print(f"{name}: starting {res.num_workers} worker(s) (seconds on a laptop, minutes on a busy 2-core machine)", flush=True)
     try:
         result = trainer.fit()
     except Exception as err:  # TrainingFailedError: workers failed more than max_failures times

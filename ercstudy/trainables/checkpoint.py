@@ -1,0 +1,108 @@
+"""A trial's checkpoints outside training: what they hold, and the trained model loaded from one.
+
+A checkpoint is the directory Ray Train keeps for a `ray.train.report(..., checkpoint=...)`:
+
+    checkpoint_<time>/ds/mp_rank_00_model_states.pt        DeepSpeed: dense weights, client state
+    checkpoint_<time>/ds/layer_<l>_expert_<e>_mp_rank_00_model_states.pt   (deepspeed MoE backend:
+                                                            one file per global expert, any ep_size)
+    checkpoint_<time>/trial_config.yaml                     the resolved trial config
+    checkpoint_<time>/tokenizer.json                        the text tokenizer (Parquet data only)
+
+Loading needs no process group: the model is built with ep_size 1 (local expert ids are then
+global ones) and DeepSpeed's per-expert files are merged into its state dict.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrialConfig, load_trial_config
+from .shards import TOKENIZER_FILE
+from .validation import ConfigError
+
+CHECKPOINT_TAG = "ds"
+CONFIG_FILE = "trial_config.yaml"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked: the message is one line that says why."""
+
+
+def save(directory: str | Path, engine: Any, cfg: TrialConfig, *, step: int, history: list[dict[str, Any]], rank: int) -> None:
+    """Every rank writes its DeepSpeed shard (a collective); rank 0 adds the config and tokenizer."""
+    engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"step": step, "history": history})
+    if rank == 0:
+        write_extras(directory, cfg)
+
+
+def write_extras(directory: str | Path, cfg: TrialConfig) -> None:
+    """What makes a checkpoint usable on its own: the trial config, and the tokenizer of text data."""
+    import yaml
+
+    directory = Path(directory)
+    (directory / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if cfg.data.kind == "parquet":
+        tokenizer = Path(cfg.data.path) / TOKENIZER_FILE
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, directory / TOKENIZER_FILE)
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, or a Train run directory (its newest checkpoint)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if (p / CHECKPOINT_TAG).is_dir():
+        return p
+    found = sorted(c for c in p.glob("checkpoint_*") if (c / CHECKPOINT_TAG).is_dir())
+    if not found:
+        raise CheckpointError(f"{path}: neither a checkpoint (no {CHECKPOINT_TAG}/ inside) nor a run directory holding checkpoint_*/")
+    return found[-1]
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    cfg: TrialConfig
+    model: Any  # MoELM, in eval mode
+    step: int
+    tokenizer: Any | None  # tokenizers.Tokenizer, None for the synthetic corpus
+
+
+def load(path: str | Path, *, config: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """The trained model of a checkpoint (its config from the checkpoint, else from `config`)."""
+    from .model import MoELM
+
+    ckpt = resolve(path)
+    config_file = Path(config) if config else ckpt / CONFIG_FILE
+    if not config_file.is_file():
+        raise CheckpointError(f"{ckpt}: no {CONFIG_FILE} (checkpoints from before it was saved): pass the trial's config with --config")
+    try:
+        cfg = load_trial_config(config_file)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    tag_dir = ckpt / CHECKPOINT_TAG
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    state = dict(states["module"])
+    for expert_file in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        state.update(torch.load(expert_file, map_location="cpu", weights_only=True))
+    model = MoELM(cfg.model, cfg.moe, seed=cfg.train.seed)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt}: weights do not fit the trial config {config_file} "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.to(device).eval()
+    tokenizer = None
+    for candidate in (ckpt / TOKENIZER_FILE, Path(cfg.data.path or ".") / TOKENIZER_FILE if cfg.data.kind == "parquet" else None):
+        if candidate is not None and candidate.is_file():
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(candidate))
+            break
+    step = int(states.get("step", (states.get("client_state") or {}).get("step", 0)) or 0)
+    return LoadedCheckpoint(ckpt, cfg, model, step, tokenizer)
