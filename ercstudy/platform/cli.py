@@ -218,6 +218,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
             uri = tracking.resolve_uri(args.tracking_uri)
             tracking.check_reachable(uri)
+            if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+                return _fail(f"--mlflow-run {args.mlflow_run}: no MLflow store at {uri} (give --tracking-uri or MLFLOW_TRACKING_URI)")
             MlflowClient(uri).get_run(args.mlflow_run)
         except Exception as err:
             return _fail(f"--mlflow-run {args.mlflow_run}: {str(err).splitlines()[0]}")
