@@ -5,7 +5,7 @@ import torch
 from conftest import train_plain
 
 from ercstudy.trainables.erc import erc_loss
-from ercstudy.trainables.model import ModelConfig, MoELM, num_active_params, num_params
+from ercstudy.trainables.model import ModelConfig, MoELM, moe_layer_ids, num_active_params, num_params
 from ercstudy.trainables.moe import MoEConfig
 
 
@@ -20,6 +20,27 @@ from ercstudy.trainables.moe import MoEConfig
 def test_num_params_equals_the_built_model(model, moe):
     built = MoELM(model, moe)
     assert num_params(model, moe) == sum(p.numel() for p in built.parameters())
+
+
+@pytest.mark.parametrize("backend", ["grouped", "deepspeed"])
+def test_init_is_the_same_model_for_any_expert_parallel_split(backend):
+    """Each rank of an expert-parallel group starts with the same dense weights and router as
+    ep_size 1, and global expert r * n_local + j is its local expert j; both backends alike."""
+    model, moe = ModelConfig(d_model=32, n_layers=3, n_heads=2), MoEConfig(num_experts=4, expert_dim=16, moe_every=2, backend=backend)
+    whole = MoELM(model, moe, seed=7)
+    reference = MoELM(model, MoEConfig(num_experts=4, expert_dim=16, moe_every=2), seed=7)  # grouped, ep_size 1
+    for rank in range(2):
+        part = MoELM(model, moe, seed=7, ep_size=2, ep_rank=rank)
+        moe_blocks = tuple(f"blocks.{i}.ffn." for i in moe_layer_ids(model, moe))
+        dense = lambda m: {k: v for k, v in m.state_dict().items() if not k.startswith(moe_blocks)}
+        assert dense(part).keys() == dense(whole).keys() and len(dense(whole)) > 10
+        for key, value in dense(whole).items():
+            torch.testing.assert_close(dense(part)[key], value, rtol=0, atol=0, msg=key)
+        for layer, ref_layer in zip(part.moe_layers, reference.moe_layers):
+            ref = ref_layer.expert_weights()
+            for name, value in layer.expert_weights().items():
+                expected = ref[name] if name == "router" else ref[name][2 * rank : 2 * rank + 2]
+                torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
 
 
 def test_num_active_params_counts_k_of_n_experts():

@@ -8,9 +8,10 @@ by side (each in a Ray task, as Tune runs trials), one CPU each:
   - `shards`: 1 worker on Parquet shards of real text made by prepare-data, streamed by Ray
     Data -> the loss falls; then a NaN injected into the loss at step 18 ends the trial with the
     reason at the step-20 report
-  - `ep`: 2 workers, deepspeed backend, ep_size 2 (experts split over the workers)
-    -> the same loss trajectory as `resumed` (same seed and global batch; the two backends
-    compute the same function, tests/test_moe.py): expert parallelism and the resume are exact
+  - `ep`: 2 workers, grouped backend, ep_size 2 (experts split over the workers)
+    -> the same loss trajectory as `resumed` (same seed and global batch): expert parallelism
+    and the resume are exact through Ray Train (tests/test_expert_parallel.py checks both
+    backends under expert parallelism on a plain two-process group, in CI)
 
 On a busy 2-core machine one TorchTrainer run takes 10-25 minutes, mostly process start-up;
 CI runs `resumed`. ERCSTUDY_FULL_TRIAL_TESTS=1 runs `resumed` and `shards` side by side, then
@@ -67,7 +68,7 @@ def runs(ray_session, shards, tmp_path_factory):
     remote = ray_session.remote(num_cpus=0, max_retries=0)(run_trial)
     pending = {name: remote.remote(cfg, name=name, storage_path=storage) for name, cfg in side_by_side.items()}
     results = {name: ray_session.get(ref) for name, ref in pending.items()}
-    ep = config(moe={"backend": "deepspeed"}, resources={"num_workers": 2, "ep_size": 2})
+    ep = config(resources={"num_workers": 2, "ep_size": 2})
     results["ep"] = run_trial(ep, name="ep", storage_path=storage)
     return results
 

@@ -148,11 +148,6 @@ class TrialConfig:
                 f"must be >= the synthetic corpus vocabulary ({self.data.synthetic_vocab}), got {model.vocab_size}",
             )
         require(
-            res.ep_size == 1 or moe.backend == "deepspeed",
-            "resources.ep_size",
-            f"expert parallelism (ep_size {res.ep_size}) needs moe.backend 'deepspeed'; the grouped backend runs with ep_size 1",
-        )
-        require(
             train.crash_at_step is None or train.crash_at_step > train.checkpoint_every,
             "train.crash_at_step",
             f"must come after the first checkpoint (step {train.checkpoint_every}) so that the trial can resume",

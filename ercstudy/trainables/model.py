@@ -196,8 +196,12 @@ class MoELM(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         std = self.cfg.init_std
         out_std = std / (2 * self.cfg.n_layers) ** 0.5  # residual-branch outputs, GPT-2 style
+        # MoE layers are drawn last, whole: the dense draws must not depend on how many experts a rank holds
+        moe_params = {id(p) for layer in self.moe_layers for p in layer.parameters()}
         with torch.no_grad():
             for name, p in self.named_parameters():
+                if id(p) in moe_params:
+                    continue
                 if p.dim() == 1:
                     p.fill_(1.0)  # RMSNorm weights
                 else:

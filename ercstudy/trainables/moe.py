@@ -14,8 +14,14 @@ down [D, d]) and route the same way (DeepSpeed-MoE's convention):
 
 - `grouped` (default, dropless): sort the S pairs by expert, run one grouped matmul per
   projection (torch._grouped_mm), unsort and sum the k slots. No per-expert Python loop.
+  Under expert parallelism (moe_deepspeed.GroupedEPMoE) the sorted pairs travel to the rank
+  holding their expert and back with two variable-size all-to-alls.
 - `deepspeed`: deepspeed.moe.layer.MoE (GShard-style capacity and token dropping), in
   moe_deepspeed.py, imported only when selected.
+
+Checkpoints name expert weights the way DeepSpeed's MoE checkpoints do, one tensor per expert
+(`...deepspeed_moe.experts.deepspeed_experts.<e>.gate`); a GroupedMoE loads those names into its
+stacked [n, d, D] weights, so a checkpoint written under any expert-parallel size loads here.
 """
 
 from __future__ import annotations
@@ -147,14 +153,45 @@ class GroupedExperts(nn.Module):
         return grouped_mm(h_SF, self.down, offsets_E)
 
 
-class GroupedMoE(nn.Module):
-    """Dropless MoE: sort token copies by expert, one grouped matmul per projection."""
+# DeepSpeed's per-expert checkpoint naming: <layer>.deepspeed_moe.experts.deepspeed_experts.<e>.<weight>
+EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts."
+EXPERT_WEIGHTS = ("gate", "up", "down")
 
-    def __init__(self, cfg: MoEConfig, d_model: int):
-        super().__init__()
+
+def stack_expert_keys(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
+    """Load pre-hook: per-expert weights `<prefix>deepspeed_moe.experts.deepspeed_experts.<e>.<w>`
+    (DeepSpeed's checkpoint naming, expert ids 0.. of this module) -> stacked `<prefix>experts.<w>`."""
+    for name in EXPERT_WEIGHTS:
+        found = {}
+        for key in [k for k in state_dict if k.startswith(prefix + EXPERT_KEY) and k.endswith("." + name)]:
+            expert = key[len(prefix + EXPERT_KEY) : -len(name) - 1]
+            if expert.isdigit():
+                found[int(expert)] = state_dict.pop(key)
+        if found:
+            state_dict[f"{prefix}experts.{name}"] = torch.stack([found[e] for e in sorted(found)])
+
+
+def unstack_expert_keys(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata: object) -> None:
+    """State-dict post-hook, the inverse of stack_expert_keys (views of the stacked weights)."""
+    for name in EXPERT_WEIGHTS:
+        stacked = state_dict.pop(f"{prefix}experts.{name}")
+        for e, weight in enumerate(stacked.unbind(0)):
+            state_dict[f"{prefix}{EXPERT_KEY}{e}.{name}"] = weight
+
+
+class GroupedMoE(nn.Module):
+    """Dropless MoE: sort token copies by expert, one grouped matmul per projection.
+
+    Holds the router of all n experts and the weights of `num_local` of them (all of them unless
+    a subclass splits the experts over ranks and overrides `run_experts`).
+    """
+
+    def __init__(self, cfg: MoEConfig, d_model: int, *, num_local: int | None = None):
+        nn.Module.__init__(self)  # explicit: GroupedEPMoE also derives from DeepSpeed's MoE, whose __init__ is not wanted
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.router = nn.Parameter(torch.empty(cfg.num_experts, d_model))  # [n, d]
-        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_dim)
+        self.experts = GroupedExperts(num_local or cfg.num_experts, d_model, cfg.expert_dim)
+        self.register_load_state_dict_pre_hook(stack_expert_keys)
 
     @property
     def router_weight(self) -> Tensor:  # [n, d]
@@ -173,6 +210,10 @@ class GroupedMoE(nn.Module):
         for name, param in self.expert_weights().items():
             param.copy_(weights[name])
 
+    def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        """Token copies sorted by expert [S, d], with the count per expert [n] -> expert outputs [S, d]."""
+        return self.experts(x_SD, torch.cumsum(tokens_per_expert_E, dim=0).to(torch.int32))
+
     def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
@@ -182,10 +223,9 @@ class GroupedMoE(nn.Module):
         tokens_per_expert_E = count_per_expert(routing.experts_TK, self.num_experts)
         # 2. sort the S = T * k (token, slot) pairs by expert
         order_S = torch.argsort(routing.experts_TK.reshape(-1), stable=True)
-        offsets_E = torch.cumsum(tokens_per_expert_E, dim=0).to(torch.int32)
         x_SD = x_TD[order_S // k]
         # 3. experts, one grouped matmul per projection
-        y_SD = self.experts(x_SD, offsets_E)
+        y_SD = self.run_experts(x_SD, tokens_per_expert_E)
         # 4. weight each copy, unsort, sum the k slots of each token
         y_SD = y_SD * routing.weights_TK.reshape(-1)[order_S].unsqueeze(-1).to(y_SD.dtype)
         y_TKD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(num_tokens, k, -1)
@@ -209,12 +249,16 @@ def random_expert_weights(
 
 
 def build_moe(cfg: MoEConfig, d_model: int, *, ep_size: int = 1) -> nn.Module:
-    """The MoE feed-forward for `cfg.backend`. ep_size > 1 (expert parallelism) needs the deepspeed backend's groups."""
+    """The MoE feed-forward for `cfg.backend`; ep_size > 1 splits the experts over DeepSpeed's expert-parallel groups."""
+    if cfg.num_experts % ep_size:
+        raise ValueError(f"moe.num_experts ({cfg.num_experts}) must be divisible by ep_size ({ep_size})")
     if cfg.backend == "deepspeed":
         from .moe_deepspeed import DeepSpeedMoE  # imported only when used: it loads DeepSpeed
 
         return DeepSpeedMoE(cfg, d_model, ep_size=ep_size)
-    if ep_size != 1:
-        raise ValueError(f"ep_size: the grouped backend runs with ep_size 1 only, got {ep_size}")
+    if ep_size > 1:
+        from .moe_deepspeed import GroupedEPMoE
+
+        return GroupedEPMoE(cfg, d_model, ep_size=ep_size)
     return GroupedMoE(cfg, d_model)
 

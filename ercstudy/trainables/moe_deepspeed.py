@@ -1,4 +1,6 @@
-"""The `deepspeed` MoE backend: deepspeed.moe.layer.MoE with our SwiGLU expert and router.
+"""DeepSpeed-bound MoE layers: the `deepspeed` backend, and the grouped backend under expert parallelism.
+
+`DeepSpeedMoE`: deepspeed.moe.layer.MoE with our SwiGLU expert and router.
 
 Same parameters and routing as moe.GroupedMoE (see moe.py), held the way DeepSpeed wants
 them: the router is the gate's `wg` Linear, each expert is its own module (DeepSpeed
@@ -6,15 +8,23 @@ deep-copies the one it is given, tags its parameters `allreduce=False` and
 `group_name="ep_size_N"`, and shards them over the expert-parallel group that the engine
 creates at deepspeed.initialize). Capacity and token dropping follow DeepSpeed's TopKGate;
 with drop_tokens=False the capacity is the busiest expert's load and nothing is dropped.
+
+`GroupedEPMoE`: the grouped (dropless) backend with its experts split over an expert-parallel
+group. It is a deepspeed.moe.layer.MoE to the engine, so DeepSpeed does what it does for its
+own MoE layers: creates the expert-parallel and expert-data-parallel groups, reduces expert
+gradients over the expert-data-parallel group, keeps expert parameters in their own ZeRO
+groups and writes one checkpoint file per global expert.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
-from .moe import MoEConfig, MoEStats, count_per_expert, route, routing_losses
+from .moe import GroupedMoE, MoEConfig, MoEStats, count_per_expert, route, routing_losses, unstack_expert_keys
 
 
 class SwiGLUExpert(nn.Module):
@@ -33,10 +43,6 @@ class SwiGLUExpert(nn.Module):
 class DeepSpeedMoE(nn.Module):
     def __init__(self, cfg: MoEConfig, d_model: int, *, ep_size: int = 1):
         super().__init__()
-        from deepspeed.moe.layer import MoE
-
-        if cfg.num_experts % ep_size:
-            raise ValueError(f"moe.num_experts ({cfg.num_experts}) must be divisible by ep_size ({ep_size})")
         self.cfg, self.ep_size = cfg, ep_size
         self.moe = MoE(
             hidden_size=d_model,
@@ -115,3 +121,55 @@ class DeepSpeedMoE(nn.Module):
         capacity = -(-num_tokens * self.cfg.capacity_factor * k // n)
         kept = tokens_per_expert_E.clamp_max(capacity).sum()
         return 1 - kept / (num_tokens * k)
+
+
+class GroupedEPMoE(GroupedMoE, MoE):
+    """The grouped backend's MoE with n / ep_size experts on each rank of an expert-parallel group.
+
+    Forward on each rank: route its own tokens to all n experts (the router is replicated),
+    sort the token copies by expert, send each rank the copies for its experts (all-to-all of
+    the counts, then of the rows: one host sync for the split sizes), run the local experts as
+    one grouped matmul per projection, send the outputs back (all-to-all), combine. Dropless,
+    and the same function as GroupedMoE on one rank: only the order of rows in the matmuls
+    differs. Rank r of the group holds global experts r * n_local .. (r + 1) * n_local - 1.
+    """
+
+    def __init__(self, cfg: MoEConfig, d_model: int, *, ep_size: int):
+        GroupedMoE.__init__(self, cfg, d_model, num_local=cfg.num_experts // ep_size)
+        # what DeepSpeed's engine and checkpointing read of an MoE layer
+        self.ep_size = ep_size
+        self.num_local_experts = cfg.num_experts // ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.enable_expert_tensor_parallelism = False
+        self.ep_group = None  # set by the engine at deepspeed.initialize (set_deepspeed_parallelism)
+        for param in self.experts.parameters():
+            param.allreduce = False  # DeepSpeed's tags for expert parameters (deepspeed/moe/experts.py)
+            param.group_name = self.expert_group_name
+        self.register_state_dict_post_hook(unstack_expert_keys)  # checkpoints: one tensor per expert, as DeepSpeed's MoE
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        from deepspeed.utils import groups
+
+        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        self.ep_group = groups._get_expert_parallel_group(self.expert_group_name)
+
+    def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        if self.ep_group is None:
+            raise RuntimeError("GroupedEPMoE: no expert-parallel group; build the DeepSpeed engine first (deepspeed.initialize)")
+        from torch.distributed.nn.functional import all_to_all_single
+
+        ep, n_local = self.ep_size, self.num_local_experts
+        send_E = tokens_per_expert_E.to(torch.int64)  # copies this rank sends to each global expert
+        recv_RE = torch.empty_like(send_E)
+        dist.all_to_all_single(recv_RE, send_E, group=self.ep_group)  # [ep * n_local]: from rank r to my expert e
+        recv_RE = recv_RE.view(ep, n_local)
+        send_splits = send_E.view(ep, n_local).sum(dim=1).tolist()  # the host sync
+        recv_splits = recv_RE.sum(dim=1).tolist()
+        x_RD = all_to_all_single(x_SD.new_empty(sum(recv_splits), x_SD.shape[-1]), x_SD, recv_splits, send_splits, group=self.ep_group)
+        # rows arrive by source rank, each rank's rows sorted by expert: regroup them by local expert
+        local_ids = torch.arange(n_local, device=x_SD.device).repeat(ep).repeat_interleave(recv_RE.reshape(-1))
+        order = torch.argsort(local_ids, stable=True)
+        y_RD = self.experts(x_RD[order], torch.cumsum(recv_RE.sum(dim=0), dim=0).to(torch.int32))
+        y_RD = torch.empty_like(y_RD).index_copy_(0, order, y_RD)
+        return all_to_all_single(y_RD.new_empty(x_SD.shape[0], y_RD.shape[-1]), y_RD, send_splits, recv_splits, group=self.ep_group)

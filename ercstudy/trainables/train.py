@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -333,6 +333,20 @@ def build_engine(cfg: TrialConfig, device: torch.device, *, rank: int) -> tuple[
     return engine, model, ep_group
 
 
+def make_trial(cfg: TrialConfig, *, rank: int, world: int, device: torch.device) -> Trial:
+    """A worker's trial at step 0 on the current process group (Ray Train's, or any other)."""
+    engine, model, ep_group = build_engine(cfg, device, rank=rank)
+    data = build_train_data(cfg, rank=rank, world=world)
+    return Trial(cfg, engine, model, data, device, rank, world, ep_group, torch.Generator(device=device),
+                 build_evaluator(cfg, rank=rank, world=world, device=device))
+
+
+def restore(trial: Trial, checkpoint_dir: str) -> None:
+    """Load a checkpoint of the trial's (collective): weights, optimizer, LR schedule, step and history."""
+    _, client_state = trial.engine.load_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+    trial.step, trial.history = client_state["step"], list(client_state["history"])
+
+
 def setup_trial(cfg: TrialConfig) -> Trial:
     import ray.train
     import ray.train.torch
@@ -340,15 +354,11 @@ def setup_trial(cfg: TrialConfig) -> Trial:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.resources.gpus_per_worker > 0 else torch.device("cpu")
-    engine, model, ep_group = build_engine(cfg, device, rank=rank)
-    data = build_train_data(cfg, rank=rank, world=world)
-    trial = Trial(cfg, engine, model, data, device, rank, world, ep_group, torch.Generator(device=device),
-                  build_evaluator(cfg, rank=rank, world=world, device=device))
+    trial = make_trial(cfg, rank=rank, world=world, device=device)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            _, client_state = engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
-        trial.step, trial.history = client_state["step"], list(client_state["history"])
+            restore(trial, ckpt_dir)
         if rank == 0:
             print(f"resumed from checkpoint at step {trial.step}", flush=True)
     elif rank == 0:
@@ -381,6 +391,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     if trial.step >= cfg.steps and trial.history:
         # resumed after the end (the driver died before it saw the last report): say the final result again
         save_and_report(trial, trial.history[-1], checkpoint=False)
+    train(trial, save_and_report)
+    return trial.history if trial.rank == 0 else []
+
+
+def train(trial: Trial, report: Callable[..., None]) -> None:
+    """Train from trial.step to the last step; `report(trial, metrics, checkpoint=bool)` at every report
+    (on every rank: it may be a collective). Stops at the first report with a stop_reason."""
+    cfg = trial.cfg
     window = Window.empty(cfg, trial.device, trial.data.num_domains)
     while trial.step < cfg.steps:
         trial.step += 1
@@ -398,11 +416,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         trial.history.append(metrics)
         if trial.rank == 0:
             print(progress_line(cfg, metrics) if not stop else f"stopping: {metrics['stop_reason']}", flush=True)
-        save_and_report(trial, metrics, checkpoint=not stop and (trial.step % cfg.train.checkpoint_every == 0 or trial.step == cfg.steps))
+        report(trial, metrics, checkpoint=not stop and (trial.step % cfg.train.checkpoint_every == 0 or trial.step == cfg.steps))
         if stop:
             break
         window = Window.empty(cfg, trial.device, trial.data.num_domains)
-    return trial.history if trial.rank == 0 else []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,150 @@
+"""Expert parallelism with real DeepSpeed engines on two CPU processes (gloo), both MoE backends.
+
+Two processes (torch.multiprocessing, no Ray: Ray Train only supplies the same process group)
+run the trial's own training loop (`train.make_trial` + `train.train`, as a Ray Train worker
+does) four times on one process group, for the same seed and global batch:
+  grouped ep_size 1 (data parallel), grouped ep_size 2, deepspeed ep_size 1, deepspeed ep_size 2
+and then, for grouped ep_size 2, a resume from its step-4 checkpoint, and the logits of the
+trained expert-parallel model on one batch (the forward is a collective).
+The Ray Train path of an expert-parallel trial is in test_train.py (ERCSTUDY_FULL_TRIAL_TESTS=1).
+"""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+
+from ercstudy.trainables.config import TrialConfig
+
+pytestmark = pytest.mark.timeout(1800)
+
+STEPS = 8
+RUNS = {  # name -> (backend, ep_size)
+    "grouped_ep1": ("grouped", 1),
+    "grouped_ep2": ("grouped", 2),
+    "deepspeed_ep1": ("deepspeed", 1),
+    "deepspeed_ep2": ("deepspeed", 2),
+}
+COMPARED = ["lm_loss", "lb_loss", "z_loss", "erc_loss", "alpha_star", "eps_mean", "diag_dominance", "router_cos",
+            "load_entropy", "grad_norm", "domain_nmi", "eval/loss"]
+
+
+def config(backend: str, ep_size: int) -> TrialConfig:
+    return TrialConfig.from_dict({
+        "model": {"vocab_size": 96, "d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 32},
+        "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 32, "backend": backend},
+        "erc": {"alpha": 0.8},
+        "train": {"tokens": STEPS * 16 * 32, "global_batch_size": 16, "micro_batch_size": 4, "lr": 0.01,
+                  "warmup_steps": 2, "report_every": 2, "checkpoint_every": 4, "seed": 3},
+        "eval": {"sequences": 16},
+        "data": {"num_domains": 4, "tokens_per_domain": 16, "shared_tokens": 16},
+        "resources": {"num_workers": 2, "ep_size": ep_size},
+    })
+
+
+def worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One of the two processes: every run in RUNS, then the resume and the logits of grouped_ep2."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    import torch.distributed as dist
+
+    from ercstudy.trainables import checkpoint as checkpoint_lib
+    from ercstudy.trainables.train import make_trial, restore, train
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cpu = torch.device("cpu")
+    histories = {}
+
+    def no_report(trial, metrics, *, checkpoint: bool) -> None:
+        pass
+
+    def save_checkpoints(trial, metrics, *, checkpoint: bool) -> None:
+        if checkpoint:  # a collective: every rank writes its experts
+            directory = os.path.join(out_dir, "grouped_ep2", f"step{trial.step}")
+            checkpoint_lib.save(directory, trial.engine, trial.cfg, step=trial.step, history=trial.history, rank=rank)
+
+    for name, (backend, ep) in RUNS.items():
+        trial = make_trial(config(backend, ep), rank=rank, world=world, device=cpu)
+        train(trial, save_checkpoints if name == "grouped_ep2" else no_report)
+        histories[name] = trial.history
+        if name == "grouped_ep2":
+            batch = trial.data.micro_batch(0, 0).tokens  # [4, 33] on each rank: the forward is a collective
+            with torch.no_grad():
+                logits = trial.model(batch[:, :-1]).logits
+            torch.save({"tokens": batch, "logits": logits}, os.path.join(out_dir, f"logits_rank{rank}.pt"))
+
+    resumed = make_trial(config("grouped", 2), rank=rank, world=world, device=cpu)
+    restore(resumed, os.path.join(out_dir, "grouped_ep2", "step4"))
+    train(resumed, no_report)
+    histories["grouped_ep2_resumed"] = resumed.history
+    if rank == 0:
+        torch.save(histories, os.path.join(out_dir, "histories.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("ep")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, port, str(out)), nprocs=2, join=True)
+    return out, torch.load(out / "histories.pt", weights_only=False)
+
+
+def test_runs_complete_with_finite_metrics(runs):
+    _, histories = runs
+    for name, history in histories.items():
+        assert [m["step"] for m in history] == list(range(2, STEPS + 1, 2)), name
+        assert all(math.isfinite(m[key]) for m in history for key in COMPARED if key in m), name
+    for name in RUNS:
+        assert histories[name][-1]["lm_loss"] < histories[name][0]["lm_loss"], name
+
+
+@pytest.mark.parametrize("backend", ["grouped", "deepspeed"])
+def test_expert_parallel_matches_ep_size_1(runs, backend):
+    _, histories = runs
+    for one, ep in zip(histories[f"{backend}_ep1"], histories[f"{backend}_ep2"], strict=True):
+        for key in COMPARED:
+            if key in one:
+                assert ep[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), (backend, one["step"], key)  # seen: 2e-6
+
+
+def test_both_backends_train_the_same_model(runs):
+    _, histories = runs
+    for grouped, ds in zip(histories["grouped_ep2"], histories["deepspeed_ep2"], strict=True):
+        for key in ("lm_loss", "erc_loss", "alpha_star", "eval/loss"):
+            if key in grouped:
+                assert ds[key] == pytest.approx(grouped[key], rel=1e-4, abs=1e-6), (grouped["step"], key)
+
+
+def test_expert_parallel_checkpoint_resumes_exactly(runs):
+    _, histories = runs
+    uninterrupted, resumed = histories["grouped_ep2"], histories["grouped_ep2_resumed"]
+    assert [m["step"] for m in resumed] == [m["step"] for m in uninterrupted]
+    for a, b in zip(uninterrupted[2:], resumed[2:]):  # the steps trained again after the step-4 checkpoint
+        for key in ("lm_loss", "erc_loss", "grad_norm", "alpha_star"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_expert_parallel_checkpoint_loads_as_one_model(runs):
+    """The step-8 checkpoint of grouped ep_size 2 (one file per global expert) loads without a process
+    group into an ep_size 1 model that computes what the two ranks computed together."""
+    from ercstudy.trainables import checkpoint
+
+    out, _ = runs
+    ckpt = out / "grouped_ep2" / f"step{STEPS}"
+    assert sorted(p.name for p in (ckpt / "ds").glob("layer_*_expert_*")) == sorted(
+        f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in range(2) for e in range(4))
+    loaded = checkpoint.load(ckpt)
+    assert loaded.step == STEPS and loaded.cfg.resources.ep_size == 2
+    for rank in range(2):
+        saved = torch.load(out / f"logits_rank{rank}.pt")
+        with torch.no_grad():
+            logits = loaded.model(saved["tokens"][:, :-1]).logits
+        torch.testing.assert_close(logits, saved["logits"], rtol=1e-4, atol=1e-5)
