@@ -1,8 +1,10 @@
 """Shared test set-up: CPU DeepSpeed, one embedded Ray instance for the tests that need it."""
 
+import contextlib
 import functools
 import os
 import re
+import socket
 from pathlib import Path
 
 # DeepSpeed reads its accelerator once, at the first get_accelerator(): CPU for the whole suite.
@@ -34,6 +36,10 @@ def own_stderr(text: str) -> str:
     """Captured stderr without the lines Ray streamed into it from its own processes."""
     return "\n".join(line for line in text.splitlines() if not RAY_STREAMED.match(line)).strip()
 
+
+# what every report of a trial holds (besides per-layer copies and eval/ metrics)
+TRIAL_METRICS = ["lm_loss", "lb_loss", "z_loss", "erc_loss", "grad_norm", "lr", "tokens_per_s", "eps_mean", "eps_min",
+                 "alpha_star", "diag_dominance", "router_cos", "load_entropy", "load_max_over_mean", "dropped", "domain_nmi"]
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 SEQ = 32
@@ -92,3 +98,23 @@ def train_plain(erc_weight: float, steps: int = 200):
         m = erc_loss(lm.router_weights(), lm.gate_weights(), epsilon=0).activations
     lm.eval()
     return sum(losses[:10]) / 10, sum(losses[-10:]) / 10, coupling_alpha(m).mean().item(), lm
+
+
+@contextlib.contextmanager
+def single_process_group():
+    """This process as a one-rank torch.distributed world (what a DeepSpeed engine needs), torn down after."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in saved_env.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)

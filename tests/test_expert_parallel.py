@@ -15,6 +15,7 @@ import socket
 
 import pytest
 import torch
+from conftest import TRIAL_METRICS
 
 from ercstudy.trainables.config import TrialConfig
 
@@ -97,11 +98,14 @@ def runs(tmp_path_factory):
     return out, torch.load(out / "histories.pt", weights_only=False)
 
 
-def test_runs_complete_with_finite_metrics(runs):
+def test_two_worker_runs_complete_and_report_every_metric_finite(runs):
     _, histories = runs
     for name, history in histories.items():
         assert [m["step"] for m in history] == list(range(2, STEPS + 1, 2)), name
-        assert all(math.isfinite(m[key]) for m in history for key in COMPARED if key in m), name
+        for m in history:
+            for key in TRIAL_METRICS + ["alpha_star/layer0", "alpha_star/layer1"]:
+                assert math.isfinite(m[key]), (name, m["step"], key)
+        assert math.isfinite(history[-1]["eval/loss"]), name
     for name in RUNS:
         assert histories[name][-1]["lm_loss"] < histories[name][0]["lm_loss"], name
 

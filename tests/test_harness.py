@@ -5,9 +5,7 @@ deepspeed MoE backend: one file per expert) after a few steps on Parquet shards 
 """
 
 import json
-import os
 import random
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval", reason="the `evals` extra (lm-evaluation-harness) is not installed")
 
 import torch
-from conftest import SHAKESPEARE, own_stderr
+from conftest import SHAKESPEARE, own_stderr, single_process_group
 
 from ercstudy.platform.cli import main
 from ercstudy.trainables import checkpoint as ckpt_lib
@@ -39,17 +37,10 @@ def saved(shards, tmp_path_factory):
     """(checkpoint dir, the engine's model) after STEPS steps of a one-process DeepSpeed engine (gloo)."""
     import numpy as np
     import pyarrow.parquet as pq
-    import torch.distributed as dist
 
     from ercstudy.trainables.train import build_engine
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
-    saved_env = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with single_process_group():
         cfg = trial_config(shards)
         engine, model, _ = build_engine(cfg, torch.device("cpu"), rank=0)
         rows = np.stack(pq.read_table(Path(shards) / "train").column("tokens").to_numpy(zero_copy_only=False)).astype(np.int64)
@@ -62,11 +53,6 @@ def saved(shards, tmp_path_factory):
         directory.mkdir()
         ckpt_lib.save(directory, engine, cfg, step=STEPS, history=[], rank=0)
         yield directory, model.eval()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        for k, v in saved_env.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def test_checkpoint_holds_config_tokenizer_and_per_expert_files_and_loads_the_trained_weights(saved):

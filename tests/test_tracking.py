@@ -3,6 +3,7 @@
 import pytest
 
 from ercstudy.platform import tracking
+from ercstudy.platform.train_callback import MLflowTrainCallback
 
 
 @pytest.fixture()
@@ -23,7 +24,7 @@ def test_train_callback_logs_each_report_at_its_step_and_the_run_ends_with_artif
     uri, c, exp = store
     run_id = tracking.start_trial_run(c, exp, name="trial", config={"erc": {"alpha": 0.8}, "moe": {"num_experts": 4}},
                                       params={"erc.alpha": 0.8})
-    cb = tracking.MLflowTrainCallback(uri, run_id)
+    cb = MLflowTrainCallback(uri, run_id)
     for step in (10, 20):
         cb.after_report(None, [report(step)], None)
     final = report(30, coupling_matrix=[[[0.5, 0.1], [0.2, 0.4]], [[0.3, 0.1], [0.1, 0.3]]], stop_reason=None)
@@ -50,6 +51,6 @@ def test_trial_status():
 
 
 def test_a_failing_store_does_not_stop_training(tmp_path, capsys):
-    cb = tracking.MLflowTrainCallback(f"sqlite:///{tmp_path}/missing/dir/mlflow.db", "no-such-run")
+    cb = MLflowTrainCallback(f"sqlite:///{tmp_path}/missing/dir/mlflow.db", "no-such-run")
     cb.after_report(None, [report(10)], None)  # no exception: training goes on
     assert "MLflow logging failed at step 10" in capsys.readouterr().out

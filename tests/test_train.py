@@ -14,8 +14,9 @@ by side (each in a Ray task, as Tune runs trials), one CPU each:
     backends under expert parallelism on a plain two-process group, in CI)
 
 On a busy 2-core machine one TorchTrainer run takes 10-25 minutes, mostly process start-up;
-CI runs `resumed`. ERCSTUDY_FULL_TRIAL_TESTS=1 runs `resumed` and `shards` side by side, then
-`ep` (neither yet seen passing end to end).
+CI runs `resumed`. ERCSTUDY_FULL_TRIAL_TESTS=1 also runs the `shards` trial's loop in this
+process (the Ray Data stream of the shards through train.train, no Ray Train: seen passing),
+then `resumed` and `shards` side by side through Ray Train, then `ep`.
 """
 
 
@@ -23,6 +24,7 @@ import math
 import os
 
 import pytest
+from conftest import TRIAL_METRICS
 
 from ercstudy.trainables.config import TrialConfig
 
@@ -40,8 +42,6 @@ BASE = {
               "warmup_steps": 5, "report_every": 5, "checkpoint_every": 20, "seed": 3},
     "data": {"num_domains": 4, "tokens_per_domain": 16, "shared_tokens": 16},
 }
-METRICS = ["lm_loss", "lb_loss", "z_loss", "erc_loss", "grad_norm", "lr", "tokens_per_s", "eps_mean", "eps_min",
-           "alpha_star", "diag_dominance", "router_cos", "load_entropy", "load_max_over_mean", "dropped", "domain_nmi"]
 
 
 def config(**sections) -> TrialConfig:
@@ -56,13 +56,7 @@ def runs(ray_session, shards, tmp_path_factory):
     from ercstudy.trainables.train import run_trial
 
     storage = str(tmp_path_factory.mktemp("trials"))
-    side_by_side = {
-        "resumed": config(train={"crash_at_step": 25}),
-        "shards": config(
-            model={"vocab_size": 320}, data={"kind": "parquet", "path": str(shards)},
-            train={"tokens": 20 * 16 * 32, "nan_at_step": 18, "checkpoint_every": 5}, eval={"every": 5, "sequences": 32},
-        ),
-    }
+    side_by_side = {"resumed": config(train={"crash_at_step": 25}), "shards": shards_config(shards)}
     if not FULL:  # CI: the one trial seen passing end to end here
         return {"resumed": run_trial(side_by_side["resumed"], name="resumed", storage_path=storage)}
     remote = ray_session.remote(num_cpus=0, max_retries=0)(run_trial)
@@ -79,7 +73,7 @@ def test_trials_complete_and_report_every_metric_finite(runs):
         assert result.error is None and result.stop_reason is None, (name, result)
         assert [m["step"] for m in result.history] == list(range(5, STEPS + 1, 5)), name
         for m in result.history:
-            for key in METRICS + [f"alpha_star/layer{i}" for i in range(2)]:
+            for key in TRIAL_METRICS + [f"alpha_star/layer{i}" for i in range(2)]:
                 assert math.isfinite(m[key]), (name, m["step"], key, m[key])
         assert result.checkpoint_path is not None
 
@@ -121,14 +115,46 @@ def test_expert_parallel_matches_a_single_worker(runs):
             assert ep[key] == pytest.approx(one[key], rel=2e-3, abs=1e-5), (one["step"], key)
 
 
-@full_only
-def test_prepared_shards_train_and_a_nan_stops_the_trial_with_the_reason(runs):
-    result = runs["shards"]
-    assert result.error is None, result.error
-    history = result.history
+def shards_config(shards) -> TrialConfig:
+    """Parquet shards of real text (prepare-data), a NaN injected into the loss at step 18."""
+    return config(
+        model={"vocab_size": 320}, data={"kind": "parquet", "path": str(shards)},
+        train={"tokens": 20 * 16 * 32, "nan_at_step": 18, "checkpoint_every": 5}, eval={"every": 5, "sequences": 32},
+    )
+
+
+def check_shards_trained_then_nan_stopped(history, stop_reason):
     assert [m["step"] for m in history] == [5, 10, 15, 20]
     assert history[2]["lm_loss"] < history[0]["lm_loss"] - 0.3  # real text, 300-token BPE: learning
     assert all(math.isfinite(m["domain_nmi"]) for m in history[:3])  # domains = the two input files
     assert history[2]["eval/loss"] < history[0]["eval/loss"] and {"eval/loss/early", "eval/loss/late"} <= history[2].keys()
-    assert result.stop_reason is not None and "non-finite loss within steps 16..20" in result.stop_reason
+    assert stop_reason is not None and "non-finite loss within steps 16..20" in stop_reason
     assert "stop_reason" not in history[2]
+
+
+@full_only
+def test_prepared_shards_train_and_a_nan_stops_the_trial_with_the_reason(runs):
+    result = runs["shards"]
+    assert result.error is None, result.error
+    check_shards_trained_then_nan_stopped(result.history, result.stop_reason)
+
+
+@full_only  # the Ray Data read alone took 16 min in CI's stream test on a busy 2-core machine
+def test_prepared_shards_stream_through_the_training_loop_until_a_nan_stops_it(ray_session, shards):
+    """The worker's own loop (train.make_trial + train.train) in this process, on one rank: the
+    Ray Data stream of prepare-data's shards trains, and a NaN ends the trial at its next report
+    with the reason, without a checkpoint of the non-finite state."""
+    import torch
+
+    from conftest import single_process_group
+    from ercstudy.trainables.data import ParquetStream, check_data, train_dataset
+    from ercstudy.trainables.train import make_trial, train
+
+    cfg = shards_config(shards)
+    stream = ParquetStream(train_dataset(cfg).iterator(), check_data(cfg), seq_len=32, global_batch=16, micro_batch=4, rank=0, world=1)
+    reports = []
+    with single_process_group():
+        trial = make_trial(cfg, rank=0, world=1, device=torch.device("cpu"), data=stream)
+        train(trial, lambda trial, metrics, *, checkpoint: reports.append((metrics["step"], checkpoint)))
+    assert reports == [(5, True), (10, True), (15, True), (20, False)]
+    check_shards_trained_then_nan_stopped(trial.history, trial.history[-1].get("stop_reason"))

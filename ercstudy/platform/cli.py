@@ -52,6 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if run_dir.exists() and not args.resume:
         return _fail(f"run {name!r} already exists in {storage}: pass --resume to continue it, or --name NAME for a new run")
     print(describe(cfg), flush=True)
+    from ercstudy.platform.train_callback import MLflowTrainCallback
     from ercstudy.trainables.train import run_trial
 
     # one MLflow run per trial, logged live by the Train controller; a resumed trial continues its run
@@ -61,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_id = found[0].info.run_id if found else tracking.start_trial_run(
         c, exp_id, name=name, config=cfg.to_dict(), tags={tracking.TRIAL_TAG: str(run_dir)})
     print(f"MLflow: {uri} | experiment {study_tracking.get('experiment') or name!r} | run {run_id}", flush=True)
-    result = run_trial(cfg, name=name, storage_path=storage, callbacks=[tracking.MLflowTrainCallback(uri, run_id)])
+    result = run_trial(cfg, name=name, storage_path=storage, callbacks=[MLflowTrainCallback(uri, run_id)])
     final = result.final
     status = tracking.trial_status(final, cfg.steps, error=result.error is not None)
     tracking.finish_trial_run(c, run_id, status, final, note=result.error or result.stop_reason or "")

@@ -1,7 +1,7 @@
 """MLflow: one parent run per study, one nested child run per trial (or one run per `ercstudy train`).
 
 All writes come from one place per run: the study driver (a Tune callback) or the Ray Train
-controller of a single trial (a Train callback), never from the workers, so a local SQLite
+controller of a single trial (train_callback.py), never from the workers, so a local SQLite
 store sees one writer. The tracking URI is resolved to an absolute one (Ray's processes run in
 other working directories) and checked before any trial starts.
 """
@@ -16,8 +16,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
-
-from ray.train import UserCallback
 
 DEFAULT_DB = "mlflow.db"
 STATUS_TAG = "ercstudy.status"  # completed | stopped_early | stopped_nonfinite | failed | running
@@ -192,19 +190,3 @@ def log_trial_artifacts(c: Any, run_id: str, final: dict[str, Any]) -> None:
     evals = {k: v for k, v in final.items() if k.startswith("eval/") and isinstance(v, (int, float))}
     if evals:
         c.log_table(run_id, {"metric": list(evals), "value": list(evals.values())}, "eval_table.json")
-
-
-class MLflowTrainCallback(UserCallback):
-    """Ray Train callback for `ercstudy train`: logs every report of one trial to one MLflow run, live.
-
-    It runs in the Train controller (not on the workers), with the run made by the driver.
-    """
-
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        try:
-            log_result(client(self.uri), self.run_id, metrics[0])
-        except Exception as err:  # tracking must never stop training: say so and go on
-            print(f"ercstudy: MLflow logging failed at step {metrics[0].get('step')}: {type(err).__name__}: {err}", flush=True)

@@ -333,10 +333,14 @@ def build_engine(cfg: TrialConfig, device: torch.device, *, rank: int) -> tuple[
     return engine, model, ep_group
 
 
-def make_trial(cfg: TrialConfig, *, rank: int, world: int, device: torch.device) -> Trial:
-    """A worker's trial at step 0 on the current process group (Ray Train's, or any other)."""
+def make_trial(cfg: TrialConfig, *, rank: int, world: int, device: torch.device, data: Any = None) -> Trial:
+    """A worker's trial at step 0 on the current process group (Ray Train's, or any other).
+
+    `data`: the training stream; by default the config's (Parquet shards come from the Ray
+    Train dataset shard, so outside Ray Train pass a data.ParquetStream over any Ray Dataset).
+    """
     engine, model, ep_group = build_engine(cfg, device, rank=rank)
-    data = build_train_data(cfg, rank=rank, world=world)
+    data = data if data is not None else build_train_data(cfg, rank=rank, world=world)
     return Trial(cfg, engine, model, data, device, rank, world, ep_group, torch.Generator(device=device),
                  build_evaluator(cfg, rank=rank, world=world, device=device))
 
