@@ -19,7 +19,12 @@ from conftest import TRIAL_METRICS
 
 from ercstudy.trainables.config import TrialConfig
 
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = [
+    pytest.mark.timeout(1800),
+    # 6 min alone, 9.5 min inside CI on a busy 2-core machine, where CI measured 52 min of tests + the install:
+    # opt-in until the Ray Data stream test (16 min there) is cut down
+    pytest.mark.skipif(os.environ.get("ERCSTUDY_FULL_TRIAL_TESTS") != "1", reason="set ERCSTUDY_FULL_TRIAL_TESTS=1 for the two-process expert-parallel runs"),
+]
 
 STEPS = 8
 RUNS = {  # name -> (backend, ep_size)
