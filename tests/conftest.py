@@ -5,6 +5,7 @@ import functools
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 
 # DeepSpeed reads its accelerator once, at the first get_accelerator(): CPU for the whole suite.
@@ -115,6 +116,10 @@ def single_process_group():
         yield
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            ds_comm = sys.modules.get("deepspeed.comm")
+            if ds_comm is not None and ds_comm.is_initialized():
+                ds_comm.destroy_process_group()  # also drops DeepSpeed's cached groups, stale in the next world
+            else:
+                dist.destroy_process_group()
         for k, v in saved_env.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
