@@ -87,6 +87,13 @@ def test_resume_finishes_the_study(study):
     assert "leaderboard (eval/loss, min; best first)" in r.stdout and "mlflow ui --backend-store-uri sqlite:///" in r.stdout
 
 
+def test_progress_says_how_each_trial_ended_without_ray_trains_report_dumps(study):
+    log = study["first_log"] + study["resumed"].stdout + study["resumed"].stderr
+    finished = [line for line in log.splitlines() if line.startswith("[quickstart] finished")]
+    assert finished and all(line.split()[3] in ("completed", "stopped_early") for line in finished), finished
+    assert "Reporting training result" not in log
+
+
 def test_every_trial_is_one_nested_mlflow_run_none_lost_none_duplicated(study):
     c, parents, children = child_runs(study["uri"])
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

@@ -288,12 +288,13 @@ class ProgressCallback(tune.Callback):
     def out(self) -> Any:
         return sys.stdout
 
-    def _row(self, trial: Any) -> str:
+    def _row(self, trial: Any, status: str | None = None) -> str:
         r = trial.last_result or {}
+        status = status or trial.status
         params = " ".join(f"{p.split('.')[-1]}={_fmt(v)}" for p, v in trial.config.get("params", {}).items())
         objs = " ".join(f"{o.metric}={_fmt(r[o.metric])}" for o in self.study.objectives if o.metric in r)
         step = f"step {r['step']}/{r.get('total_steps', '?')}" if "step" in r else "starting"
-        return f"  {trial.trial_id:<14} {trial.status:<10} {step:<14} {params} | {objs}"
+        return f"  {trial.trial_id:<14} {status:<13} {step:<14} {params} | {objs}"
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.monotonic()
@@ -307,7 +308,10 @@ class ProgressCallback(tune.Callback):
             print(self._row(t), file=self.out, flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        print(f"[{self.study.name}] finished{self._row(trial)[1:]}", file=self.out, flush=True)
+        # Tune marks the trial TERMINATED only after its callbacks: say how it ended instead
+        final = trial.last_result or {}
+        status = tracking.trial_status(final, final.get("total_steps"))
+        print(f"[{self.study.name}] finished{self._row(trial, status)[1:]}", file=self.out, flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         print(f"[{self.study.name}] FAILED  {self._row(trial)[2:]} (error: {trial.error_file})", file=self.out, flush=True)

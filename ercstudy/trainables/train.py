@@ -388,9 +388,22 @@ def inject_crash() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def quiet_report_log() -> None:
+    """Ray 2.60's worker logs every report, all metrics included, at INFO under a logger named by
+    its file path, which RunConfig's LoggingConfig(log_level) does not reach (it filters `ray.train.*`)."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its logs stay as they are
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     """The Ray Train worker: train one trial; rank 0 returns the metric history."""
     cfg = TrialConfig.from_dict(config)
+    quiet_report_log()
     trial = setup_trial(cfg)
     if trial.step >= cfg.steps and trial.history:
         # resumed after the end (the driver died before it saw the last report): say the final result again
