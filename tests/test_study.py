@@ -12,7 +12,7 @@ from conftest import own_stderr
 from ercstudy.platform.cli import main
 from ercstudy.platform.ray_runtime import free_ports
 from ercstudy.platform.report import best_alpha, fit_power_law
-from ercstudy.platform.runner import Capacity, StudyError, concurrency
+from ercstudy.platform.runner import Capacity, StudyError, concurrency, leaderboard
 from ercstudy.platform.study import corner_points, parse_study, sample_point
 from ercstudy.platform.tracking import TrackingError, check_reachable, resolve_uri
 
@@ -180,6 +180,24 @@ def test_best_alpha_is_the_vertex_with_an_uncertainty():
     assert abs(a - 0.8) < 0.05 and 0 < err < 0.1
     assert best_alpha([0.5, 1.0], [2.0, 1.9]) == (1.0, pytest.approx(float("nan"), nan_ok=True))
     assert math.isclose(best_alpha(alpha, -loss, mode="max")[0], a)
+
+
+def test_multi_objective_leaderboard_puts_the_pareto_front_first():
+    study = parse_study(spec(objective=[{"metric": "eval/loss", "mode": "min"}, {"metric": "tokens_per_s", "mode": "max"}]))
+    done = {"total_steps": 60, "step": 60}
+    results = [  # (eval/loss, tokens/s): b and c trade off, a is dominated by b, d was stopped early, e failed
+        ({**done, "trial_id": "a", "eval/loss": 3.0, "tokens_per_s": 900.0}, {}, None),
+        ({**done, "trial_id": "b", "eval/loss": 2.5, "tokens_per_s": 1000.0}, {}, None),
+        ({**done, "trial_id": "c", "eval/loss": 2.0, "tokens_per_s": 500.0}, {}, None),
+        ({**done, "trial_id": "d", "step": 20, "eval/loss": 1.0, "tokens_per_s": 5000.0}, {}, None),
+        ({**done, "trial_id": "e", "eval/loss": float("nan"), "tokens_per_s": 800.0}, {}, RuntimeError()),
+    ]
+    board = leaderboard(study, results)
+    assert [(r["trial"], r["pareto"]) for r in board][:3] == [("c", True), ("b", True), ("a", False)]
+    assert {r["trial"]: r["status"] for r in board[3:]} == {"d": "stopped_early", "e": "failed"}
+    assert not any(r["pareto"] for r in board[3:])
+    single = leaderboard(parse_study(spec()), results)
+    assert [r["trial"] for r in single][:3] == ["c", "b", "a"] and "pareto" not in single[0]
 
 
 def test_submit_validates_first_and_reports_an_unreachable_cluster_in_one_line(tmp_path, capsys):

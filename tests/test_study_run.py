@@ -148,3 +148,50 @@ def test_report_from_mlflow(study):
     fits = yaml.safe_load((out / "fits.json").read_text())
     assert set(fits["best_alpha"]) <= {"experts=4", "experts=8"} and fits["best_alpha"]
     print(f"study: {study['elapsed']:.0f} s including the kill and the resume")
+
+
+def test_submit_runs_a_multi_objective_study_as_a_ray_job(ray_session, tmp_path, monkeypatch, capsys):
+    """`ercstudy submit` to the Jobs API of the shared local Ray (a cluster's head serves the same API)."""
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from ercstudy.platform.cli import main
+    from ercstudy.platform.ray_runtime import local_dashboard_url
+
+    url = local_dashboard_url()
+    assert url, "the shared Ray of the tests is a local instance"
+    data = yaml.safe_load((REPO / "search_spaces" / "quickstart.yaml").read_text())
+    data["name"] = "submitted"
+    data["base"]["train"]["tokens"] = 20 * 16 * 64  # 20 steps
+    data["search"] = {"sampler": "random", "num_trials": 2, "seed": 1, "params": {"erc.alpha": {"type": "float", "low": 0.5, "high": 1.2}}}
+    data["objective"] = [{"metric": "eval/loss", "mode": "min"}, {"metric": "tokens_per_s", "mode": "max"}]
+    data["scheduler"] = {"type": "none"}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    data["tracking"] = {"uri": uri, "experiment": "submitted"}
+    (tmp_path / "search_spaces").mkdir()
+    (tmp_path / "search_spaces" / "submitted.yaml").write_text(yaml.safe_dump(data))
+    MlflowClient(uri).search_experiments()  # the store's tables, before the job's driver opens it
+    monkeypatch.chdir(tmp_path)
+    job_id = f"ercstudy-test-{os.getpid()}"
+    deadline = time.monotonic() + 120
+    while (code := main(["submit", "search_spaces/submitted.yaml", "--address", url, "--job-id", job_id,
+                         "--storage", str(tmp_path / "results")])) != 0 and time.monotonic() < deadline:
+        time.sleep(5)  # the dashboard's job API may still be starting
+    out = capsys.readouterr().out
+    assert code == 0 and f"as Ray job {job_id}" in out and "ray job logs --follow" in out, out
+    client = JobSubmissionClient(url)
+    deadline = time.monotonic() + 1200
+    while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
+        time.sleep(3)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "leaderboard (Pareto front of eval/loss min, tokens_per_s max first" in logs
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("submitted").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert all(r.data.tags["ercstudy.status"] == "completed" and "tokens_per_s" in r.data.metrics for r in children)
+    pareto = parents[0].data.tags["ercstudy.pareto_trials"].split()
+    assert 1 <= len(pareto) <= 2 and set(pareto) <= {r.data.tags["ercstudy.trial_id"] for r in children}
+    assert (tmp_path / "results" / "submitted" / "leaderboard.csv").is_file()

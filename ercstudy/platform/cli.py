@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -171,7 +172,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = os.path.relpath(os.path.abspath(args.spec), os.getcwd())
     if spec.startswith(".."):
         return _fail(f"{args.spec}: submit from the directory that holds the study (it is shipped as the job's working_dir)")
-    entrypoint = f"ercstudy run {spec} --storage {args.storage}"
+    # the job runs in a temporary copy of this directory: a relative STORAGE goes under the head's home instead
+    storage = args.storage if "://" in args.storage or os.path.isabs(args.storage) else f'"$HOME"/{shlex.quote(args.storage)}'
+    entrypoint = f"ercstudy run {shlex.quote(spec)} --storage {storage}"
     try:
         client = JobSubmissionClient(args.address)
         job_id = client.submit_job(
@@ -185,7 +188,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"submitted study {study.name} as Ray job {job_id} to {args.address}\n"
           f"follow it:  ray job logs --follow --address {args.address} {job_id}\n"
           f"status:     ray job status --address {args.address} {job_id}\n"
-          f"stop it:    ray job stop --address {args.address} {job_id}")
+          f"stop it:    ray job stop --address {args.address} {job_id}\n"
+          f"results:    {storage.replace(chr(34), '')}/{study.name} on the head; MLflow: the cluster's MLFLOW_TRACKING_URI "
+          f"(or the study's tracking.uri)")
     return 0
 
 
@@ -285,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="submit `ercstudy run SPEC` to a Ray cluster as a Ray job (this directory shipped)")
     submit.add_argument("spec", help="a study YAML, inside the current directory")
     submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265 (after `ray dashboard cluster.yaml`)")
-    submit.add_argument("--storage", default=DEFAULT_STORAGE, help="results directory on the cluster (shared storage for multi-node: s3://, NFS)")
+    submit.add_argument("--storage", default=DEFAULT_STORAGE,
+                        help=f"results directory on the cluster; relative: under the head's home (default: ~/{DEFAULT_STORAGE}); "
+                             "multi-node trials need shared storage (s3://, NFS)")
     submit.add_argument("--job-id", help="submission id (default: Ray picks one)")
     submit.set_defaults(func=cmd_submit)
     report = sub.add_parser("report", help="leaderboard, plots and scaling fits of a study, written to files and its MLflow parent run")

@@ -43,6 +43,7 @@ class LocalRay:
     address: str
     temp_dir: str
     log_path: str
+    dashboard_url: str  # the Jobs API (`ercstudy submit --address`) and the web UI
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -87,11 +88,12 @@ def start_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIM
     """Start a private head node on loopback; returns once it accepts drivers."""
     temp_dir = tempfile.mkdtemp(prefix="ercstudy-ray-")  # short: Ray's socket paths must fit in 107 bytes
     node_id = os.urandom(28).hex()
-    gcs_port, *agent_ports = free_ports(1 + len(AGENT_PORTS))
+    gcs_port, dashboard_port, *agent_ports = free_ports(2 + len(AGENT_PORTS))
     ports = dict(zip(AGENT_PORTS, agent_ports))
     cmd = [
         sys.executable, "-c", RAY_START, "start", "--head", "--block", "--disable-usage-stats",
         "--node-ip-address=127.0.0.1", f"--port={gcs_port}", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
         *(f"{flag}={ports[name]}" for name, flag in AGENT_PORTS.items()),
     ]
     if num_cpus is not None:
@@ -107,11 +109,15 @@ def start_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIM
     # one started while the first goes on importing: on a starved 2-core machine that cascaded (66
     # give-ups in one test session, hundreds of runnable threads, a Ray Data read past 30 minutes).
     env.setdefault("RAY_worker_register_timeout_seconds", "600")
+    # On SIGTERM `ray start --block` drains the node first, for up to 30 s while any worker lease is
+    # held (for Serve replicas behind a load balancer). A private node that is going away has
+    # nothing to hand over: it made every `ercstudy run` / `train` end 30 s late.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     env.pop("RAY_ADDRESS", None)
     log_path = os.path.join(temp_dir, "ray-start.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    local = LocalRay(proc, f"127.0.0.1:{gcs_port}", temp_dir, log_path)
+    local = LocalRay(proc, f"127.0.0.1:{gcs_port}", temp_dir, log_path, f"http://127.0.0.1:{dashboard_port}")
     deadline = time.monotonic() + timeout_s
     written = False
     while True:
@@ -163,8 +169,13 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         print("ercstudy: starting a local Ray instance (a few seconds on a laptop, up to minutes on a busy 2-core machine)", file=sys.stderr, flush=True)
         _local = start_local_ray(num_cpus)
         atexit.register(stop_local_ray)
-        print(f"ercstudy: local Ray is up at {_local.address} (dashboard: http://127.0.0.1:8265 unless that port was taken)", file=sys.stderr, flush=True)
+        print(f"ercstudy: local Ray is up at {_local.address} (dashboard: {_local.dashboard_url})", file=sys.stderr, flush=True)
     ray.init(address=_local.address, log_to_driver=True)
+
+
+def local_dashboard_url() -> str | None:
+    """The dashboard of the local instance this process started (None when connected to a cluster)."""
+    return _local.dashboard_url if _local is not None else None
 
 
 def stop_local_ray() -> None:

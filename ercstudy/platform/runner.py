@@ -435,7 +435,25 @@ def leaderboard(study: Study, results: list[tuple[dict, dict, Any]], paths: list
     o = study.objective
     sign = 1 if o.mode == "min" else -1
     ok = lambda r: r["status"] == "completed" and isinstance(r.get(o.metric), (int, float))  # noqa: E731
-    return sorted(rows, key=lambda r: (not ok(r), sign * r[o.metric] if ok(r) else 0.0))
+    if not study.multi_objective:
+        return sorted(rows, key=lambda r: (not ok(r), sign * r[o.metric] if ok(r) else 0.0))
+    front = pareto_front(study, rows)
+    for i, r in enumerate(rows):
+        r["pareto"] = i in front
+    return sorted(rows, key=lambda r: (not ok(r), not r["pareto"], sign * r[o.metric] if ok(r) else 0.0))
+
+
+def pareto_front(study: Study, rows: list[dict[str, Any]]) -> set[int]:
+    """Indices of the completed rows that no other completed row dominates on every objective."""
+    def point(r: dict[str, Any]) -> tuple[float, ...] | None:
+        values = [r.get(o.metric) for o in study.objectives]
+        if r["status"] != "completed" or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            return None
+        return tuple(v if o.mode == "min" else -v for v, o in zip(values, study.objectives))  # all minimized
+
+    points = {i: p for i, r in enumerate(rows) if (p := point(r)) is not None}
+    dominated = lambda a, b: all(x <= y for x, y in zip(b, a)) and b != a  # noqa: E731 (b dominates a)
+    return {i for i, a in points.items() if not any(dominated(a, b) for j, b in points.items() if j != i)}
 
 
 def write_leaderboard(study: Study, board: list[dict[str, Any]], directory: Path, c: Any, state: StudyState) -> None:
@@ -445,7 +463,11 @@ def write_leaderboard(study: Study, board: list[dict[str, Any]], directory: Path
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(board)
-    print(f"\nleaderboard ({study.objective.metric}, {study.objective.mode}; best first):")
+    if study.multi_objective:
+        objs = ", ".join(f"{o.metric} {o.mode}" for o in study.objectives)
+        print(f"\nleaderboard (Pareto front of {objs} first, then by {study.objective.metric}):")
+    else:
+        print(f"\nleaderboard ({study.objective.metric}, {study.objective.mode}; best first):")
     print("  " + "  ".join(f"{k:>12}" for k in cols))
     for r in board:
         print("  " + "  ".join(f"{_fmt(r.get(k, '')):>12}" for k in cols))
@@ -456,6 +478,8 @@ def write_leaderboard(study: Study, board: list[dict[str, Any]], directory: Path
             if isinstance(best.get(o.metric), (int, float)):
                 c.log_metric(state.parent_run_id, f"best/{o.metric}", float(best[o.metric]))
         c.set_tag(state.parent_run_id, "ercstudy.best_trial", str(best["trial"]))
+    if study.multi_objective:
+        c.set_tag(state.parent_run_id, "ercstudy.pareto_trials", " ".join(str(r["trial"]) for r in board if r.get("pareto")))
     c.set_tag(state.parent_run_id, tracking.STATUS_TAG, "completed")
     c.set_terminated(state.parent_run_id, "FINISHED")
     print(f"\nresults: {directory}\nMLflow: {state.tracking_uri} (experiment {study.experiment!r}); "
