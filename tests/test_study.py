@@ -56,6 +56,9 @@ BAD = [
     (spec(search={**SEARCH, "constraints": ["moe.top_k <== moe.num_experts"]}), "search.constraints[0]: must read `A op B`"),
     (spec(scheduler={"type": "hyperband"}), "scheduler.type: must be one of 'none', 'asha'"),
     (spec(resources={"num_workers": 2, "ep_size": 3}), "resources.ep_size: must divide num_workers (2), got 3"),
+    (spec(search={**SEARCH, "sampler": "cmaes", "params": {"erc.alpha": SEARCH["params"]["erc.alpha"]}, "constraints": []},
+          objective=[{"metric": "eval/loss", "mode": "min"}, {"metric": "tokens_per_s", "mode": "max"}]),
+     "search.sampler: cmaes optimizes one objective; use tpe, random or grid for a list of objectives"),
 ]
 
 

@@ -325,7 +325,9 @@ def parse_study(data: Any, *, source: str = "") -> Study:
                     raise ConfigError(f"search.constraints[{i}]", f"{p!r} is not a trial-config path") from None
         require(any(p in params for p in c.paths()), f"search.constraints[{i}]",
                 f"{c.text!r} constrains no searched param (the base config alone must already satisfy the trial config's own checks)")
+    objectives = _objectives(data["objective"])
     if search.sampler == "cmaes":
+        require(len(objectives) == 1, "search.sampler", "cmaes optimizes one objective; use tpe, random or grid for a list of objectives")
         require(all(p.type != "categorical" for p in params.values()), "search.sampler",
                 "cmaes searches int and float params only; use tpe or random with categorical params")
         try:
@@ -339,7 +341,6 @@ def parse_study(data: Any, *, source: str = "") -> Study:
 
     scheduler = from_dict(SchedulerConfig, _section(data, "scheduler"), prefix="scheduler")
     tracking = from_dict(TrackingConfig, _section(data, "tracking"), prefix="tracking")
-    objectives = _objectives(data["objective"])
     study = Study(name, base, search, objectives, scheduler, tracking, constraints, source)
     check_space(study)
     known = reported_metrics(base_cfg)
