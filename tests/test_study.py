@@ -185,6 +185,13 @@ def test_best_alpha_is_the_vertex_with_an_uncertainty():
     assert math.isclose(best_alpha(alpha, -loss, mode="max")[0], a)
 
 
+def test_search_params_read_as_ranges_in_the_parent_run():
+    params = parse_study(spec()).search.params
+    assert {p: str(v) for p, v in params.items()} == {
+        "erc.alpha": "float [0.5, 1.2]", "moe.num_experts": "categorical [4, 8]", "moe.top_k": "int [1, 4]",
+        "train.lr": "float [0.0001, 0.003] log"}
+
+
 def test_multi_objective_leaderboard_puts_the_pareto_front_first():
     study = parse_study(spec(objective=[{"metric": "eval/loss", "mode": "min"}, {"metric": "tokens_per_s", "mode": "max"}]))
     done = {"total_steps": 60, "step": 60}

@@ -120,6 +120,7 @@ def test_every_trial_is_one_nested_mlflow_run_none_lost_none_duplicated(study):
             assert steps[-1] == 60 and {"coupling_matrices.json", "plots/coupling_matrices.png", "eval_table.json"} <= artifacts
     parent_artifacts = {a.path for a in c.list_artifacts(parent)}
     assert "leaderboard.csv" in parent_artifacts and "best/eval/loss" in c.get_run(parent).data.metrics
+    assert c.get_run(parent).data.params["search.erc.alpha"] == "float [0.5, 1.2]"  # the space, readable
 
 
 def test_asha_stopped_some_trials_early(study):

@@ -47,6 +47,13 @@ class ParamSpec:
     step: int | None = None
     choices: tuple[Any, ...] = ()
 
+    def __str__(self) -> str:
+        """As an MLflow param of the study's parent run: `float [0.5, 1.2]`, `float [1e-4, 3e-3] log`, `categorical [4, 8]`."""
+        if self.type == "categorical":
+            return f"categorical [{', '.join(map(str, self.choices))}]"
+        extra = " log" if self.log else f" step {self.step}" if self.step else ""
+        return f"{self.type} [{self.low:g}, {self.high:g}]{extra}"
+
     def __post_init__(self) -> None:
         if self.type == "categorical":
             require(len(self.choices) > 0, "choices", "must be a non-empty list for a categorical param")
