@@ -54,3 +54,14 @@ def test_a_failing_store_does_not_stop_training(tmp_path, capsys):
     cb = MLflowTrainCallback(f"sqlite:///{tmp_path}/missing/dir/mlflow.db", "no-such-run")
     cb.after_report(None, [report(10)], None)  # no exception: training goes on
     assert "MLflow logging failed at step 10" in capsys.readouterr().out
+
+
+def test_experiments_open_in_the_model_training_view_of_the_ui(store):
+    _, c, exp = store
+    assert c.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+    other = c.create_experiment("made-by-hand")  # an experiment without the tag gets it; a user's own choice stays
+    assert tracking.experiment_id(c, "made-by-hand") == other
+    assert c.get_experiment(other).tags["mlflow.experimentKind"] == "custom_model_development"
+    c.set_experiment_tag(other, "mlflow.experimentKind", "finetuning")
+    tracking.experiment_id(c, "made-by-hand")
+    assert c.get_experiment(other).tags["mlflow.experimentKind"] == "finetuning"

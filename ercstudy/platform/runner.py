@@ -482,5 +482,7 @@ def write_leaderboard(study: Study, board: list[dict[str, Any]], directory: Path
         c.set_tag(state.parent_run_id, "ercstudy.pareto_trials", " ".join(str(r["trial"]) for r in board if r.get("pareto")))
     c.set_tag(state.parent_run_id, tracking.STATUS_TAG, "completed")
     c.set_terminated(state.parent_run_id, "FINISHED")
-    print(f"\nresults: {directory}\nMLflow: {state.tracking_uri} (experiment {study.experiment!r}); "
-          f"open the UI with: mlflow ui --backend-store-uri {state.tracking_uri}")
+    runs = f"#/experiments/{state.experiment_id}/runs (expand the study's run, select its trials, Compare)"
+    ui = (f"the runs: {state.tracking_uri.rstrip('/')}/{runs}" if state.tracking_uri.startswith(("http://", "https://"))
+          else f"open the UI with: mlflow ui --backend-store-uri {state.tracking_uri}\n  then http://127.0.0.1:5000/{runs}")
+    print(f"\nresults: {directory}\nMLflow: {state.tracking_uri} (experiment {study.experiment!r}); {ui}")

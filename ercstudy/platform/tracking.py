@@ -62,9 +62,19 @@ def client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, prompts); ours are
+# training runs, compared in the "Model training" view's run table and charts.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(c: Any, name: str) -> str:
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp is not None else c.create_experiment(name)
+    if exp is None:
+        return c.create_experiment(name, tags=EXPERIMENT_KIND)
+    if "mlflow.experimentKind" not in exp.tags:  # made by hand or by an older ercstudy: a user's own choice stays
+        for k, v in EXPERIMENT_KIND.items():
+            c.set_experiment_tag(exp.experiment_id, k, v)
+    return exp.experiment_id
 
 
 def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
