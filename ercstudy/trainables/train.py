@@ -12,6 +12,7 @@ import os
 import signal
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -28,6 +29,10 @@ from .erc import coupling_activations, erc_from_activations, make_proxies, resol
 from .evals import build_evaluator
 from .model import MoELM
 from .specialization import domain_expert_counts, layer_metrics
+
+# Expert parallelism uses torch.distributed.nn's autograd collectives, deprecated in torch 2.13 for
+# _functional_collectives, whose all-gather backward is a reduce-scatter that gloo (CPU) lacks.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated", category=FutureWarning)
 
 CRASH_GRACE_S = 10.0
 # bf16 dense peak per GPU, for MFU (FLOP/s). Unknown devices report no MFU.
