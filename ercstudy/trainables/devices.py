@@ -1,0 +1,41 @@
+"""Peak dense bf16 tensor-core throughput of the accelerator a worker runs on, for MFU.
+
+One table, matched against `torch.cuda.get_device_name()` most specific first. Figures are the
+vendor's dense (no 2:4 sparsity) BF16 tensor-core peaks per GPU, from the datasheets named beside
+them. A device not in the table reports no MFU rather than a wrong one.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+# (pattern on the device name, TFLOP/s dense bf16, source)
+PEAKS: tuple[tuple[str, float, str], ...] = (
+    (r"H100.*NVL", 835.0, "NVIDIA H100 datasheet (H100 NVL: 1,671 TFLOPS with sparsity)"),
+    (r"H100.*PCIe", 756.0, "NVIDIA H100 datasheet (H100 PCIe: 1,513 TFLOPS with sparsity)"),
+    (r"H100", 989.0, "NVIDIA H100 datasheet (H100 SXM: 1,979 TFLOPS with sparsity)"),
+    (r"H200.*NVL", 835.0, "NVIDIA H200 datasheet (H200 NVL: 1,671 TFLOPS with sparsity)"),
+    (r"H200", 989.0, "NVIDIA H200 datasheet (H200 SXM: 1,979 TFLOPS with sparsity)"),
+    (r"B200", 2250.0, "NVIDIA HGX B200 datasheet (36 PFLOPS FP16/BF16 with sparsity for 8 GPUs)"),
+    (r"A100", 312.0, "NVIDIA A100 datasheet (624 TFLOPS with sparsity; SXM and PCIe alike)"),
+    (r"L40S", 362.0, "NVIDIA L40S datasheet (733 TFLOPS with sparsity)"),
+    (r"\bL4\b", 121.0, "NVIDIA L4 datasheet (242 TFLOPS with sparsity)"),
+)
+
+
+def peak_tflops(name: str) -> float | None:
+    """The dense bf16 peak of a device named `name` (e.g. "NVIDIA H100 80GB HBM3"), or None if unknown."""
+    for pattern, tflops, _ in PEAKS:
+        if re.search(pattern, name):
+            return tflops
+    return None
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """FLOP/s of `device` for MFU; None on CPU and on GPUs the table does not know."""
+    if device.type != "cuda":
+        return None
+    tflops = peak_tflops(torch.cuda.get_device_name(device))
+    return tflops * 1e12 if tflops else None
