@@ -4,9 +4,7 @@ import contextlib
 import functools
 import os
 import re
-import socket
 import sys
-import time
 from pathlib import Path
 
 # DeepSpeed reads its accelerator once, at the first get_accelerator(): CPU for the whole suite.
@@ -15,20 +13,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
-
-# Whole trials and studies (marker `slow`) take about 4 minutes in all on a fresh 2-core machine,
-# and were 10-20x slower on one whose page cache was starved. Past this much of the session the
-# remaining ones are skipped, with the reason, instead of running CI past its 90-minute limit.
-SLOW_BUDGET_S = float(os.environ.get("ERCSTUDY_SLOW_TESTS_BUDGET_S", 55 * 60))
-_SESSION_START = time.monotonic()
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
-    elapsed = time.monotonic() - _SESSION_START
-    if item.get_closest_marker("slow") and elapsed > SLOW_BUDGET_S:
-        pytest.skip(f"test session past its budget for slow tests ({elapsed / 60:.0f} of {SLOW_BUDGET_S / 60:.0f} min; "
-                    "ERCSTUDY_SLOW_TESTS_BUDGET_S)")
 
 
 @pytest.fixture(scope="session")
@@ -57,23 +41,48 @@ def own_stderr(text: str) -> str:
 TRIAL_METRICS = ["lm_loss", "lb_loss", "z_loss", "erc_loss", "grad_norm", "lr", "tokens_per_s", "eps_mean", "eps_min",
                  "alpha_star", "diag_dominance", "router_cos", "load_entropy", "load_max_over_mean", "dropped", "domain_nmi"]
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+# Real text shipped with the tests (fixtures/README.md): the first and the last 60,000 characters of tiny shakespeare.
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SHAKESPEARE_EXCERPTS = ("early.txt", "late.txt")
 SEQ = 32
+
+
+def fixture_file(name: str) -> Path:
+    """A file of tests/fixtures; a missing one fails the test (the tests need nothing outside the repository)."""
+    path = FIXTURES / name
+    if not path.is_file():
+        pytest.fail(f"test fixture {path} is missing: tests/fixtures/README.md says what it holds and how to cut it",
+                    pytrace=False)
+    return path
+
+
+def shakespeare_text() -> str:
+    """Both Shakespeare excerpts, early then late, as one text."""
+    return "\n".join(fixture_file(name).read_text() for name in SHAKESPEARE_EXCERPTS)
+
+
+class _ShakespeareExcerpts:
+    """Transitional stand-in for the old SHAKESPEARE path: test_prepare_data and test_harness still call
+    SHAKESPEARE.read_text() / is_file(). Remove once they call shakespeare_text()."""
+
+    def is_file(self) -> bool:
+        return all((FIXTURES / name).is_file() for name in SHAKESPEARE_EXCERPTS)
+
+    def read_text(self) -> str:
+        return shakespeare_text()
+
+
+SHAKESPEARE = _ShakespeareExcerpts()
 
 
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory):
-    """Token shards of real text, two domains: the first and the last 60 kB of tinyshakespeare."""
+    """Token shards of real text, two domains (`early`, `late`): the Shakespeare excerpts of tests/fixtures."""
     from ercstudy.platform.cli import main
 
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} not found")
-    text = SHAKESPEARE.read_text()
-    src = tmp_path_factory.mktemp("text")
-    (src / "early.txt").write_text(text[:60_000])
-    (src / "late.txt").write_text(text[-60_000:])
-    out = src / "shards"
-    assert main(["prepare-data", str(src / "early.txt"), str(src / "late.txt"), "--out", str(out),
+    texts = [str(fixture_file(name)) for name in SHAKESPEARE_EXCERPTS]
+    out = tmp_path_factory.mktemp("text") / "shards"
+    assert main(["prepare-data", *texts, "--out", str(out),
                  "--vocab-size", "300", "--seq-len", str(SEQ), "--rows-per-shard", "200", "--eval-fraction", "0.1"]) == 0
     return out
 
@@ -121,10 +130,9 @@ def single_process_group():
     """This process as a one-rank torch.distributed world (what a DeepSpeed engine needs), torn down after."""
     import torch.distributed as dist
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    from ercstudy.netutil import free_port
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
     saved_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
