@@ -9,11 +9,9 @@ CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
 
 
 def prepared(config):
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from ercstudy.platform.compat import validate_cluster_config
 
-    config = prepare_config(config)  # fills Ray's defaults for the provider (no cloud call)
-    validate_config(config)  # the schema in ray/autoscaler/ray-schema.json plus Ray's own checks
-    return config
+    return validate_cluster_config(config)  # Ray's defaults for the provider, then `ray up`'s checks (no cloud call)
 
 
 def test_cluster_yaml_passes_ray_validation():

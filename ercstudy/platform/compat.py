@@ -1,0 +1,61 @@
+"""The private Ray internals the control plane relies on, each in one place, for want of a public API.
+
+Checked against ray 2.60.0. tests/test_compat_platform.py fails, naming the internal, when one of
+them moves or changes its signature: update this module (and the version above) then.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CHECKED_RAY = "2.60.0"
+
+
+def autoscaler_max_resources() -> dict[str, float]:
+    """The most of each resource the connected cluster can have once its autoscaler has added every
+    node its config allows ({} without an autoscaler, e.g. a local Ray).
+
+    Ray has no public API for it; Ray Train's worker group and Ray Data's autoscaler ask the same
+    private method (ray/train/v2/_internal/execution/worker_group/worker_group.py).
+    """
+    from ray._private.state import state
+
+    return dict(state.get_max_resources_from_cluster_config() or {})
+
+
+# `ray start` starts a node under a random node id unless this variable fixes it; Ray names it for its
+# own tests (ray/_private/node.py reads it), and it is the only way to know the id before the node runs.
+FIXED_NODE_ID_ENV = "RAY_OVERRIDE_NODE_ID_FOR_TESTING"
+
+
+def agent_port_names() -> dict[str, str]:
+    """The node's agent ports that its raylet waits for, as Ray names their port files -> their `ray start` flag."""
+    from ray import _raylet
+
+    return {
+        _raylet.METRICS_AGENT_PORT_NAME: "--dashboard-agent-grpc-port",
+        _raylet.METRICS_EXPORT_PORT_NAME: "--metrics-export-port",
+        _raylet.DASHBOARD_AGENT_LISTEN_PORT_NAME: "--dashboard-agent-listen-port",
+        _raylet.RUNTIME_ENV_AGENT_PORT_NAME: "--runtime-env-agent-port",
+    }
+
+
+def persist_port(session_dir: str, node_id: str, name: str, port: int) -> None:
+    """Write a port file in the node's session directory as the agent itself would once it is up
+    (ray/dashboard/agent.py calls the same function), so that the raylet need not wait for the agent."""
+    from ray import _raylet
+
+    _raylet.persist_port(str(session_dir), node_id, name, port)
+
+
+def validate_cluster_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A cluster-launcher config with Ray's defaults filled in for its provider, validated as `ray up`
+    validates it (the schema ray/autoscaler/ray-schema.json plus Ray's own checks), without a cloud call.
+
+    `ray.autoscaler.sdk.fillout_defaults` is public but does only the first part; `ray up` calls these two.
+    """
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(config)
+    validate_config(config)
+    return config

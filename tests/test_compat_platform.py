@@ -1,0 +1,83 @@
+"""The private Ray internals that ercstudy/platform/compat.py wraps are still there, with the signatures
+it calls them with (checked against ray 2.60.0). A failure here names the internal: update compat.py."""
+
+import inspect
+import os
+import tempfile
+
+import pytest
+
+from ercstudy.platform import compat
+
+
+def _signature(func, where):
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError):
+        pytest.fail(f"{where} has no readable signature any more (Ray {_ray_version()}; compat.py was checked "
+                    f"against {compat.CHECKED_RAY})")
+
+
+def _ray_version():
+    import ray
+
+    return ray.__version__
+
+
+def _require(module, name, where):
+    if not hasattr(module, name):
+        pytest.fail(f"{where}.{name} is gone in Ray {_ray_version()} (compat.py was checked against {compat.CHECKED_RAY})")
+    return getattr(module, name)
+
+
+def test_autoscaler_max_resources_is_asked_as_before():
+    from ray._private import state
+
+    gcs_state = _require(state, "state", "ray._private.state")
+    method = _require(type(gcs_state), "get_max_resources_from_cluster_config", "ray._private.state.GlobalState")
+    params = list(_signature(method, "GlobalState.get_max_resources_from_cluster_config").parameters)
+    assert params == ["self"], f"GlobalState.get_max_resources_from_cluster_config now takes {params}; compat.py calls it without arguments"
+
+
+def test_the_node_id_override_is_still_read_by_ray():
+    import ray._private.node as node
+
+    source = inspect.getsource(node)
+    assert compat.FIXED_NODE_ID_ENV in source, (
+        f"ray/_private/node.py no longer reads {compat.FIXED_NODE_ID_ENV}: the local Ray's node id cannot be fixed in advance, "
+        "so its port files cannot be written before the raylet waits for them (ray_runtime.start_local_ray)")
+
+
+def test_port_files_are_written_where_ray_reads_them():
+    from ray import _raylet
+
+    for name in ("METRICS_AGENT_PORT_NAME", "METRICS_EXPORT_PORT_NAME", "DASHBOARD_AGENT_LISTEN_PORT_NAME", "RUNTIME_ENV_AGENT_PORT_NAME"):
+        _require(_raylet, name, "ray._raylet")
+    persist = _require(_raylet, "persist_port", "ray._raylet")
+    wait = _require(_raylet, "wait_for_persisted_port", "ray._raylet")
+    params = list(_signature(persist, "ray._raylet.persist_port").parameters)
+    assert params == ["dir", "node_id", "port_name", "port"], f"ray._raylet.persist_port now takes {params}"
+    # round trip: what compat writes is what the raylet's reader finds
+    node_id = os.urandom(28).hex()
+    with tempfile.TemporaryDirectory() as d:
+        for i, name in enumerate(compat.agent_port_names()):
+            compat.persist_port(d, node_id, name, 40000 + i)
+            assert wait(d, node_id, name, timeout_ms=1000) == 40000 + i, name
+    flags = set(compat.agent_port_names().values())
+    assert flags == {"--dashboard-agent-grpc-port", "--metrics-export-port", "--dashboard-agent-listen-port", "--runtime-env-agent-port"}
+
+
+def test_ray_start_still_takes_the_agent_port_flags():
+    from ray.scripts import scripts
+
+    options = {opt for p in scripts.start.params for opt in p.opts}
+    missing = set(compat.agent_port_names().values()) - options
+    assert not missing, f"`ray start` no longer takes {sorted(missing)} (Ray {_ray_version()})"
+
+
+def test_cluster_config_validation_is_where_it_was():
+    from ray.autoscaler._private import util
+
+    for name in ("prepare_config", "validate_config"):
+        params = list(_signature(_require(util, name, "ray.autoscaler._private.util"), f"util.{name}").parameters)
+        assert params == ["config"], f"ray.autoscaler._private.util.{name} now takes {params}"
