@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from . import tracking
+from . import leaderboard, tracking
 from .study import Study
+from .tables import markdown_table
 
 
 @dataclass(frozen=True)
@@ -133,13 +134,11 @@ def write_report(study: Study, state: Any, out: str | None = None, *, storage: s
     trials = study_trials(study, state)
     o = study.objective
     done = [t for t in trials if t["status"] == "completed" and isinstance(t.get(o.metric), (int, float))]
-    sign = 1 if o.mode == "min" else -1
-    board = sorted(done, key=lambda t: sign * t[o.metric]) + [t for t in trials if t not in done]
-    cols = ["trial", "status", *study.search.params, *(x.metric for x in study.objectives), "params_active", "compute"]
+    board = leaderboard.rank(study, list(trials))
+    cols = ["trial", "status", *(["pareto"] if study.multi_objective else []), *study.search.params,
+            *(x.metric for x in study.objectives), "params_active", "compute"]
     lines = [f"# Study {study.name}", "", f"{len(trials)} trials, {len(done)} completed; objective {o.metric} ({o.mode}).", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for t in board:
-        lines.append("| " + " | ".join(_cell(t.get(k)) for k in cols) + " |")
+             f"Order: {leaderboard.title(study)}.", "", *markdown_table(board, cols)]
     import csv
 
     with (out_dir / "leaderboard.csv").open("w", newline="") as f:
@@ -208,8 +207,3 @@ def write_report(study: Study, state: Any, out: str | None = None, *, storage: s
         c.log_artifact(state.parent_run_id, str(path), "report")
     return out_dir
 
-
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "" if v is None else str(v)
