@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import parser, peak_memory_mb, report, resolve, time_ms  # noqa: E402
-from ercstudy.trainables.moe import MoEConfig, build_moe, random_expert_weights  # noqa: E402
+from ercstudy.trainables.moe import MoEConfig, random_expert_weights  # noqa: E402
+from ercstudy.trainables.parallelize import moe_layer  # noqa: E402
 
 SHAPES = [  # (d, D, n, k, tokens)
     (1536, 768, 64, 8, 16384),  # the paper's 3B layer
@@ -31,7 +32,7 @@ TINY = [(32, 16, 8, 2, 256), (24, 8, 16, 4, 128)]
 
 def build(backend: str, shape, device, dtype, weights):
     d, D, n, k, _ = shape
-    layer = build_moe(MoEConfig(backend=backend, num_experts=n, top_k=k, expert_dim=D, drop_tokens=False), d)
+    layer = moe_layer(MoEConfig(backend=backend, num_experts=n, top_k=k, expert_dim=D, drop_tokens=False), d)
     layer.load_expert_weights(weights)
     layer = layer.to(device, dtype)
     # deepspeed: time DeepSpeed's own layer (the backend adds a routing recomputation for its metrics)

@@ -4,10 +4,10 @@
     python benchmarks/train_step.py --layers 8     # as many layers as fit
     python benchmarks/train_step.py --tiny         # CPU smoke run (tests)
 
-The step is ercstudy's own (trainables/train.py: micro-batches, LM + LB + z, ERC once per
+The step is ercstudy's own (trainables/step.py: micro-batches, LM + LB + z, ERC once per
 optimizer step, backward, DeepSpeed step), on random tokens, 64k tokens per optimizer step.
 MFU = FLOPs per token (6 x active params + attention, from the config) x tokens/s / peak bf16
-FLOP/s of the device (H100/H200: 989 TFLOP/s dense). A torch.profiler summary of one step
+FLOP/s of the device (trainables/devices.py: one table, with its sources). A torch.profiler summary of one step
 (top operators by self time) says where the time goes.
 """
 
@@ -87,14 +87,17 @@ def main(argv=None):
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     init_single_process(device)
-    from ercstudy.trainables.train import PEAK_FLOPS, Trial, Window, build_engine, train_step
+    from ercstudy.trainables.engine import build_engine
+    from ercstudy.trainables.devices import device_peak_flops
+    from ercstudy.trainables.step import Trial, Window, train_step
 
     rows, profiles = [], {}
     for erc in (False, True):
         cfg = trial_config(args, erc, dtype)
-        engine, model, ep_group = build_engine(cfg, device, rank=0)
-        trial = Trial(cfg, engine, model, RandomTokens(cfg.model.vocab_size, cfg.model.seq_len, cfg.train.micro_batch_size, device),
-                      device, 0, 1, ep_group, torch.Generator(device=device))
+        built = build_engine(cfg, device, rank=0)
+        trial = Trial(cfg, built.engine, built.model,
+                      RandomTokens(cfg.model.vocab_size, cfg.model.seq_len, cfg.train.micro_batch_size, device),
+                      device, 0, 1, built.ep_group, torch.Generator(device=device))
         window = Window.empty(cfg, device, 0)
 
         def step(trial=trial, window=window):
@@ -104,13 +107,13 @@ def main(argv=None):
         t = time_ms(step, device, warmup=args.warmup, repeats=args.repeats)
         tokens = cfg.train.global_batch_size * cfg.model.seq_len
         tok_s = tokens / (t["median_ms"] / 1e3)
-        peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+        peak = device_peak_flops(device)
         rows.append({"erc": erc, "active_params_m": cfg.num_active_params() / 1e6, "total_params_m": cfg.num_params() / 1e6,
                      "tokens_per_step": tokens, **t, "tokens_per_s": tok_s,
                      "mfu": cfg.flops_per_token() * tok_s / peak if peak else None})
         if not args.no_profile:
             profiles[f"erc_{'on' if erc else 'off'}"] = profile_summary(step, device)
-        del trial, engine, model
+        del trial, built
         if device.type == "cuda":
             torch.cuda.empty_cache()
     rows[1]["erc_overhead"] = rows[1]["median_ms"] / rows[0]["median_ms"] - 1

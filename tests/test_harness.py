@@ -38,11 +38,12 @@ def saved(shards, tmp_path_factory):
     import numpy as np
     import pyarrow.parquet as pq
 
-    from ercstudy.trainables.train import build_engine
+    from ercstudy.trainables.engine import build_engine
 
     with single_process_group():
         cfg = trial_config(shards)
-        engine, model, _ = build_engine(cfg, torch.device("cpu"), rank=0)
+        built = build_engine(cfg, torch.device("cpu"), rank=0)
+        engine, model = built.engine, built.model
         rows = np.stack(pq.read_table(Path(shards) / "train").column("tokens").to_numpy(zero_copy_only=False)).astype(np.int64)
         for step in range(STEPS):
             batch = torch.from_numpy(rows[(step * 8) % (len(rows) - 8):][:8])

@@ -26,11 +26,13 @@ def test_num_params_equals_the_built_model(model, moe):
 def test_init_is_the_same_model_for_any_expert_parallel_split(backend):
     """Each rank of an expert-parallel group starts with the same dense weights and router as
     ep_size 1, and global expert r * n_local + j is its local expert j; both backends alike."""
+    from ercstudy.trainables.parallelize import parallelize
+
     model, moe = ModelConfig(d_model=32, n_layers=3, n_heads=2), MoEConfig(num_experts=4, expert_dim=16, moe_every=2, backend=backend)
-    whole = MoELM(model, moe, seed=7)
+    whole = parallelize(MoELM(model, moe, seed=7), moe)
     reference = MoELM(model, MoEConfig(num_experts=4, expert_dim=16, moe_every=2), seed=7)  # grouped, ep_size 1
     for rank in range(2):
-        part = MoELM(model, moe, seed=7, ep_size=2, ep_rank=rank)
+        part = parallelize(MoELM(model, moe, seed=7), moe, ep_size=2, ep_rank=rank)
         moe_blocks = tuple(f"blocks.{i}.ffn." for i in moe_layer_ids(model, moe))
         dense = lambda m: {k: v for k, v in m.state_dict().items() if not k.startswith(moe_blocks)}
         assert dense(part).keys() == dense(whole).keys() and len(dense(whole)) > 10

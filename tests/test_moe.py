@@ -5,12 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from ercstudy.trainables.model import SwiGLU
-from ercstudy.trainables.moe import GroupedMoE, MoEConfig, build_moe, grouped_mm, random_expert_weights
+from ercstudy.trainables.moe import GroupedMoE, MoEConfig, grouped_mm, random_expert_weights
+from ercstudy.trainables.parallelize import moe_layer
 
 
 def make(backend, d=16, **moe):
     cfg = MoEConfig(backend=backend, **moe)
-    layer = build_moe(cfg, d)
+    layer = moe_layer(cfg, d)
     gen = torch.Generator().manual_seed(0)
     layer.load_expert_weights(random_expert_weights(cfg.num_experts, d, cfg.expert_dim, std=0.3, out_std=0.3, generator=gen))
     return layer

@@ -1,4 +1,4 @@
-"""`ercstudy prepare-data`: real text -> BPE -> Parquet token shards; one-line errors; the Ray Data stream."""
+"""`ercstudy prepare-data`: real text -> BPE -> Parquet token shards; one-line errors."""
 
 import json
 from pathlib import Path
@@ -82,33 +82,3 @@ def test_train_refuses_shards_that_do_not_fit_the_model(shards, tmp_path, capsys
     trial.write_text("data: {kind: parquet, path: /nonexistent/shards}\n")
     assert main(["train", str(trial), "--storage", str(tmp_path / "runs")]) == 2
     assert "holds no meta.json" in capsys.readouterr().err
-
-
-@pytest.mark.ray
-def test_ray_data_stream_is_exact_per_step_and_on_resume(shards, ray_session):
-    """Step s reads global batch s of the file order; ranks split it; a resumed stream picks up at its step."""
-    from ercstudy.trainables.config import TrialConfig
-    from ercstudy.trainables.data import ParquetStream, train_dataset
-
-    cfg = TrialConfig.from_dict({"model": {"vocab_size": 512, "seq_len": SEQ - 4}, "data": {"kind": "parquet", "path": str(shards)},
-                                 "train": {"global_batch_size": 64, "micro_batch_size": 16}})
-    meta = ShardMeta.read(shards)
-    tokens, domains = read_split(shards, "train")
-    per_epoch = meta.train_sequences // 64
-    it = train_dataset(cfg).iterator()
-
-    def stream(rank, world):
-        return ParquetStream(it, meta, seq_len=SEQ - 4, global_batch=64, micro_batch=16 // world, rank=rank, world=world)
-
-    one = stream(0, 1)
-    steps = [1, 2, per_epoch, per_epoch + 1]  # across the epoch boundary
-    for s in steps:
-        row0 = ((s - 1) % per_epoch) * 64
-        got = np.concatenate([one.micro_batch(s, m).tokens.numpy() for m in range(4)])
-        assert np.array_equal(got, tokens[row0 : row0 + 64, : SEQ - 3]), s
-        assert np.array_equal(np.concatenate([one.micro_batch(s, m).domains.numpy() for m in range(4)]), domains[row0 : row0 + 64])
-    # two ranks see the same global batch, interleaved by micro-batch
-    resumed = [stream(r, 2) for r in range(2)]
-    s = 3
-    pieces = [resumed[r].micro_batch(s, m).tokens.numpy() for m in range(4) for r in range(2)]
-    assert np.array_equal(np.concatenate(pieces), tokens[2 * 64 : 3 * 64, : SEQ - 3])

@@ -1,21 +1,20 @@
 """One trial on a real local Ray with real DeepSpeed (CPU, gloo).
 
-Every worker process imports torch and DeepSpeed (minutes on a busy 2-core machine), so
+Every worker process imports torch and DeepSpeed (seconds on a laptop, longer on a small CI machine), so
 each TorchTrainer run here checks several properties at once, and the 1-worker runs go side
 by side (each in a Ray task, as Tune runs trials), one CPU each:
   - `resumed`: 1 worker, grouped backend, ep_size 1, its process killed at step 25 -> resumes
     from the step-20 checkpoint and finishes; contiguous history; learns; finite metrics; MI rises
-  - `shards`: 1 worker on Parquet shards of real text made by prepare-data, streamed by Ray
-    Data -> the loss falls; then a NaN injected into the loss at step 18 ends the trial with the
+  - `shards`: 1 worker on Parquet shards of real text made by prepare-data, read by the
+    worker from the files -> the loss falls; then a NaN injected into the loss at step 18 ends the trial with the
     reason at the step-20 report
   - `ep`: 2 workers, grouped backend, ep_size 2 (experts split over the workers)
     -> the same loss trajectory as `resumed` (same seed and global batch): expert parallelism
     and the resume are exact through Ray Train (tests/test_expert_parallel.py checks both
     backends under expert parallelism on a plain two-process group, in CI)
 
-Also: the `shards` trial's loop in this process (the Ray Data stream of the shards through
-train.train, no Ray Train). On a fresh 2-core machine the module takes about 3 minutes, mostly
-process start-up (a machine whose page cache is starved took 10-25 minutes per TorchTrainer run).
+Also: the `shards` trial's loop in this process (worker.make_trial + worker.train, no Ray Train).
+On a fresh 2-core machine the module takes about 3 minutes, mostly worker process start-up.
 """
 
 
@@ -48,7 +47,7 @@ def config(**sections) -> TrialConfig:
 
 @pytest.fixture(scope="module")
 def runs(ray_session, shards, tmp_path_factory):
-    from ercstudy.trainables.train import run_trial
+    from ercstudy.platform.trial import run_trial
 
     storage = str(tmp_path_factory.mktemp("trials"))
     side_by_side = {"resumed": config(train={"crash_at_step": 25}), "shards": shards_config(shards)}
@@ -128,21 +127,19 @@ def test_prepared_shards_train_and_a_nan_stops_the_trial_with_the_reason(runs):
     check_shards_trained_then_nan_stopped(result.history, result.stop_reason)
 
 
-def test_prepared_shards_stream_through_the_training_loop_until_a_nan_stops_it(ray_session, shards):
-    """The worker's own loop (train.make_trial + train.train) in this process, on one rank: the
-    Ray Data stream of prepare-data's shards trains, and a NaN ends the trial at its next report
-    with the reason, without a checkpoint of the non-finite state."""
+def test_prepared_shards_stream_through_the_training_loop_until_a_nan_stops_it(shards):
+    """The worker's own loop (worker.make_trial + worker.train) in this process, on one rank:
+    prepare-data's shards train, and a NaN ends the trial at its next report with the reason,
+    without a checkpoint of the non-finite state."""
     import torch
 
     from conftest import single_process_group
-    from ercstudy.trainables.data import ParquetStream, check_data, train_dataset
-    from ercstudy.trainables.train import make_trial, train
+    from ercstudy.trainables.worker import make_trial, train
 
     cfg = shards_config(shards)
-    stream = ParquetStream(train_dataset(cfg).iterator(), check_data(cfg), seq_len=32, global_batch=16, micro_batch=4, rank=0, world=1)
     reports = []
     with single_process_group():
-        trial = make_trial(cfg, rank=0, world=1, device=torch.device("cpu"), data=stream)
+        trial = make_trial(cfg, rank=0, world=1, device=torch.device("cpu"))
         train(trial, lambda trial, metrics, *, checkpoint: reports.append((metrics["step"], checkpoint)))
     assert reports == [(5, True), (10, True), (15, True), (20, False)]
     check_shards_trained_then_nan_stopped(trial.history, trial.history[-1].get("stop_reason"))

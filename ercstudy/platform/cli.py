@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_trial_config(args.file)
-        check_data(cfg)
+        check_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len, global_batch=cfg.train.global_batch_size)
         spec = read_yaml(args.file)
         study_tracking = (spec.get("tracking") or {}) if isinstance(spec, dict) and "base" in spec else {}
         uri = tracking.resolve_uri(study_tracking.get("uri"))
@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail(f"run {name!r} already exists in {storage}: pass --resume to continue it, or --name NAME for a new run")
     print(describe(cfg), flush=True)
     from ercstudy.platform.train_callback import MLflowTrainCallback
-    from ercstudy.trainables.train import run_trial
+    from ercstudy.platform.trial import run_trial
 
     # one MLflow run per trial, logged live by the Train controller; a resumed trial continues its run
     c = tracking.client(uri)

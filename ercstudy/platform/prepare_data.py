@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ercstudy.trainables.shards import EOD_TOKEN, META_FILE, TOKENIZER_FILE, DataError, ShardMeta
+from ercstudy.trainables.shards import EOD_TOKEN, META_FILE, ROW_GROUP_ROWS, TOKENIZER_FILE, DataError, ShardMeta
 
 DOCS_PER_BATCH = 1024
 
@@ -91,7 +91,7 @@ def write_split(out: Path, split: str, tokens: np.ndarray, domains: np.ndarray, 
         rows = slice(s * rows_per_shard, (s + 1) * rows_per_shard)
         flat = pa.array(tokens[rows].ravel(), type=pa.int32())
         table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(flat, width), "domain": pa.array(domains[rows], type=pa.int32())})
-        pq.write_table(table, out / split / f"part-{s:05d}.parquet")
+        pq.write_table(table, out / split / f"part-{s:05d}.parquet", row_group_size=ROW_GROUP_ROWS)
     return n_shards
 
 

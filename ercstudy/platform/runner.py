@@ -47,7 +47,7 @@ def study_trial(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ercstudy.trainables.config import TrialConfig
-    from ercstudy.trainables.train import run_trial
+    from ercstudy.platform.trial import run_trial
 
     cfg = TrialConfig.from_dict(apply_params(config["base"], config["params"]))
     trial_id = tune.get_context().get_trial_id()

@@ -8,8 +8,9 @@ A checkpoint is the directory Ray Train keeps for a `ray.train.report(..., check
     checkpoint_<time>/trial_config.yaml                     the resolved trial config
     checkpoint_<time>/tokenizer.json                        the text tokenizer (Parquet data only)
 
-Loading needs no process group: the model is built with ep_size 1 (local expert ids are then
-global ones) and DeepSpeed's per-expert files are merged into its state dict.
+Loading needs no process group: the single-device model is built (for the deepspeed backend,
+parallelized with ep_size 1, whose local expert ids are global ones) and DeepSpeed's per-expert
+files are merged into its state dict (expert_keys.py maps their names).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class LoadedCheckpoint:
 
 def load(path: str | Path, *, config: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """The trained model of a checkpoint (its config from the checkpoint, else from `config`)."""
+    from .expert_keys import single_device_state_dict
     from .model import MoELM
 
     ckpt = resolve(path)
@@ -92,7 +94,11 @@ def load(path: str | Path, *, config: str | Path | None = None, device: str | to
     for expert_file in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
         state.update(torch.load(expert_file, map_location="cpu", weights_only=True))
     model = MoELM(cfg.model, cfg.moe, seed=cfg.train.seed)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if cfg.moe.backend == "deepspeed":  # DeepSpeed's layer (capacity, dropping) at eval too; imports DeepSpeed
+        from .parallelize import parallelize
+
+        parallelize(model, cfg.moe)
+    missing, unexpected = model.load_state_dict(single_device_state_dict(state, cfg.moe), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{ckpt}: weights do not fit the trial config {config_file} "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .data import DataConfig
 from .erc import ERCConfig
 from .evals import EvalConfig
 from .model import ModelConfig, flops_per_token, moe_layer_ids, num_active_params, num_params
@@ -59,32 +60,6 @@ class TrainConfig:
             f"must be a multiple of report_every ({self.report_every}), got {self.checkpoint_every}",
         )
         require(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DataConfig:
-    """The `data:` section: the built-in synthetic corpus, or Parquet token shards from `ercstudy prepare-data`."""
-
-    kind: Literal["synthetic", "parquet"] = "synthetic"
-    path: str | None = None  # parquet: the directory prepare-data wrote (relative paths: to the working directory)
-    # synthetic: several Markov-chain "languages" over partly shared vocabularies
-    num_domains: int = 4
-    tokens_per_domain: int = 48  # private tokens of each domain
-    shared_tokens: int = 16  # tokens every domain uses
-    branching: int = 3  # likely successors per token: lower = more learnable
-
-    def __post_init__(self) -> None:
-        for name in ("num_domains", "tokens_per_domain", "branching"):
-            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        require(self.shared_tokens >= 0, "shared_tokens", f"must be >= 0, got {self.shared_tokens}")
-        require(self.kind != "parquet" or bool(self.path), "path", "kind 'parquet' needs the shard directory made by `ercstudy prepare-data`")
-        if self.path and "://" not in self.path:
-            # Ray Train workers run in another working directory: hand them an absolute path.
-            object.__setattr__(self, "path", os.path.abspath(os.path.expanduser(self.path)))
-
-    @property
-    def synthetic_vocab(self) -> int:
-        return self.shared_tokens + self.num_domains * self.tokens_per_domain
 
 
 @dataclass(frozen=True, kw_only=True)

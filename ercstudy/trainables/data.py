@@ -11,18 +11,46 @@ the languages of `seed`, and batch `index` of a split from (seed, split, index).
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import numpy as np
 import torch
 
-from .config import DataConfig
 from .shards import DataError, ShardMeta
+from .validation import require
 
 SPLITS = {"train": 0, "eval": 1}
 UNIFORM_MASS = 0.02  # share of each transition row spread over the whole domain vocabulary
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """The `data:` section: the built-in synthetic corpus, or Parquet token shards from `ercstudy prepare-data`."""
+
+    kind: Literal["synthetic", "parquet"] = "synthetic"
+    path: str | None = None  # parquet: the directory prepare-data wrote (relative paths: to the working directory)
+    # synthetic: several Markov-chain "languages" over partly shared vocabularies
+    num_domains: int = 4
+    tokens_per_domain: int = 48  # private tokens of each domain
+    shared_tokens: int = 16  # tokens every domain uses
+    branching: int = 3  # likely successors per token: lower = more learnable
+
+    def __post_init__(self) -> None:
+        for name in ("num_domains", "tokens_per_domain", "branching"):
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        require(self.shared_tokens >= 0, "shared_tokens", f"must be >= 0, got {self.shared_tokens}")
+        require(self.kind != "parquet" or bool(self.path), "path", "kind 'parquet' needs the shard directory made by `ercstudy prepare-data`")
+        if self.path and "://" not in self.path:
+            # Ray Train workers run in another working directory: hand them an absolute path.
+            object.__setattr__(self, "path", os.path.abspath(os.path.expanduser(self.path)))
+
+    @property
+    def synthetic_vocab(self) -> int:
+        return self.shared_tokens + self.num_domains * self.tokens_per_domain
 
 @dataclass(frozen=True)
 class Batch:
@@ -89,27 +117,31 @@ class SyntheticCorpus:
 class GlobalBatchStream:
     """A worker's view of the training data: optimizer step s trains on global batch s.
 
-    Micro-batch m of rank r is rows (m * world + r) * mb ... + mb of the step's global batch,
+    Rank r of `world` takes the contiguous rows r * share ... (r + 1) * share of the step's
+    global batch (share = global_batch / world), micro-batch m of them rows m * mb ... + mb,
     whatever the number of workers. The data position is therefore the step counter alone,
-    which makes resuming exact. Subclasses say what global batch s is.
+    which makes resuming exact. Subclasses say what a rank's share of step s is.
     """
 
     num_domains: int  # domain labels of the sequences are 0 .. num_domains - 1
 
     def __init__(self, *, global_batch: int, micro_batch: int, rank: int, world: int):
+        if global_batch % world:
+            raise ValueError(f"global_batch {global_batch} must be a multiple of world {world}")
         self.global_batch, self.micro_batch_size, self.rank, self.world = global_batch, micro_batch, rank, world
+        self.share = global_batch // world
         self._cached: tuple[int, Batch] | None = None
 
-    def global_batch_at(self, step: int) -> Batch:
+    def share_at(self, step: int) -> Batch:
+        """This rank's rows of global batch `step` [share, T + 1]."""
         raise NotImplementedError
 
     def micro_batch(self, step: int, micro: int) -> Batch:
         if self._cached is None or self._cached[0] != step:
-            self._cached = (step, self.global_batch_at(step))
-        full = self._cached[1]
-        start = (micro * self.world + self.rank) * self.micro_batch_size
-        rows = slice(start, start + self.micro_batch_size)
-        return Batch(full.tokens[rows], full.domains[rows])
+            self._cached = (step, self.share_at(step))
+        share = self._cached[1]
+        rows = slice(micro * self.micro_batch_size, (micro + 1) * self.micro_batch_size)
+        return Batch(share.tokens[rows], share.domains[rows])
 
 
 class SyntheticStream(GlobalBatchStream):
@@ -119,78 +151,119 @@ class SyntheticStream(GlobalBatchStream):
         super().__init__(**kwargs)
         self.corpus, self.num_domains = corpus, corpus.cfg.num_domains
 
-    def global_batch_at(self, step: int) -> Batch:
-        return self.corpus.batch("train", step, self.global_batch)
+    def share_at(self, step: int) -> Batch:
+        full = self.corpus.batch("train", step, self.global_batch)
+        rows = slice(self.rank * self.share, (self.rank + 1) * self.share)
+        return Batch(full.tokens[rows], full.domains[rows])
 
 
-def check_data(cfg) -> ShardMeta | None:
-    """Check that the trial's data fits its model (on the driver, before any worker starts)."""
-    if cfg.data.kind != "parquet":
+def check_data(data: DataConfig, *, vocab_size: int, seq_len: int, global_batch: int) -> ShardMeta | None:
+    """Check that the trial's data fits its model and batch (on the driver, before any worker starts)."""
+    if data.kind != "parquet":
         return None
-    meta = ShardMeta.read(cfg.data.path)
-    if meta.vocab_size > cfg.model.vocab_size:
-        raise DataError(f"model.vocab_size: the shards in {cfg.data.path} use {meta.vocab_size} token ids, the model has {cfg.model.vocab_size}")
-    if cfg.model.seq_len > meta.seq_len:
-        raise DataError(f"model.seq_len: {cfg.model.seq_len} is longer than the shards' sequences ({meta.seq_len})")
-    if meta.train_sequences < cfg.train.global_batch_size:
-        raise DataError(f"train.global_batch_size: {cfg.train.global_batch_size} exceeds the {meta.train_sequences} training sequences in {cfg.data.path}")
+    meta = ShardMeta.read(data.path)
+    if meta.vocab_size > vocab_size:
+        raise DataError(f"model.vocab_size: the shards in {data.path} use {meta.vocab_size} token ids, the model has {vocab_size}")
+    if seq_len > meta.seq_len:
+        raise DataError(f"model.seq_len: {seq_len} is longer than the shards' sequences ({meta.seq_len})")
+    if meta.train_sequences < global_batch:
+        raise DataError(f"train.global_batch_size: {global_batch} exceeds the {meta.train_sequences} training sequences in {data.path}")
     return meta
 
 
-def train_dataset(cfg):
-    """The Ray Dataset of the trial's training shards (None for the synthetic corpus)."""
-    if cfg.data.kind != "parquet":
-        return None
-    import ray.data
+class ShardIndex:
+    """Random access by row to the Parquet files of one split, at row-group granularity.
 
-    # Pre-tokenized shards only need decoding: 0-CPU read tasks run beside workers that hold every CPU.
-    ds = ray.data.read_parquet(str(Path(cfg.data.path) / "train"), columns=["tokens", "domain"], num_cpus=0)
-    ds.context.execution_options.preserve_order = True  # file order: the step -> batch contract of ParquetStream
-    return ds
+    Rows have a fixed size, so row i of the split is found from the row counts in the files'
+    footers alone; reading rows [start, stop) decodes only the row groups that hold them
+    (`groups_read` lists them; the last one is kept, since consecutive steps read on from it).
+    """
+
+    def __init__(self, directory: str | Path):
+        import pyarrow.parquet as pq
+
+        self.files = sorted(str(p) for p in Path(directory).glob("*.parquet"))
+        if not self.files:
+            raise DataError(f"{directory}: no Parquet shards")
+        self.groups: list[tuple[str, int]] = []  # (file, row group)
+        starts = [0]
+        for f in self.files:
+            meta = pq.ParquetFile(f).metadata
+            for g in range(meta.num_row_groups):
+                self.groups.append((f, g))
+                starts.append(starts[-1] + meta.row_group(g).num_rows)
+        self.starts = np.asarray(starts)  # [groups + 1] first row of each group, then the total
+        self.num_rows = int(self.starts[-1])
+        self.groups_read: list[int] = []  # indices into self.groups, in the order decoded
+        self._last: tuple[int, dict[str, np.ndarray]] | None = None
+
+    def _group(self, g: int) -> dict[str, np.ndarray]:
+        if self._last is None or self._last[0] != g:
+            import pyarrow.parquet as pq
+
+            file, group = self.groups[g]
+            table = pq.ParquetFile(file).read_row_group(group, columns=["tokens", "domain"])
+            tokens = table.column("tokens").combine_chunks()
+            flat = tokens.flatten().to_numpy()  # fixed-size rows: one flat buffer
+            rows = {"tokens": flat.reshape(len(tokens), -1) if len(tokens) else flat.reshape(0, 0),
+                    "domain": table.column("domain").to_numpy()}
+            self._last = (g, rows)
+            self.groups_read.append(g)
+        return self._last[1]
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [start, stop): tokens [stop - start, T + 1] and domains [stop - start]."""
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        tokens, domains = [], []
+        g = first
+        while g < len(self.groups) and self.starts[g] < stop:
+            rows = self._group(g)
+            lo, hi = max(start, self.starts[g]) - self.starts[g], min(stop, self.starts[g + 1]) - self.starts[g]
+            tokens.append(rows["tokens"][lo:hi])
+            domains.append(rows["domain"][lo:hi])
+            g += 1
+        return np.concatenate(tokens), np.concatenate(domains)
 
 
 class ParquetStream(GlobalBatchStream):
-    """Parquet token shards streamed by Ray Data.
+    """Parquet token shards (from `ercstudy prepare-data`), read straight from the files by each worker.
 
-    Every worker iterates the whole dataset in file order (Ray Data with preserve_order; the
-    dataset is not split across workers) in global batches and takes its rows of each:
-    step s trains on batch (s - 1) % batches_per_epoch of epoch (s - 1) // batches_per_epoch.
-    A resumed worker skips the batches before its step, so no sequence is trained twice or
-    lost. prepare-data shuffled the sequences once; every epoch reads them in that order.
+    Global batch s is rows (s - 1) % batches_per_epoch * global_batch ... + global_batch of the
+    split in file order (prepare-data shuffled the sequences once; every epoch reads them in that
+    order, the last partial batch dropped). A worker reads only its own share of each step, and a
+    resumed worker starts at its step's rows: nothing before them is read. The next step's share
+    is read in a background thread while the current step trains.
     """
 
-    def __init__(self, iterator: Any, meta: ShardMeta, *, seq_len: int, **kwargs: int):
+    def __init__(self, directory: str | Path, *, num_domains: int, seq_len: int, **kwargs: int):
         super().__init__(**kwargs)
-        self.iterator, self.seq_len, self.num_domains = iterator, seq_len, len(meta.domains)
-        self.batches_per_epoch = meta.train_sequences // self.global_batch
-        self._batches: Any = None
-        self._epoch, self._next = -1, 0
+        self.index = ShardIndex(Path(directory) / "train")
+        self.seq_len, self.num_domains = seq_len, num_domains
+        self.batches_per_epoch = self.index.num_rows // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise DataError(f"{directory}: {self.index.num_rows} training sequences, fewer than one global batch ({self.global_batch})")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ercstudy-shards")
+        self._ahead: tuple[int, Future[Batch]] | None = None
 
-    def global_batch_at(self, step: int) -> Batch:
-        epoch, index = divmod(step - 1, self.batches_per_epoch)
-        if epoch != self._epoch or index < self._next:
-            self._batches = iter(self.iterator.iter_batches(batch_size=self.global_batch, batch_format="numpy", drop_last=True))
-            self._epoch, self._next = epoch, 0
-        while self._next <= index:
-            rows = next(self._batches)
-            self._next += 1
-        tokens = rows["tokens"]
-        if tokens.dtype == object:  # a list column can arrive as an array of arrays
-            tokens = np.stack(tokens)
+    def _read(self, step: int) -> Batch:
+        start = ((step - 1) % self.batches_per_epoch) * self.global_batch + self.rank * self.share
+        tokens, domains = self.index.read(start, start + self.share)
         tokens = torch.from_numpy(np.ascontiguousarray(tokens[:, : self.seq_len + 1], dtype=np.int64))
-        return Batch(tokens, torch.from_numpy(rows["domain"].astype(np.int64)))
+        return Batch(tokens, torch.from_numpy(domains.astype(np.int64)))
+
+    def share_at(self, step: int) -> Batch:
+        # every read goes through the one reader thread: the index and its cached row group are not shared
+        ahead, self._ahead = self._ahead, None
+        batch = (ahead[1] if ahead is not None and ahead[0] == step else self._pool.submit(self._read, step)).result()
+        self._ahead = (step + 1, self._pool.submit(self._read, step + 1))
+        return batch
 
 
-def build_train_data(cfg, *, rank: int, world: int):
-    """The training stream of one worker for the trial config `cfg` (inside a Ray Train worker)."""
-    t = cfg.train
-    if cfg.data.kind == "parquet":
-        import ray.train
-
-        meta = ShardMeta.read(cfg.data.path)
-        return ParquetStream(
-            ray.train.get_dataset_shard("train"), meta, seq_len=cfg.model.seq_len,
-            global_batch=t.global_batch_size, micro_batch=t.micro_batch_size, rank=rank, world=world,
-        )
-    corpus = SyntheticCorpus(cfg.data, seq_len=cfg.model.seq_len, seed=t.seed)
-    return SyntheticStream(corpus, global_batch=t.global_batch_size, micro_batch=t.micro_batch_size, rank=rank, world=world)
+def build_train_data(data: DataConfig, *, seq_len: int, seed: int, global_batch: int, micro_batch: int,
+                     rank: int, world: int) -> GlobalBatchStream:
+    """The training stream of one worker."""
+    kwargs = {"global_batch": global_batch, "micro_batch": micro_batch, "rank": rank, "world": world}
+    if data.kind == "parquet":
+        meta = ShardMeta.read(data.path)
+        return ParquetStream(data.path, num_domains=len(meta.domains), seq_len=seq_len, **kwargs)
+    return SyntheticStream(SyntheticCorpus(data, seq_len=seq_len, seed=seed), **kwargs)

@@ -1,4 +1,5 @@
-"""The expert-router coupling (ERC) loss of Lv et al., arXiv 2512.23447 (see shared/paper.md).
+"""The expert-router coupling (ERC) loss of Lv, Ma, Ma and Qiao, "Coupling Experts and Routers in
+Mixture-of-Experts via an Auxiliary Loss" (arXiv 2512.23447).
 
 Shape legend: `...` = leading MoE-layer dims (one call handles every layer), n = experts,
 m = experts whose gate projections this call sees (m = n, or n / ep_size for the local
@@ -11,15 +12,16 @@ For one layer with router R [n, d] and gate projections G [n, d, D]:
   4. L = 1/n^2 sum_{i != j} relu(M[i,j] - alpha M[i,i]) + relu(M[j,i] - alpha M[i,i])
 
 Everything runs in float32 whatever the parameter dtype, as one batched matmul over
-(layers x experts), with no host synchronisation. The pieces are public so that the
-trainer can compute the columns of M for its local experts and all-gather them.
+(layers x experts), with no host synchronisation. Under expert parallelism each rank computes
+the columns of M for its local experts from identical proxies, and a `gather_columns` callable
+that the caller supplies (this file knows no process groups) assembles the whole M.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -41,12 +43,9 @@ class ERCConfig:
     layer_reduction: Literal["mean", "sum"] = "mean"  # over MoE layers
 
     def __post_init__(self) -> None:
-        require(self.alpha >= 0, "alpha", f"must be >= 0, got {self.alpha}")
+        _check_alpha(self.alpha)
+        _check_epsilon(self.epsilon)
         require(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
-        if isinstance(self.epsilon, str):
-            require(self.epsilon == "auto", "epsilon", f"must be 'auto' or a number >= 0, got {self.epsilon!r}")
-        else:
-            require(self.epsilon >= 0, "epsilon", f"must be 'auto' or a number >= 0, got {self.epsilon}")
 
 
 @dataclass(frozen=True)
@@ -56,20 +55,24 @@ class ERCResult:
     noise_bound: Tensor  # [..., n] the eps_i actually used, float32, no gradient
 
 
+# The argument checks of the loss, shared by ERCConfig (the trial config) and erc_loss (direct calls):
+# ConfigError is a ValueError whose message starts with the argument's name.
+
+
 def _check_alpha(alpha: float) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha: must be a finite number >= 0, got {alpha!r}")
+    ok = not isinstance(alpha, bool) and isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0
+    require(ok, "alpha", f"must be >= 0 (a finite number), got {alpha!r}")
 
 
 def _check_epsilon(epsilon: Epsilon) -> None:
     if isinstance(epsilon, str):
-        if epsilon != "auto":
-            raise ValueError(f"epsilon: must be 'auto' or a number >= 0, got {epsilon!r}")
-    elif isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
-        raise ValueError(f"epsilon: must be 'auto' or a number >= 0, got {epsilon!r}")
+        ok = epsilon == "auto"
+    else:
+        ok = not isinstance(epsilon, bool) and isinstance(epsilon, (int, float)) and epsilon >= 0
+    require(ok, "epsilon", f"must be 'auto' or a number >= 0, got {epsilon!r}")
 
 
-def _check_shapes(router: Tensor, gate: Tensor) -> None:
+def _check_shapes(router: Tensor, gate: Tensor, *, local: bool = False) -> None:
     if router.dim() < 2:
         raise ValueError(f"router: expected shape [..., n, d], got {tuple(router.shape)}")
     if gate.dim() != router.dim() + 1:
@@ -77,7 +80,8 @@ def _check_shapes(router: Tensor, gate: Tensor) -> None:
             f"gate: expected shape [..., n, d, D] with one more dim than router {tuple(router.shape)}, "
             f"got {tuple(gate.shape)}"
         )
-    if gate.shape[:-1] != router.shape:
+    columns_ok = gate.shape[-3] >= 1 if local else gate.shape[-3] == router.shape[-2]
+    if gate.shape[:-3] != router.shape[:-2] or gate.shape[-2] != router.shape[-1] or not columns_ok:
         raise ValueError(
             f"gate: shape {tuple(gate.shape)} does not match router {tuple(router.shape)} "
             "(expected gate [..., n, d, D] for router [..., n, d])"
@@ -165,15 +169,24 @@ def erc_loss(
     epsilon: Epsilon = "auto",
     router_grad: bool = True,
     generator: torch.Generator | None = None,
+    gather_columns: Callable[[Tensor], Tensor] | None = None,
 ) -> ERCResult:
-    """ERC loss for every MoE layer at once.
+    """ERC loss for every MoE layer at once. Training, the benchmarks and the tests all call this.
 
     router [..., n, d]: router rows; gate [..., n, d, D]: each expert's gate projection (x @ gate[j]).
     Returns per-layer losses [...], the activation matrices M [..., n, n] and the eps_i used [..., n].
+    epsilon=0 gives the clean M (proxies = router rows, no draw).
+
+    gather_columns: under expert parallelism gate holds only this rank's m experts [..., m, d, D];
+    the callable turns this rank's columns of M [..., n, m] into the whole M [..., n, n] (an
+    all-gather over the expert-parallel group; the noise must then be the same on every rank).
     """
-    _check_shapes(router, gate)
+    _check_shapes(router, gate, local=gather_columns is not None)
     _check_alpha(alpha)
     eps = resolve_epsilon(router, epsilon)  # [..., n]
-    proxies = make_proxies(router if router_grad else router.detach(), eps, generator=generator)
-    m = coupling_activations(proxies, gate)  # [..., n, n]
+    r = router if router_grad else router.detach()
+    proxies = r.float() if epsilon == 0 else make_proxies(r, eps, generator=generator)
+    m = coupling_activations(proxies, gate)  # [..., n, m]
+    if gather_columns is not None:
+        m = gather_columns(m)  # [..., n, n]
     return ERCResult(loss=erc_from_activations(m, alpha), activations=m, noise_bound=eps)

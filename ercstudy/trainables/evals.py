@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .data import DataConfig, SyntheticCorpus
+from .shards import ShardMeta
 from .validation import require
 
 
@@ -126,7 +128,7 @@ def mc_correct(logprobs: Tensor, items: list[MCItem]) -> tuple[Tensor, Tensor]:
 # Tasks
 
 
-def synthetic_mc_task(corpus: Any, cfg: EvalConfig, *, seed: int) -> list[MCItem]:
+def synthetic_mc_task(corpus: SyntheticCorpus, cfg: EvalConfig, *, seed: int) -> list[MCItem]:
     """Which continuation belongs to the context's language? Deterministic per seed.
 
     Item i: a held-out sequence of domain d gives the context and the right continuation;
@@ -209,9 +211,9 @@ def loss_metrics(sums: Tensor, domain_names: list[str]) -> dict[str, float]:
 class TrialEvaluator:
     """The fixed eval set of a trial and its evaluation on every worker (collective)."""
 
-    def __init__(self, cfg: Any, eval_cfg: EvalConfig, *, tokens: Tensor, domains: Tensor, domain_names: list[str],
+    def __init__(self, eval_cfg: EvalConfig, *, seq_len: int, tokens: Tensor, domains: Tensor, domain_names: list[str],
                  mc_items: list[MCItem], rank: int, world: int, device: torch.device):
-        self.cfg, self.eval_cfg, self.device, self.world = cfg, eval_cfg, device, world
+        self.eval_cfg, self.seq_len, self.device, self.world = eval_cfg, seq_len, device, world
         self.domain_names = domain_names
         # every rank takes rows rank, rank + world, ...; the set is cut to a multiple of world (equal forwards)
         n = len(tokens) // world * world
@@ -227,7 +229,7 @@ class TrialEvaluator:
                                 batch_size=self.eval_cfg.batch_size, device=self.device)
             mc = torch.zeros(2, device=self.device)
             if self.mc_items:
-                lp = choice_logprobs(model, self.mc_items, seq_len=self.cfg.model.seq_len,
+                lp = choice_logprobs(model, self.mc_items, seq_len=self.seq_len,
                                      batch_size=self.eval_cfg.batch_size, device=self.device)
                 acc, acc_norm = mc_correct(lp, self.mc_items)
                 mc = torch.stack([acc.sum(), acc_norm.sum()]).to(self.device)
@@ -242,29 +244,25 @@ class TrialEvaluator:
         return out
 
 
-def build_evaluator(cfg: Any, *, rank: int, world: int, device: torch.device) -> TrialEvaluator | None:
+def build_evaluator(ec: EvalConfig, data: DataConfig, *, seq_len: int, seed: int, rank: int, world: int,
+                    device: torch.device) -> TrialEvaluator | None:
     """The trial's evaluator: held-out sequences (and, on the synthetic corpus, its multiple-choice task)."""
-    ec = cfg.eval
     if ec.sequences == 0 and ec.mc_items == 0:
         return None
-    if cfg.data.kind == "synthetic":
-        from .data import SyntheticCorpus
-
-        corpus = SyntheticCorpus(cfg.data, seq_len=cfg.model.seq_len, seed=cfg.train.seed)
+    if data.kind == "synthetic":
+        corpus = SyntheticCorpus(data, seq_len=seq_len, seed=seed)
         held = corpus.batch("eval", 0, ec.sequences) if ec.sequences else None
-        tokens = held.tokens if held else torch.zeros(0, cfg.model.seq_len + 1, dtype=torch.long)
+        tokens = held.tokens if held else torch.zeros(0, seq_len + 1, dtype=torch.long)
         domains = held.domains if held else torch.zeros(0, dtype=torch.long)
-        names = [f"domain{d}" for d in range(cfg.data.num_domains)]
-        items = synthetic_mc_task(corpus, ec, seed=cfg.train.seed) if ec.mc_items else []
+        names = [f"domain{d}" for d in range(data.num_domains)]
+        items = synthetic_mc_task(corpus, ec, seed=seed) if ec.mc_items else []
     else:
         import pyarrow.parquet as pq
 
-        from .shards import ShardMeta
-
-        meta = ShardMeta.read(cfg.data.path)
-        table = pq.read_table(Path(cfg.data.path) / "eval").slice(0, ec.sequences)
-        tokens = torch.from_numpy(np.stack(table.column("tokens").to_numpy(zero_copy_only=False))[:, : cfg.model.seq_len + 1].astype(np.int64))
+        meta = ShardMeta.read(data.path)
+        table = pq.read_table(Path(data.path) / "eval").slice(0, ec.sequences)
+        tokens = torch.from_numpy(np.stack(table.column("tokens").to_numpy(zero_copy_only=False))[:, : seq_len + 1].astype(np.int64))
         domains = torch.from_numpy(table.column("domain").to_numpy().astype(np.int64))
         names, items = meta.domains, []
-    return TrialEvaluator(cfg, ec, tokens=tokens, domains=domains, domain_names=names, mc_items=items,
+    return TrialEvaluator(ec, seq_len=seq_len, tokens=tokens, domains=domains, domain_names=names, mc_items=items,
                           rank=rank, world=world, device=device)

@@ -1,7 +1,8 @@
 """A decoder-only Mixture-of-Experts language model in the OLMoE mould.
 
 RMSNorm -> RoPE -> causal attention (scaled_dot_product_attention) -> SwiGLU / MoE -> Block -> MoELM.
-Single-device code: parallelism belongs to the engine. The forward returns the logits,
+Single-device code: parallelism is applied from outside (parallelize.py swaps the MoE layers for
+those of the trial's backend and expert-parallel size). The forward returns the logits,
 the LM loss and each MoE layer's auxiliary losses and routing explicitly; the router and
 gate weights of all MoE layers are exposed stacked, so the ERC loss runs once over them.
 Shapes: B batch, T sequence, d model width, nh heads, hs head size, V vocab, L MoE layers.
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .moe import MoEConfig, MoEStats, build_moe, random_expert_weights
+from .moe import GroupedMoE, MoEConfig, MoEStats, random_expert_weights
 from .validation import require
 
 
@@ -167,14 +168,13 @@ class ModelOutput:
 
 
 class MoELM(nn.Module):
-    def __init__(self, model: ModelConfig, moe: MoEConfig, *, seed: int = 0, ep_size: int = 1, ep_rank: int = 0):
+    def __init__(self, model: ModelConfig, moe: MoEConfig, *, seed: int = 0):
         super().__init__()
         self.cfg, self.moe_cfg = model, moe
-        self.ep_size, self.ep_rank = ep_size, ep_rank
         moe_ids = set(moe_layer_ids(model, moe))
         self.embed = nn.Embedding(model.vocab_size, model.d_model)
         self.blocks = nn.ModuleList(
-            Block(model, build_moe(moe, model.d_model, ep_size=ep_size) if i in moe_ids else SwiGLU(model.d_model, moe.dense_hidden))
+            Block(model, GroupedMoE(moe, model.d_model) if i in moe_ids else SwiGLU(model.d_model, moe.dense_hidden))
             for i in range(model.n_layers)
         )
         self.norm = nn.RMSNorm(model.d_model, eps=model.norm_eps)
@@ -191,12 +191,12 @@ class MoELM(nn.Module):
         return [b.ffn for b in self.blocks if b.is_moe]
 
     def reset_parameters(self, seed: int = 0) -> None:
-        """Deterministic init from `seed`, identical on every rank; under expert parallelism each
-        rank keeps its slice of every MoE layer, so global expert j starts the same for any ep_size."""
+        """Deterministic init from `seed`: the same model on every rank (parallelize.py then keeps each
+        rank's slice of the experts, so global expert j starts the same for any expert-parallel size)."""
         gen = torch.Generator().manual_seed(seed)
         std = self.cfg.init_std
         out_std = std / (2 * self.cfg.n_layers) ** 0.5  # residual-branch outputs, GPT-2 style
-        # MoE layers are drawn last, whole: the dense draws must not depend on how many experts a rank holds
+        # MoE layers are drawn last, whole, in one call per layer (the draw order of earlier releases)
         moe_params = {id(p) for layer in self.moe_layers for p in layer.parameters()}
         with torch.no_grad():
             for name, p in self.named_parameters():
@@ -207,19 +207,18 @@ class MoELM(nn.Module):
                 else:
                     s = out_std if name.endswith(("proj.weight", "down.weight")) else std
                     p.copy_(torch.randn(p.shape, generator=gen) * s)
-            local = slice(self.ep_rank * self.moe_cfg.num_experts // self.ep_size, (self.ep_rank + 1) * self.moe_cfg.num_experts // self.ep_size)
             for layer in self.moe_layers:
-                full = random_expert_weights(
+                layer.load_expert_weights(random_expert_weights(
                     self.moe_cfg.num_experts, self.cfg.d_model, self.moe_cfg.expert_dim, std=std, out_std=out_std, generator=gen
-                )
-                layer.load_expert_weights({k: v if k == "router" else v[local] for k, v in full.items()})
+                ))
 
     def router_weights(self) -> Tensor:
         """[L, n, d] the routers of all MoE layers, stacked (differentiable)."""
         return torch.stack([layer.router_weight for layer in self.moe_layers])
 
     def gate_weights(self) -> Tensor:
-        """[L, n_local, d, D] the experts' gate projections of all MoE layers, stacked (differentiable)."""
+        """[L, n_local, d, D] the experts' gate projections of all MoE layers, stacked (differentiable);
+        n_local = n on one device, this rank's experts once parallelized."""
         return torch.stack([layer.gate_weight for layer in self.moe_layers])
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> ModelOutput:

@@ -14,14 +14,11 @@ down [D, d]) and route the same way (DeepSpeed-MoE's convention):
 
 - `grouped` (default, dropless): sort the S pairs by expert, run one grouped matmul per
   projection (torch._grouped_mm), unsort and sum the k slots. No per-expert Python loop.
-  Under expert parallelism (moe_deepspeed.GroupedEPMoE) the sorted pairs travel to the rank
-  holding their expert and back with two variable-size all-to-alls.
-- `deepspeed`: deepspeed.moe.layer.MoE (GShard-style capacity and token dropping), in
-  moe_deepspeed.py, imported only when selected.
+- `deepspeed`: deepspeed.moe.layer.MoE (GShard-style capacity and token dropping).
 
-Checkpoints name expert weights the way DeepSpeed's MoE checkpoints do, one tensor per expert
-(`...deepspeed_moe.experts.deepspeed_experts.<e>.gate`); a GroupedMoE loads those names into its
-stacked [n, d, D] weights, so a checkpoint written under any expert-parallel size loads here.
+This file is single-device code: the model is built with GroupedMoE layers, and
+parallelize.py swaps in the layer of the trial's backend and expert-parallel size (DeepSpeed's
+MoE, or GroupedEPMoE whose sorted pairs travel to the rank holding their expert and back).
 """
 
 from __future__ import annotations
@@ -153,45 +150,18 @@ class GroupedExperts(nn.Module):
         return grouped_mm(h_SF, self.down, offsets_E)
 
 
-# DeepSpeed's per-expert checkpoint naming: <layer>.deepspeed_moe.experts.deepspeed_experts.<e>.<weight>
-EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts."
-EXPERT_WEIGHTS = ("gate", "up", "down")
-
-
-def stack_expert_keys(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
-    """Load pre-hook: per-expert weights `<prefix>deepspeed_moe.experts.deepspeed_experts.<e>.<w>`
-    (DeepSpeed's checkpoint naming, expert ids 0.. of this module) -> stacked `<prefix>experts.<w>`."""
-    for name in EXPERT_WEIGHTS:
-        found = {}
-        for key in [k for k in state_dict if k.startswith(prefix + EXPERT_KEY) and k.endswith("." + name)]:
-            expert = key[len(prefix + EXPERT_KEY) : -len(name) - 1]
-            if expert.isdigit():
-                found[int(expert)] = state_dict.pop(key)
-        if found:
-            state_dict[f"{prefix}experts.{name}"] = torch.stack([found[e] for e in sorted(found)])
-
-
-def unstack_expert_keys(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata: object) -> None:
-    """State-dict post-hook, the inverse of stack_expert_keys (views of the stacked weights)."""
-    for name in EXPERT_WEIGHTS:
-        stacked = state_dict.pop(f"{prefix}experts.{name}")
-        for e, weight in enumerate(stacked.unbind(0)):
-            state_dict[f"{prefix}{EXPERT_KEY}{e}.{name}"] = weight
-
-
 class GroupedMoE(nn.Module):
     """Dropless MoE: sort token copies by expert, one grouped matmul per projection.
 
-    Holds the router of all n experts and the weights of `num_local` of them (all of them unless
-    a subclass splits the experts over ranks and overrides `run_experts`).
+    Single-device: the router and all n experts. Expert parallelism is applied from outside
+    (parallelize.py swaps in a subclass whose `run_experts` sends token copies to other ranks).
     """
 
-    def __init__(self, cfg: MoEConfig, d_model: int, *, num_local: int | None = None):
-        nn.Module.__init__(self)  # explicit: GroupedEPMoE also derives from DeepSpeed's MoE, whose __init__ is not wanted
+    def __init__(self, cfg: MoEConfig, d_model: int):
+        nn.Module.__init__(self)  # explicit: parallelize.GroupedEPMoE also derives from DeepSpeed's MoE, whose __init__ is not wanted
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.router = nn.Parameter(torch.empty(cfg.num_experts, d_model))  # [n, d]
-        self.experts = GroupedExperts(num_local or cfg.num_experts, d_model, cfg.expert_dim)
-        self.register_load_state_dict_pre_hook(stack_expert_keys)
+        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_dim)
 
     @property
     def router_weight(self) -> Tensor:  # [n, d]
@@ -240,25 +210,9 @@ def random_expert_weights(
 ) -> dict[str, Tensor]:
     """Normal init of a full layer (all n experts): router and gate/up with `std`, down with `out_std`.
 
-    Drawn for every expert on every rank, so that global expert j starts the same whatever the
-    expert-parallel split; each rank then keeps its slice (see MoELM.reset_parameters).
+    The whole layer is drawn on every rank, so that global expert j starts the same whatever the
+    expert-parallel split (parallelize.py then keeps each rank's slice).
     """
     n, d, D = num_experts, d_model, expert_dim
     normal = lambda *shape, s: torch.randn(*shape, generator=generator) * s
     return {"router": normal(n, d, s=std), "gate": normal(n, d, D, s=std), "up": normal(n, d, D, s=std), "down": normal(n, D, d, s=out_std)}
-
-
-def build_moe(cfg: MoEConfig, d_model: int, *, ep_size: int = 1) -> nn.Module:
-    """The MoE feed-forward for `cfg.backend`; ep_size > 1 splits the experts over DeepSpeed's expert-parallel groups."""
-    if cfg.num_experts % ep_size:
-        raise ValueError(f"moe.num_experts ({cfg.num_experts}) must be divisible by ep_size ({ep_size})")
-    if cfg.backend == "deepspeed":
-        from .moe_deepspeed import DeepSpeedMoE  # imported only when used: it loads DeepSpeed
-
-        return DeepSpeedMoE(cfg, d_model, ep_size=ep_size)
-    if ep_size > 1:
-        from .moe_deepspeed import GroupedEPMoE
-
-        return GroupedEPMoE(cfg, d_model, ep_size=ep_size)
-    return GroupedMoE(cfg, d_model)
-

@@ -1,22 +1,30 @@
-"""DeepSpeed-bound MoE layers: the `deepspeed` backend, and the grouped backend under expert parallelism.
+"""Parallelism applied to the single-device model: the MoE layers of the trial's backend and expert-parallel size.
 
-`DeepSpeedMoE`: deepspeed.moe.layer.MoE with our SwiGLU expert and router.
+The model (model.py, moe.py) is built as single-device code with GroupedMoE layers. `parallelize`
+then swaps each of them, weights included, for the layer the trial trains with:
+- backend `deepspeed`: `DeepSpeedMoE`, deepspeed.moe.layer.MoE with our SwiGLU expert and router,
+  holding this rank's n / ep_size experts. Same parameters and routing as moe.GroupedMoE, held the
+  way DeepSpeed wants them: the router is the gate's `wg` Linear, each expert is its own module
+  (DeepSpeed deep-copies the one it is given, tags its parameters `allreduce=False` and
+  `group_name="ep_size_N"`, and shards them over the expert-parallel group that the engine creates
+  at deepspeed.initialize). Capacity and token dropping follow DeepSpeed's TopKGate; with
+  drop_tokens=False the capacity is the busiest expert's load and nothing is dropped.
+- backend `grouped` with ep_size > 1: `GroupedEPMoE`, the grouped (dropless) layer with its experts
+  split over an expert-parallel group. It is a deepspeed.moe.layer.MoE to the engine, so DeepSpeed
+  does what it does for its own MoE layers: creates the expert-parallel and expert-data-parallel
+  groups, reduces expert gradients over the expert-data-parallel group, keeps expert parameters in
+  their own ZeRO groups and writes one checkpoint file per global expert.
+- backend `grouped` with ep_size 1: the layer stays as built.
 
-Same parameters and routing as moe.GroupedMoE (see moe.py), held the way DeepSpeed wants
-them: the router is the gate's `wg` Linear, each expert is its own module (DeepSpeed
-deep-copies the one it is given, tags its parameters `allreduce=False` and
-`group_name="ep_size_N"`, and shards them over the expert-parallel group that the engine
-creates at deepspeed.initialize). Capacity and token dropping follow DeepSpeed's TopKGate;
-with drop_tokens=False the capacity is the busiest expert's load and nothing is dropped.
-
-`GroupedEPMoE`: the grouped (dropless) backend with its experts split over an expert-parallel
-group. It is a deepspeed.moe.layer.MoE to the engine, so DeepSpeed does what it does for its
-own MoE layers: creates the expert-parallel and expert-data-parallel groups, reduces expert
-gradients over the expert-data-parallel group, keeps expert parameters in their own ZeRO
-groups and writes one checkpoint file per global expert.
+Every rank builds the whole model from the same seed and keeps its slice of the experts, so global
+expert j starts the same whatever the split. Checkpoints name expert weights the way DeepSpeed's
+MoE checkpoints do (`...deepspeed_moe.experts.deepspeed_experts.<e>.gate`, one tensor per expert);
+expert_keys.py turns those names back into the single-device model's.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,8 +32,9 @@ import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
-from .moe import GroupedMoE, MoEConfig, MoEStats, count_per_expert, route, routing_losses, unstack_expert_keys
-
+from . import compat
+from .expert_keys import stack_expert_keys, unstack_expert_keys
+from .moe import GroupedExperts, GroupedMoE, MoEConfig, MoEStats, count_per_expert, route, routing_losses
 
 class SwiGLUExpert(nn.Module):
     """One expert: (silu(x @ gate) * (x @ up)) @ down, with gate/up [d, D] and down [D, d]."""
@@ -67,6 +76,11 @@ class DeepSpeedMoE(nn.Module):
         return self.moe.deepspeed_moe.gate.wg.weight
 
     @property
+    def ep_group(self) -> Any:
+        """The expert-parallel process group (set by the engine at deepspeed.initialize; None before)."""
+        return getattr(self.moe.deepspeed_moe, "ep_group", None)
+
+    @property
     def gate_weight(self) -> Tensor:  # [n_local, d, D]
         return torch.stack([e.gate for e in self._experts])
 
@@ -85,15 +99,6 @@ class DeepSpeedMoE(nn.Module):
         for i, expert in enumerate(self._experts):
             for name in ("gate", "up", "down"):
                 getattr(expert, name).copy_(weights[name][i])
-
-    def init_weights(self, *, std: float, out_std: float) -> None:
-        """Independent normal init per expert (DeepSpeed's deepcopy would otherwise clone one expert)."""
-        with torch.no_grad():
-            self.router_weight.normal_(0.0, std)
-            for expert in self._experts:
-                expert.gate.normal_(0.0, std)
-                expert.up.normal_(0.0, std)
-                expert.down.normal_(0.0, out_std)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
         out, _, _ = self.moe(x)
@@ -135,7 +140,8 @@ class GroupedEPMoE(GroupedMoE, MoE):
     """
 
     def __init__(self, cfg: MoEConfig, d_model: int, *, ep_size: int):
-        GroupedMoE.__init__(self, cfg, d_model, num_local=cfg.num_experts // ep_size)
+        GroupedMoE.__init__(self, cfg, d_model)
+        self.experts = GroupedExperts(cfg.num_experts // ep_size, d_model, cfg.expert_dim)  # this rank's slice
         # what DeepSpeed's engine and checkpointing read of an MoE layer
         self.ep_size = ep_size
         self.num_local_experts = cfg.num_experts // ep_size
@@ -145,14 +151,13 @@ class GroupedEPMoE(GroupedMoE, MoE):
         for param in self.experts.parameters():
             param.allreduce = False  # DeepSpeed's tags for expert parameters (deepspeed/moe/experts.py)
             param.group_name = self.expert_group_name
-        self.register_state_dict_post_hook(unstack_expert_keys)  # checkpoints: one tensor per expert, as DeepSpeed's MoE
+        # checkpoints: one tensor per expert under DeepSpeed's names, as DeepSpeed's MoE, and back on load
+        self.register_state_dict_post_hook(unstack_expert_keys)
+        self.register_load_state_dict_pre_hook(stack_expert_keys)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        from deepspeed.utils import groups
-
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            groups._create_expert_and_data_parallel(self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
-        self.ep_group = groups._get_expert_parallel_group(self.expert_group_name)
+        """Called by the engine at deepspeed.initialize, as for DeepSpeed's own MoE layers."""
+        self.ep_group = compat.expert_parallel_group(self.ep_size, use_data_before_expert_parallel=use_data_before_expert_parallel_)
 
     def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         if self.ep_group is None:
@@ -173,3 +178,55 @@ class GroupedEPMoE(GroupedMoE, MoE):
         y_RD = self.experts(x_RD[order], torch.cumsum(recv_RE.sum(dim=0), dim=0).to(torch.int32))
         y_RD = torch.empty_like(y_RD).index_copy_(0, order, y_RD)
         return all_to_all_single(y_RD.new_empty(x_SD.shape[0], y_RD.shape[-1]), y_RD, send_splits, recv_splits, group=self.ep_group)
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying it
+
+
+def moe_layer(cfg: MoEConfig, d_model: int, *, ep_size: int = 1) -> nn.Module:
+    """The MoE layer of `cfg.backend` holding n / ep_size experts (uninitialised weights)."""
+    if cfg.num_experts % ep_size:
+        raise ValueError(f"moe.num_experts ({cfg.num_experts}) must be divisible by ep_size ({ep_size})")
+    if cfg.backend == "deepspeed":
+        return DeepSpeedMoE(cfg, d_model, ep_size=ep_size)
+    if ep_size > 1:
+        return GroupedEPMoE(cfg, d_model, ep_size=ep_size)
+    return GroupedMoE(cfg, d_model)
+
+
+def parallelize(model: nn.Module, cfg: MoEConfig, *, ep_size: int = 1, ep_rank: int = 0) -> nn.Module:
+    """Swap every MoE layer of the single-device `model` (blocks[i].ffn, a GroupedMoE) for the layer of
+    `cfg.backend` holding expert slice `ep_rank` of `ep_size`, with the same weights. In place; returns `model`.
+
+    DeepSpeed's expert-parallel groups put consecutive ranks together: rank r holds slice r % ep_size.
+    """
+    n_local = cfg.num_experts // ep_size
+    local = slice(ep_rank * n_local, (ep_rank + 1) * n_local)
+    for block in model.blocks:
+        if not block.is_moe or (cfg.backend == "grouped" and ep_size == 1):
+            continue
+        full = block.ffn.expert_weights()
+        layer = moe_layer(cfg, full["router"].shape[-1], ep_size=ep_size)
+        layer.load_expert_weights({k: v if k == "router" else v[local] for k, v in full.items()})
+        block.ffn = layer
+    return model
+
+
+def expert_parallel_group(model: nn.Module) -> Any:
+    """The expert-parallel process group of the model's MoE layers (None without expert parallelism)."""
+    return next((g for layer in model.moe_layers if (g := getattr(layer, "ep_group", None)) is not None), None)
+
+
+def gather_columns(m_local: Tensor, group: Any) -> Tensor:
+    """Concatenate each expert-parallel rank's columns of M [..., n, n_local] -> [..., n, n].
+
+    Autograd-aware all-gather: every rank computes the same loss from the same M, and its
+    backward sums the ranks' gradients; DeepSpeed then divides expert gradients by the full
+    data-parallel size, which makes the expert and router gradients exact.
+    """
+    if group is None or dist.get_world_size(group=group) == 1:
+        return m_local
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(m_local, group=group), dim=-1)

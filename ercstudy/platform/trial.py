@@ -1,0 +1,73 @@
+"""One trial as a Ray Train run: a TorchTrainer of DeepSpeed workers (trainables/worker.py).
+
+Called by the study's Tune trainable (runner.py) and by `ercstudy train`; never raises for a
+failed trial, it returns why.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ercstudy.trainables.config import TrialConfig
+from ercstudy.trainables.data import check_data
+from ercstudy.trainables.worker import CONFIG_KEY, train_loop_per_worker
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    history: list[dict[str, Any]]  # one entry per report, in step order, no step twice
+    checkpoint_path: str | None  # the last DeepSpeed checkpoint
+    path: str  # the run directory (Ray Train storage)
+    error: str | None  # why the trial failed, if it did
+    stop_reason: str | None  # why the trial stopped early (e.g. a non-finite loss), if it did
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def run_trial(cfg: TrialConfig, *, name: str, storage_path: str, callbacks: list[Any] | None = None) -> TrialResult:
+    """Run one trial as a TorchTrainer on the connected (or a new local) Ray."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        from .ray_runtime import ensure_ray
+
+        ensure_ray()
+    check_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len, global_batch=cfg.train.global_batch_size)
+    res = cfg.resources
+    use_gpu = res.gpus_per_worker > 0
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        # the config itself, not its dict: the workers get the validated dataclass (Ray pickles it)
+        train_loop_config={CONFIG_KEY: cfg},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=os.path.abspath(storage_path) if "://" not in storage_path else storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # DeepSpeed picks its accelerator once, at import: CPU workers must say so; GPU workers must not.
+            # RAY_TRAIN_ENABLE_PRINT_PATCH=0: a worker's prints go to its log once, not twice (stdout + Train's logger).
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **({} if use_gpu else {"DS_ACCELERATOR": "cpu"})}},
+            callbacks=callbacks or [],
+            # Ray Train's INFO lines repeat every metric of every report; its warnings stay. Progress is ours.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:  # TrainingFailedError: workers failed more than max_failures times
+        return TrialResult([], None, os.path.join(storage_path, name), f"{type(err).__name__}: {err}".splitlines()[0], None)
+    history = list(result.return_value or [])
+    stop_reason = history[-1].get("stop_reason") if history else None
+    error = f"{type(result.error).__name__}: {result.error}".splitlines()[0] if result.error else None
+    return TrialResult(history, result.checkpoint.path if result.checkpoint else None, result.path, error, stop_reason)

@@ -1,0 +1,114 @@
+"""The DeepSpeed engine of a trial: its config from the trial config, and the model built under it.
+
+`build_engine` builds the single-device model, applies expert parallelism (parallelize.py) and
+hands it to deepspeed.initialize on the current process group (Ray Train's, or any other).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import compat
+from .config import TrialConfig
+from .model import MoELM
+from .parallelize import expert_parallel_group, parallelize
+
+
+def deepspeed_config(cfg: TrialConfig, *, bf16: bool) -> dict[str, Any]:
+    t = cfg.train
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": bf16},
+        # torch_adam: the torch AdamW, not DeepSpeed's JIT-built CPU/CUDA Adam (50 s of compilation on CPU)
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8, "weight_decay": t.weight_decay, "torch_adam": True},
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": cfg.steps,
+                # DeepSpeed refuses 0 warm-up steps: 0 means one (its first step then runs at lr 0)
+                "warmup_num_steps": max(1, min(t.warmup_steps, cfg.steps)),
+                "warmup_type": "linear",
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": t.min_lr_ratio,
+            },
+        },
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not on norms); DeepSpeed splits the expert parameters out."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+@dataclass
+class Engine:
+    """What a worker trains with: DeepSpeed's engine, the (parallelized) model it wraps, and the
+    expert-parallel group (None without expert parallelism)."""
+
+    engine: Any
+    model: MoELM
+    ep_group: Any
+
+
+class _SchedulerNotStarted(logging.Filter):
+    """DeepSpeed's engine asks its LR scheduler for a learning rate while building itself, before the
+    first step, and WarmupCosineLR warns about exactly that once per engine: a warning no user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "before it has started" not in record.getMessage()
+
+
+def build_engine(cfg: TrialConfig, device: torch.device, *, rank: int) -> Engine:
+    """The model and its DeepSpeed engine on the current process group."""
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    if device.type == "cpu":
+        compat.skip_cpu_shm_comm_build()
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")  # reuses Ray's process group
+    ep = cfg.resources.ep_size
+    model = parallelize(MoELM(cfg.model, cfg.moe, seed=cfg.train.seed), cfg.moe, ep_size=ep, ep_rank=rank % ep)
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    if not any(isinstance(f, _SchedulerNotStarted) for f in ds_logger.filters):
+        ds_logger.addFilter(_SchedulerNotStarted())
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=deepspeed_config(cfg, bf16=bf16)
+    )
+    return Engine(engine, model, expert_parallel_group(model))
+
+
+def global_grad_norm(model: torch.nn.Module, ep_group: Any, device: torch.device) -> Tensor:
+    """L2 norm of all gradients after DeepSpeed's all-reduce, before clipping (expert shards summed over EP)."""
+    from deepspeed.moe.utils import is_moe_param
+
+    dense, expert = torch.zeros((), device=device), torch.zeros((), device=device)
+    for p in model.parameters():
+        if p.grad is not None:
+            sq = p.grad.detach().float().square().sum()
+            if is_moe_param(p):
+                expert += sq
+            else:
+                dense += sq
+    if ep_group is not None:
+        dist.all_reduce(expert, group=ep_group)
+    return (dense + expert).sqrt()

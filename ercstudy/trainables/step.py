@@ -1,0 +1,112 @@
+"""One optimizer step of a trial, top to bottom, and the per-step sums a report window keeps.
+
+The step: for each micro-batch, forward, LM + load-balancing + z losses (+ the ERC loss once per
+step), backward, DeepSpeed's step; the window sums what the reports need, on the device.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import TrialConfig
+from .data import GlobalBatchStream
+from .engine import global_grad_norm
+from .erc import ERCResult, erc_loss
+from .evals import TrialEvaluator
+from .model import MoELM
+from .parallelize import gather_columns
+from .specialization import domain_expert_counts
+
+
+@dataclass
+class Trial:
+    """Everything a worker holds while it trains."""
+
+    cfg: TrialConfig
+    engine: Any  # DeepSpeed's engine
+    model: MoELM  # the parallelized model the engine wraps
+    data: GlobalBatchStream
+    device: torch.device
+    rank: int
+    world: int
+    ep_group: Any
+    erc_generator: torch.Generator
+    evaluator: TrialEvaluator | None = None
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last report, kept on the device (no host sync per step)."""
+
+    losses: Tensor  # [5]: lm, lb, z, erc, non-finite count
+    grad_norm: Tensor  # [] global gradient norm (before clipping) of the window's last step
+    tokens_per_expert: Tensor  # [L, n]
+    dropped: Tensor  # [L]
+    domain_counts: Tensor | None  # [L, domains, n]
+    micro_batches: int = 0
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def empty(cls, cfg: TrialConfig, device: torch.device, num_domains: int) -> Window:
+        L, n = cfg.num_moe_layers, cfg.moe.num_experts
+        domains = torch.zeros(L, num_domains, n, device=device) if num_domains else None
+        zeros = partial(torch.zeros, device=device)
+        return cls(zeros(5), zeros(()).fill_(float("nan")), zeros(L, n), zeros(L), domains)
+
+
+def coupling(model: Any, cfg: TrialConfig, ep_group: Any, *, generator: torch.Generator | None, clean: bool = False) -> ERCResult:
+    """erc.erc_loss over every MoE layer of the (parallelized) model: noisy proxies for the loss, the clean
+    router rows (eps = 0) for the metrics. Under expert parallelism every rank computes the columns of M
+    of its experts and the autograd-aware all-gather assembles M (parallelize.gather_columns)."""
+    e = cfg.erc
+    return erc_loss(
+        model.router_weights(), model.gate_weights(), alpha=e.alpha, epsilon=0 if clean else e.epsilon,
+        router_grad=e.router_grad, generator=generator,
+        gather_columns=partial(gather_columns, group=ep_group) if ep_group is not None else None,
+    )
+
+
+def train_step(trial: Trial, window: Window, *, measure_grad_norm: bool) -> None:
+    """One optimizer step: micro-batches, forward, LM + LB + z (+ ERC once), backward, step, metrics."""
+    cfg, engine = trial.cfg, trial.engine
+    accum = cfg.grad_accum
+    for micro in range(accum):
+        batch = trial.data.micro_batch(trial.step, micro)
+        tokens = batch.tokens.to(trial.device)
+        out = engine(tokens[:, :-1], tokens[:, 1:])
+        lb, z = out.aux.lb_loss.mean(), out.aux.z_loss.mean()
+        loss = out.lm_loss + cfg.moe.lb_weight * lb + cfg.moe.z_weight * z
+        erc = torch.zeros((), device=trial.device)
+        if cfg.erc.enabled and micro == accum - 1:
+            # Once per optimizer step: the ERC gradient depends on parameters only, which do not change
+            # inside an accumulation window. DeepSpeed divides each micro-batch loss by `accum`: undo it.
+            trial.erc_generator.manual_seed(cfg.train.seed * 1_000_003 + trial.step)  # same noise on every rank, and on resume
+            per_layer = coupling(trial.model, cfg, trial.ep_group, generator=trial.erc_generator).loss
+            erc = per_layer.mean() if cfg.erc.layer_reduction == "mean" else per_layer.sum()
+            loss = loss + accum * cfg.erc.weight * erc
+        if cfg.train.nan_at_step == trial.step:
+            loss = loss * float("nan")
+        engine.backward(loss)
+        if measure_grad_norm and micro == accum - 1:
+            # ZeRO keeps no .grad: then the report takes DeepSpeed's own norm
+            window.grad_norm = global_grad_norm(trial.model, trial.ep_group, trial.device)
+        engine.step()
+        with torch.no_grad():
+            window.losses += torch.stack([out.lm_loss, lb, z, erc, (~torch.isfinite(loss)).float()]).detach()
+            window.tokens_per_expert += out.aux.tokens_per_expert
+            window.dropped += out.aux.dropped_fraction
+            if window.domain_counts is not None:
+                window.domain_counts += domain_expert_counts(
+                    out.aux.experts, batch.domains.to(trial.device), trial.data.num_domains, cfg.moe.num_experts
+                )
+            window.micro_batches += 1
+    window.steps += 1

@@ -1,0 +1,211 @@
+"""The Ray Train worker of a trial: set-up, restore, the training loop, reports and checkpoints.
+
+Layers by role, as in Ray's Train+Tune examples: `train_loop_per_worker` (this file, on every
+worker) <- `platform.trial.run_trial` (one TorchTrainer per trial) <- the study driver (platform/).
+`make_trial`, `restore` and `train` need no Ray: they run on any process group (tests and
+benchmarks use them directly).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import tempfile
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from . import compat
+from .checkpoint import CHECKPOINT_TAG
+from .checkpoint import save as save_checkpoint
+from .config import TrialConfig
+from .data import GlobalBatchStream, build_train_data
+from .devices import device_peak_flops
+from .engine import build_engine
+from .evals import build_evaluator
+from .specialization import layer_metrics
+from .step import Trial, Window, coupling, train_step
+
+# Expert parallelism uses torch.distributed.nn's autograd collectives, deprecated in torch 2.13 for
+# _functional_collectives, whose all-gather backward is a reduce-scatter that gloo (CPU) lacks.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated", category=FutureWarning)
+
+CRASH_GRACE_S = 10.0
+CONFIG_KEY = "trial_config"  # train_loop_config[CONFIG_KEY]: the TrialConfig itself (Ray pickles it once)
+
+
+def make_trial(cfg: TrialConfig, *, rank: int, world: int, device: torch.device, data: GlobalBatchStream | None = None) -> Trial:
+    """A worker's trial at step 0 on the current process group (Ray Train's, or any other).
+
+    `data`: the training stream; by default the config's (data.build_train_data).
+    """
+    built = build_engine(cfg, device, rank=rank)
+    t = cfg.train
+    if data is None:
+        data = build_train_data(cfg.data, seq_len=cfg.model.seq_len, seed=t.seed, global_batch=t.global_batch_size,
+                                micro_batch=t.micro_batch_size, rank=rank, world=world)
+    evaluator = build_evaluator(cfg.eval, cfg.data, seq_len=cfg.model.seq_len, seed=t.seed, rank=rank, world=world, device=device)
+    return Trial(cfg, built.engine, built.model, data, device, rank, world, built.ep_group, torch.Generator(device=device), evaluator)
+
+
+def restore(trial: Trial, checkpoint_dir: str) -> None:
+    """Load a checkpoint of the trial's (collective): weights, optimizer, LR schedule, step and history."""
+    _, client_state = trial.engine.load_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
+    trial.step, trial.history = client_state["step"], list(client_state["history"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+def reduce_window(w: Window) -> dict[str, torch.Tensor]:
+    """Sum the window over all workers (each saw different tokens)."""
+    tensors = {"losses": w.losses, "tokens_per_expert": w.tokens_per_expert, "dropped": w.dropped}
+    if w.domain_counts is not None:
+        tensors["domain_counts"] = w.domain_counts
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors.values():
+            dist.all_reduce(t)
+    return tensors
+
+
+def window_metrics(trial: Trial, window: Window) -> dict[str, Any]:
+    """Reduce the window across workers and compute every reported metric (collective: all ranks call it)."""
+    cfg = trial.cfg
+    sums = reduce_window(window)
+    lm, lb, z, erc, nonfinite = (sums["losses"] / (window.micro_batches * trial.world)).tolist()
+    elapsed = time.perf_counter() - window.started
+    tokens = window.steps * cfg.train.global_batch_size * cfg.model.seq_len
+    with torch.no_grad():
+        m_clean = coupling(trial.model, cfg, trial.ep_group, generator=None, clean=True).activations
+        spec = layer_metrics(
+            trial.model.router_weights(),
+            m_clean,
+            sums["tokens_per_expert"],
+            sums["dropped"] / (window.micro_batches * trial.world),
+            sums.get("domain_counts"),
+        )
+    ds_norm = trial.engine.get_global_grad_norm()
+    grad_norm = window.grad_norm.item() if ds_norm is None or not math.isfinite(float(ds_norm)) else float(ds_norm)
+    metrics: dict[str, Any] = {
+        "step": trial.step,
+        "total_steps": cfg.steps,
+        "tokens": trial.step * cfg.train.global_batch_size * cfg.model.seq_len,
+        "lm_loss": lm,
+        "lb_loss": lb,
+        "z_loss": z,
+        "erc_loss": erc * (cfg.grad_accum if cfg.erc.enabled else 0),  # ERC is computed once per step
+        "grad_norm": grad_norm,
+        "lr": float(trial.engine.get_lr()[0]),
+        "tokens_per_s": tokens / elapsed,
+        **spec,
+    }
+    peak = device_peak_flops(trial.device)
+    if peak:
+        metrics["mfu"] = cfg.flops_per_token() * metrics["tokens_per_s"] / (peak * trial.world)
+    if trial.step == cfg.steps:
+        metrics["coupling_matrix"] = m_clean.float().cpu().tolist()  # [L, n, n], for the trial's heatmaps
+    if nonfinite > 0 or not math.isfinite(lm):
+        metrics["stop_reason"] = f"non-finite loss within steps {trial.step - window.steps + 1}..{trial.step} (lm_loss={lm})"
+    return metrics
+
+
+def save_and_report(trial: Trial, metrics: dict[str, Any], *, checkpoint: bool) -> None:
+    """ray.train.report on every rank (a barrier); with a DeepSpeed checkpoint every rank writes its shard."""
+    import ray.train
+
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, trial.engine, trial.cfg, step=trial.step, history=trial.history, rank=trial.rank)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(trial: Trial, report: Callable[..., None]) -> None:
+    """Train from trial.step to the last step; `report(trial, metrics, checkpoint=bool)` at every report
+    (on every rank: it may be a collective). Stops at the first report with a stop_reason."""
+    cfg = trial.cfg
+    window = Window.empty(cfg, trial.device, trial.data.num_domains)
+    while trial.step < cfg.steps:
+        trial.step += 1
+        if cfg.train.crash_at_step == trial.step and trial.rank == 0:
+            inject_crash()
+        reporting = trial.step % cfg.train.report_every == 0 or trial.step == cfg.steps
+        train_step(trial, window, measure_grad_norm=reporting)
+        if not reporting:
+            continue
+        metrics = window_metrics(trial, window)
+        stop = "stop_reason" in metrics
+        every = cfg.eval.every
+        if trial.evaluator is not None and not stop and ((every and trial.step % every == 0) or trial.step == cfg.steps):
+            metrics.update(trial.evaluator(trial.model))  # collective: every rank evaluates its share
+        trial.history.append(metrics)
+        report(trial, metrics, checkpoint=not stop and (trial.step % cfg.train.checkpoint_every == 0 or trial.step == cfg.steps))
+        if stop:
+            break
+        window = Window.empty(cfg, trial.device, trial.data.num_domains)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Ray Train worker
+
+
+def inject_crash() -> None:
+    """Fault injection (tests): kill this worker process, once per run.
+
+    A marker in the run's storage makes the restarted group train through the same step. The
+    pause first lets Ray Train's controller collect the reports already made (it polls the
+    workers), as it would before most real crashes; a report not yet collected is simply lost
+    and the run resumes from the checkpoint before it.
+    """
+    import ray.train
+
+    marker = os.path.join(ray.train.get_context().get_storage().experiment_fs_path, ".crash_injected")
+    if os.path.exists(marker):
+        return
+    open(marker, "w").close()
+    time.sleep(CRASH_GRACE_S)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def setup_trial(cfg: TrialConfig) -> Trial:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.resources.gpus_per_worker > 0 else torch.device("cpu")
+    trial = make_trial(cfg, rank=rank, world=world, device=device)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            restore(trial, ckpt_dir)
+    if rank == 0:  # the worker's log (the driver prints progress from the reports)
+        print(f"{world} worker(s) on {device.type}: " + (f"resumed at step {trial.step}" if trial.step else "training from step 0"), flush=True)
+    return trial
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Ray Train worker: train one trial; rank 0 returns the metric history."""
+    cfg = config[CONFIG_KEY]
+    if not isinstance(cfg, TrialConfig):
+        raise TypeError(f"train_loop_config[{CONFIG_KEY!r}] must be a TrialConfig, got {type(cfg).__name__}")
+    report_logger = compat.ray_train_report_logger()
+    if report_logger is not None:
+        report_logger.setLevel(logging.WARNING)  # Ray 2.60 logs every report, all metrics included, at INFO
+    trial = setup_trial(cfg)
+    if trial.step >= cfg.steps and trial.history:
+        # resumed after the end (the driver died before it saw the last report): say the final result again
+        save_and_report(trial, trial.history[-1], checkpoint=False)
+    train(trial, save_and_report)
+    return trial.history if trial.rank == 0 else []

@@ -1,0 +1,46 @@
+"""The private DeepSpeed and Ray APIs that ercstudy.trainables.compat relies on are still there.
+
+Each test names what moved; when one fails after an upgrade, fix compat.py (and only it)."""
+
+import inspect
+
+
+def test_deepspeed_expert_group_registry():
+    from deepspeed.utils import groups
+
+    for name in ("_get_expert_parallel_group_dict", "_create_expert_and_data_parallel", "_get_expert_parallel_group"):
+        assert callable(getattr(groups, name, None)), f"deepspeed.utils.groups.{name} is gone (checked on deepspeed 0.19.8)"
+    params = inspect.signature(groups._create_expert_and_data_parallel).parameters
+    assert "use_data_before_expert_parallel_" in params, f"_create_expert_and_data_parallel takes {list(params)}"
+    assert isinstance(groups._get_expert_parallel_group_dict(), dict)
+
+
+def test_deepspeed_op_compatibility_table():
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    from ercstudy.trainables import compat
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    assert builder is not None and isinstance(builder.NAME, str), "DeepSpeed's CPU accelerator has no ShareMemCommBuilder"
+    compat.skip_cpu_shm_comm_build()
+    table = deepspeed.ops.__dict__.get("__compatible_ops__")
+    assert isinstance(table, dict) and table.get(builder.NAME) is False, "deepspeed.ops.__compatible_ops__ changed shape"
+    import importlib
+
+    ds_comm = importlib.import_module("deepspeed.comm.torch")  # it reads the table before building the op
+    assert "__compatible_ops__" in inspect.getsource(ds_comm), "deepspeed.comm.torch no longer consults __compatible_ops__"
+
+
+def test_ray_train_report_logger():
+    import logging
+
+    from ercstudy.trainables import compat
+
+    logger = compat.ray_train_report_logger()
+    assert logger is not None, "ray.train.v2._internal.execution.context moved (checked on ray 2.60.0)"
+    import ray.train.v2._internal.execution.context as context
+
+    assert isinstance(logger, logging.Logger) and logger.name == context.__file__
+    source = inspect.getsource(context)
+    assert "logging.getLogger(__file__)" in source, "Ray Train's report logger is no longer named by its file path"
