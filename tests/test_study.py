@@ -1,19 +1,20 @@
-"""Study files: validation (one line, exit 2, before Ray), the constrained define-by-run space, dry-run, fits."""
+"""Study files: validation (one line, exit 2, before Ray), the corners of the constrained space, dry-run, fits.
 
-import contextlib
+The Optuna side of the space (sampling, the searcher, ASHA) is tested in test_search.py.
+"""
+
 import math
 
 import numpy as np
-import optuna
 import pytest
 import yaml
 from conftest import own_stderr
 
+from ercstudy.netutil import free_ports
 from ercstudy.platform.cli import main
-from ercstudy.platform.ray_runtime import free_ports
 from ercstudy.platform.report import best_alpha, fit_power_law
 from ercstudy.platform.runner import Capacity, StudyError, concurrency, leaderboard
-from ercstudy.platform.study import corner_points, parse_study, sample_point
+from ercstudy.platform.study import corner_points, parse_study
 from ercstudy.platform.tracking import TrackingError, check_reachable, resolve_uri
 
 QUICKSTART = yaml.safe_load(open("search_spaces/quickstart.yaml"))
@@ -90,43 +91,20 @@ def test_yaml_syntax_error_and_missing_file(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "random", "grid"])
-def test_constraints_hold_on_every_sampled_point(sampler):
-    data = spec(search={**SEARCH, "sampler": sampler, "num_trials": 100, "params": {
-        "moe.num_experts": [2, 4, 8], "moe.top_k": {"type": "int", "low": 1, "high": 8},
-        "erc.alpha": [0.5, 1.0] if sampler == "grid" else {"type": "float", "low": 0.5, "high": 1.0}}})
-    study = parse_study(data)
-    from ercstudy.platform.study import num_trials, optuna_sampler
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ot = optuna.create_study(sampler=optuna_sampler(study))
-    seen = set()
-    n = 40 if sampler != "grid" else num_trials(study)
-    if sampler == "grid":
-        assert n == 2 * (2 + 4 + 8)  # alpha x (top_k <= num_experts): the grid has no invalid point
-    for _ in range(n):
-        trial = ot.ask()
-        point = sample_point(study, trial)
-        assert 1 <= point["moe.top_k"] <= point["moe.num_experts"]
-        study.trial_config(point)  # a valid trial config
-        seen.add((point["moe.num_experts"], point["moe.top_k"]))
-        with contextlib.suppress(RuntimeError):  # the grid's last tell stops the study (outside optimize(): an error)
-            ot.tell(trial, point["erc.alpha"])
-    assert any(k == e for e, k in seen) and len({e for e, _ in seen}) >= 2  # the narrowed range reaches its ends
-    if sampler == "grid":
-        assert len(seen) == 14  # every (num_experts, top_k) pair once per alpha
-
-
-def test_fixed_optuna_trial_sees_the_narrowed_range():
+def test_corners_of_the_narrowed_space():
     data = spec(search={**SEARCH, "params": {"moe.num_experts": [2, 8], "moe.top_k": {"type": "int", "low": 1, "high": 4}}})
     study = parse_study(data)
-    point = sample_point(study, optuna.trial.FixedTrial({"moe.num_experts": 2, "moe.top_k|1..2": 2}))
-    assert point == {"moe.num_experts": 2, "moe.top_k": 2}
-    # with two experts the full range is not on offer: a value for the unconstrained name is not even asked for
-    with pytest.raises(ValueError, match=r"moe.top_k\|1..2"):
-        sample_point(study, optuna.trial.FixedTrial({"moe.num_experts": 2, "moe.top_k": 4}))
-    assert sample_point(study, optuna.trial.FixedTrial({"moe.num_experts": 8, "moe.top_k": 4}))["moe.top_k"] == 4
     assert {(p["moe.num_experts"], p["moe.top_k"]) for p in corner_points(study)} == {(2, 1), (2, 2), (8, 1), (8, 2), (8, 3), (8, 4)}
+    # a constraint against the base config narrows as well: base num_experts is 8 in the quickstart
+    fixed = parse_study(spec(search={**SEARCH, "params": {"moe.top_k": {"type": "int", "low": 1, "high": 12}},
+                                     "constraints": ["moe.top_k <= moe.num_experts"]}))
+    assert fixed.fixed_values == {"moe.num_experts": 8}
+    assert sorted({p["moe.top_k"] for p in corner_points(fixed)}) == list(range(1, 9))
+
+
+def test_base_config_is_parsed_once():
+    study = parse_study(spec())
+    assert study.base_config is study.base_config
 
 
 def test_dry_run_lists_every_model_shape(capsys):

@@ -3,10 +3,12 @@
 One run covers: Tune + Optuna trials of TorchTrainer workers, ASHA stopping trials early, the
 MLflow parent run with one nested child run per trial, and `ercstudy resume` after the driver
 was killed (SIGKILL) once a trial had finished: no trial lost, none duplicated in Tune, Optuna
-or MLflow. `ercstudy report` then reads the study back from MLflow.
+or MLflow. `ercstudy report` then reads the study back from MLflow. The terminal shows
+ercstudy's lines only, the summary last.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import yaml
 pytestmark = [
     pytest.mark.ray,
     pytest.mark.timeout(3600),
-    pytest.mark.slow,  # 2 minutes on a fresh 2-core machine; 20-40 on one whose page cache is starved
+    pytest.mark.slow,  # a whole study (several TorchTrainer runs) twice: minutes
 ]
 REPO = Path(__file__).resolve().parents[1]
 TRIALS = 4
@@ -85,6 +87,24 @@ def test_resume_finishes_the_study(study):
     r = study["resumed"]
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "leaderboard (eval/loss, min; best first)" in r.stdout and "mlflow ui --backend-store-uri sqlite:///" in r.stdout
+
+
+# every line `ercstudy run` / `resume` prints: the header, the trials' table, finished trials, the summary
+OWN_LINE = re.compile(r"^(|study quickstart: .*|MLflow: .*|Ray's logs.*|\[quickstart\] .*|  \S.*|leaderboard \(.*|results: .*)$")
+
+
+def test_the_terminal_shows_ercstudy_lines_only_and_the_summary_last(study):
+    r = study["resumed"]
+    for name, text in (("run (killed)", study["first_log"]), ("resume", r.stdout)):
+        foreign = [line for line in text.splitlines() if not OWN_LINE.match(line)]
+        assert not foreign, (name, foreign[:20])
+    assert r.stderr.strip() == "", r.stderr[-3000:]  # nothing on stderr: no Ray or DeepSpeed line, no warning
+    lines = r.stdout.rstrip().splitlines()
+    board = next(i for i, line in enumerate(lines) if line.startswith("leaderboard ("))
+    assert not any(line.startswith("[quickstart]") for line in lines[board:])  # after the leaderboard: the summary only
+    assert lines[-1].startswith("  then http://127.0.0.1:5000/#/experiments/"), lines[-5:]
+    logs = next(line for line in lines if line.startswith("Ray's logs (workers, DeepSpeed): ")).split(": ", 1)[1].split(" on this node")[0]
+    assert (Path(logs) / "ercstudy-driver.log").is_file() and any(Path(logs).glob("worker-*.out")), logs
 
 
 def test_progress_says_how_each_trial_ended_without_ray_trains_report_dumps(study):
@@ -187,6 +207,9 @@ def test_submit_runs_a_multi_objective_study_as_a_ray_job(ray_session, tmp_path,
     logs = client.get_job_logs(job_id)
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
     assert "leaderboard (Pareto front of eval/loss min, tokens_per_s max first" in logs
+    assert logs.rstrip().splitlines()[-1].startswith("  then http://127.0.0.1:5000/"), logs[-2000:]  # the job's last line
+    foreign = [line for line in logs.splitlines() if not OWN_LINE.match(line.replace("submitted", "quickstart"))]
+    assert not foreign, foreign[:20]
     c = MlflowClient(uri)
     runs = c.search_runs([c.get_experiment_by_name("submitted").experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

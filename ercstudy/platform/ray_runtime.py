@@ -2,39 +2,61 @@
 
 The local instance is a `ray start --head --block` child process that ercstudy starts and
 stops: nothing to start by hand, and it dies with the driver (SIGTERM on the driver's death).
-It differs from a plain `ray.init()` in one way that matters on slow machines. Ray 2.60's
-raylet gives its dashboard agent 15 s (hard-coded) to bind its ports and write them to files
-in the session directory, and aborts the node otherwise (ray-project/ray#65983). Importing
-the agent's Python modules alone took 10-35 s of CPU on our 2-core CI machine, so
-`ray.init()` failed there three times in a row. Here every port is chosen up front, passed
-on the command line, and written to those files by us as soon as the session directory
-exists: the raylet registers at once, and the agents bind the same ports when they are up.
+It differs from a plain `ray.init()` in one way that matters on machines with few, busy CPUs.
+Ray 2.60's raylet gives its dashboard agent 15 s (hard-coded) to bind its ports and write them
+to files in the session directory, and aborts the node otherwise (ray-project/ray#65983);
+importing the agent's Python modules alone can take longer than that when the CPUs are
+contended. Here every port is chosen up front, passed on the command line, and written to
+those files by us as soon as the session directory exists: the raylet registers at once, and
+the agents bind the same ports when they are up.
+
+The terminal belongs to ercstudy: unless `verbose`, the driver does not stream the output of
+Ray's processes (workers, DeepSpeed, Train's controller: `log_to_driver=False`), and the log
+records of Ray and DeepSpeed in the driver itself go to `ercstudy-driver.log` in the session's
+log directory, where the workers' logs are too.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import importlib
+import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-START_TIMEOUT_S = 300.0  # a cold 2-core machine takes 1-2 minutes; a laptop a few seconds
-# ports the raylet waits for (files `<name>_<node id>` in the session directory), and their `ray start` flags
-AGENT_PORTS = {
-    "metrics_agent_port": "--dashboard-agent-grpc-port",
-    "metrics_export_port": "--metrics-export-port",
-    "dashboard_agent_listen_port": "--dashboard-agent-listen-port",
-    "runtime_env_agent_port": "--runtime-env-agent-port",
-}
+from ercstudy.netutil import free_ports
+
+from . import compat
+
+START_TIMEOUT_S = 300.0  # seconds on a laptop; minutes where Ray's daemons compete for few CPUs
+DRIVER_LOG = "ercstudy-driver.log"
+# where the log records of Ray's and DeepSpeed's code in the driver start (Python warnings too)
+RAY_LOGGER = "ray"
+DIVERTED_LOGGERS = ("DeepSpeed", "py.warnings")
 
 
 class RayStartError(RuntimeError):
     """The local Ray instance did not start; the message ends with the tail of its log."""
+
+
+@dataclass(frozen=True)
+class RayLogs:
+    """Where the connected Ray keeps its logs, as a command reports it."""
+
+    directory: str | None  # this node's session log directory (None: not known to this process)
+    local: bool  # the private local instance (every process logs here) or a cluster (each node its own)
+
+    def where(self) -> str:
+        if self.directory is None:
+            return "in the session directory of each Ray node (/tmp/ray/session_latest/logs by default)"
+        return self.directory + ("" if self.local else " on this node, and in the same place on every node of the cluster")
 
 
 @dataclass
@@ -56,17 +78,7 @@ class LocalRay:
 
 
 _local: LocalRay | None = None
-
-
-def free_ports(count: int) -> list[int]:
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+_logs: RayLogs | None = None
 
 
 # `ray start`, run so that it receives SIGTERM when the driver dies (Linux PR_SET_PDEATHSIG) and takes Ray down with it
@@ -78,36 +90,31 @@ RAY_START = (
 )
 
 
-def _write_port_file(session_dir: Path, name: str, node_id: str, port: int) -> None:
-    tmp = session_dir / f".{name}_{node_id}.tmp"
-    tmp.write_text(str(port))
-    tmp.replace(session_dir / f"{name}_{node_id}")
-
-
 def start_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIMEOUT_S) -> LocalRay:
     """Start a private head node on loopback; returns once it accepts drivers."""
     temp_dir = tempfile.mkdtemp(prefix="ercstudy-ray-")  # short: Ray's socket paths must fit in 107 bytes
     node_id = os.urandom(28).hex()
-    gcs_port, dashboard_port, *agent_ports = free_ports(2 + len(AGENT_PORTS))
-    ports = dict(zip(AGENT_PORTS, agent_ports))
+    agent_flags = compat.agent_port_names()  # port-file name -> `ray start` flag
+    gcs_port, dashboard_port, *agent_ports = free_ports(2 + len(agent_flags))
+    ports = dict(zip(agent_flags, agent_ports))
     cmd = [
         sys.executable, "-c", RAY_START, "start", "--head", "--block", "--disable-usage-stats",
         "--node-ip-address=127.0.0.1", f"--port={gcs_port}", f"--temp-dir={temp_dir}", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-        *(f"{flag}={ports[name]}" for name, flag in AGENT_PORTS.items()),
+        *(f"{flag}={ports[name]}" for name, flag in agent_flags.items()),
     ]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     # The node id is normally random; fixing it lets us name the port files before the raylet looks for them.
-    env = {**os.environ, "RAY_OVERRIDE_NODE_ID_FOR_TESTING": node_id}
-    env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", str(int(timeout_s)))  # Ray's default, 60 s, is too short there too
-    # One node: the GCS health check of its own raylet can only kill it. On a starved 2-core machine
-    # it did (5 checks of 10 s missed in a row, mid-study); allow minutes instead.
+    env = {**os.environ, compat.FIXED_NODE_ID_ENV: node_id}
+    env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", str(int(timeout_s)))  # Ray's default, 60 s, is as short for the same reason
+    # One node: the GCS health check of its own raylet can only kill it, when the raylet is slow to
+    # answer (Ray's default: 5 missed checks of 10 s) because the CPUs are busy training; allow minutes.
     env.setdefault("RAY_health_check_timeout_ms", "30000")
     env.setdefault("RAY_health_check_failure_threshold", "60")
     # A worker process that has not registered within 60 s (Ray's default) is given up on and another
-    # one started while the first goes on importing: on a starved 2-core machine that cascaded (66
-    # give-ups in one test session, hundreds of runnable threads, a Ray Data read past 30 minutes).
+    # one started while the first goes on importing; when importing is slow because the CPUs are
+    # contended, every new start makes it slower still, a cascade of duplicate workers.
     env.setdefault("RAY_worker_register_timeout_seconds", "600")
     # On SIGTERM `ray start --block` drains the node first, for up to 30 s while any worker lease is
     # held (for Serve replicas behind a load balancer). A private node that is going away has
@@ -130,7 +137,7 @@ def start_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIM
             sessions = [p for p in Path(temp_dir).glob("session_*") if p.is_dir() and not p.is_symlink()]
             if sessions:
                 for name, port in ports.items():
-                    _write_port_file(sessions[0], name, node_id, port)
+                    compat.persist_port(str(sessions[0]), node_id, name, port)
                 written = True
         if "Ray runtime started" in Path(log_path).read_text(errors="replace"):
             return local
@@ -144,33 +151,124 @@ def _log_tail(local: LocalRay, lines: int = 15) -> str:
     return "log " + local.log_path + ":\n" + "\n".join(text[-lines:] + fatal[-1:])
 
 
-def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = True) -> RayLogs:
     """Connect to Ray once per process: the cluster at `address` / RAY_ADDRESS, else a private local instance.
 
-    The local instance starts lean: no worker prestart (on a 2-core laptop, prestarting one
-    Python worker per CPU while Ray's own daemons import slowed start-up further) and no
+    verbose: the output of Ray's processes streams to this terminal (log_to_driver) and Ray's and
+    DeepSpeed's log records in this process print as they come; otherwise both go to log files
+    only (the returned RayLogs says where).
+
+    The local instance starts lean: no worker prestart (on a machine of a few CPUs, prestarting one
+    Python worker per CPU while Ray's own daemons import slows start-up further) and no
     spot-preemption watcher (only clusters of spot instances need it). The dashboard stays:
-    Ray Train's placement-group cleaner queries its State API, and it frees the workers of
-    trials that Tune stops early (shared/stack-notes.md).
+    Ray Train's placement-group cleaner asks its State API whether a Train controller still lives
+    (ray/train/v2/_internal/execution/controller/placement_group_cleaner.py), and so frees the
+    workers of trials that Tune stops early.
     """
-    global _local
+    global _local, _logs
     import ray
 
     if ray.is_initialized():
-        return
+        return _logs or RayLogs(None, local=False)
+    pending = None if verbose else quiet_driver_logs()
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
-    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the local instance listens on loopback only
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    if _local is None or _local.process.poll() is not None:
-        print("ercstudy: starting a local Ray instance (a few seconds on a laptop, up to minutes on a busy 2-core machine)", file=sys.stderr, flush=True)
-        _local = start_local_ray(num_cpus)
-        atexit.register(stop_local_ray)
-        print(f"ercstudy: local Ray is up at {_local.address} (dashboard: {_local.dashboard_url})", file=sys.stderr, flush=True)
-    ray.init(address=_local.address, log_to_driver=True)
+    if not address:
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the local instance listens on loopback only
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        if _local is None or _local.process.poll() is not None:
+            print("ercstudy: starting a local Ray instance (seconds on a laptop, minutes on a small busy machine)", file=sys.stderr, flush=True)
+            _local = start_local_ray(num_cpus)
+            atexit.register(stop_local_ray)
+            print(f"ercstudy: local Ray is up at {_local.address} (dashboard: {_local.dashboard_url})", file=sys.stderr, flush=True)
+        address = _local.address
+    context = ray.init(address=address, log_to_driver=verbose)
+    # ray.init's RayContext: the session directory of this node, where Ray's processes here write their logs
+    session_dir = context.address_info.get("session_dir")
+    _logs = RayLogs(os.path.join(session_dir, "logs") if session_dir else None, local=address == getattr(_local, "address", None))
+    if pending is not None:
+        pending.write_to(os.path.join(_logs.directory, DRIVER_LOG) if _logs.directory else None)
+    return _logs
+
+
+class _DriverLog(logging.Handler):
+    """Ray's and DeepSpeed's log records in the driver: held until the log file is known, then written to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.file: logging.Handler | None = None
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is not None:
+            self.file.handle(record)
+        else:
+            self.records.append(record)
+
+    def write_to(self, path: str | None) -> None:
+        if path is None:
+            self.file = logging.NullHandler()
+        else:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = logging.FileHandler(path)
+            self.file.setFormatter(self.formatter)
+        for record in self.records:
+            self.file.handle(record)
+        self.records.clear()
+
+
+class _Divert(logging.Filter):
+    """A logger filter that hands every record to `handler` and keeps it from the logger's own handlers,
+    also from handlers added later (DeepSpeed adds its console handler when it is imported)."""
+
+    def __init__(self, handler: logging.Handler):
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.handler.handle(record)
+        return False
+
+
+def quiet_driver_logs() -> _DriverLog:
+    """Send the console output of Ray's and DeepSpeed's loggers in this process (and Python warnings,
+    and records of loggers without a handler of their own) to one handler instead of the terminal."""
+    for module in ("ray.data", "ray.train", "ray.tune"):  # each gives its loggers console handlers when imported
+        importlib.import_module(module)
+
+    handler = _DriverLog()
+    logging.captureWarnings(True)
+    for name in DIVERTED_LOGGERS:
+        logging.getLogger(name).addFilter(_Divert(handler))
+    # Ray's modules log to children of "ray" (their records reach the handlers of each logger up the
+    # tree, past the logger filters): the console handlers that Ray's libraries attached are replaced.
+    for name in [RAY_LOGGER, *(n for n in list(logging.root.manager.loggerDict) if n.startswith(RAY_LOGGER + "."))]:
+        log = logging.getLogger(name)
+        console = [h for h in log.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+        for h in console:
+            log.removeHandler(h)
+        if console or name == RAY_LOGGER:
+            log.addHandler(handler)
+    if not logging.root.handlers:  # else Python's last-resort handler prints the warnings of loggers without one
+        logging.root.addHandler(handler)
+    return handler
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, verbose: bool = False) -> Iterator[RayLogs]:
+    """Connected to Ray inside the block. Leaving it, a connection made here is closed, so that no
+    line that Ray streams to this process can print after the block (the local instance itself
+    stops when the process exits)."""
+    import ray
+
+    owner = not ray.is_initialized()
+    logs = ensure_ray(address, verbose=verbose)
+    try:
+        yield logs
+    finally:
+        if owner:
+            ray.shutdown()
 
 
 def local_dashboard_url() -> str | None:

@@ -1,19 +1,23 @@
-"""Running a study: Ray Tune drives Optuna and ASHA; every trial is a TorchTrainer; MLflow tracks them all.
+"""Running a study: Ray Tune drives the search (search.py: Optuna, ASHA); every trial is a TorchTrainer;
+MLflow tracks them all.
 
 Layers, as in Ray's Train-inside-Tune pattern: `study_trial` (a Tune function trainable, one per
-trial) starts `run_trial` (a TorchTrainer of DeepSpeed workers) with a TuneReportCallback. The
-driver (this module) owns the Optuna search, the scheduler, and MLflow's parent run; its Tune
+trial) starts `run_trial` (trial.py: a TorchTrainer of DeepSpeed workers) with a
+TuneReportCallback. The driver (this module) owns the Tune run and MLflow's parent run; its Tune
 callbacks write every trial's child run and print progress. A study lives in STORAGE/NAME:
 Tune's experiment state (searcher included), each trial's Train run (`train-<trial id>`, the
 checkpoints), the spec and the study state (`study.json`), the leaderboard.
+
+What the terminal shows is ercstudy's: the trials' table every 30 s, a line per finished trial,
+the leaderboard and where the results are. Ray's and DeepSpeed's output goes to Ray's log files
+(`verbose` streams it here too), and the driver leaves Ray before the leaderboard, so that
+nothing follows it.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import logging
-import math
 import os
 import sys
 import time
@@ -23,12 +27,13 @@ from typing import Any
 
 import yaml
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 
-from . import tracking
-from .study import Study, apply_params, num_trials, optuna_sampler, parse_study, sample_point
+from . import compat, tracking
+from . import leaderboard as ranking
+from .search import build_scheduler, build_search
+from .study import Study, apply_params, num_trials, parse_study
+from .tables import cell, text_table
 
-logger = logging.getLogger(__name__)
 STATE_FILE = "study.json"
 SPEC_FILE = "study.yaml"
 TRIAL_ACTOR = {"CPU": 0, "memory": 64 * 1024**2}  # the trial's driver only waits on its TorchTrainer: no CPU
@@ -46,8 +51,8 @@ def study_trial(config: dict[str, Any]) -> None:
     """Tune function trainable: one trial = one TorchTrainer run, its reports forwarded to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ercstudy.trainables.config import TrialConfig
     from ercstudy.platform.trial import run_trial
+    from ercstudy.trainables.config import TrialConfig
 
     cfg = TrialConfig.from_dict(apply_params(config["base"], config["params"]))
     trial_id = tune.get_context().get_trial_id()
@@ -55,97 +60,6 @@ def study_trial(config: dict[str, Any]) -> None:
     result = run_trial(cfg, name=f"train-{trial_id}", storage_path=config["train_storage"], callbacks=[TuneReportCallback()])
     if result.error:
         raise RuntimeError(result.error)
-
-
-# ---------------------------------------------------------------------------------------------
-# Optuna
-
-
-class StudySearch(OptunaSearch):
-    """OptunaSearch that tells Optuna the truth about trials that did not finish their budget.
-
-    Ray's OptunaSearch tells a trial stopped early by ASHA as COMPLETE with its early value,
-    which biases TPE toward short runs; and it reads the objective from every result, while
-    eval metrics appear only at eval steps. Here a result without the metric is skipped, a
-    trial stopped before its last step is PRUNED (TPE ranks it by its intermediate values),
-    and a trial stopped by a non-finite loss is FAIL.
-    """
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if isinstance(self.metric, list) or self.metric not in result or trial_id not in self._ot_trials:
-            return
-        ot_trial = self._ot_trials[trial_id]
-        value = result[self.metric]
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            ot_trial.report(value, int(result.get("step", result.get("training_iteration", 0))))
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-            return
-        from optuna.trial import TrialState
-
-        ot_trial = self._ot_trials[trial_id]
-        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        values = [result.get(m) for m in metrics] if result else [None]
-        finished = bool(result) and int(result.get("step", 0)) >= int(result.get("total_steps", 0))
-        if error or (result or {}).get("stop_reason"):
-            state, values = TrialState.FAIL, None
-        elif not finished or any(v is None or not math.isfinite(v) for v in values):
-            state, values = TrialState.PRUNED, None
-        else:
-            state = TrialState.COMPLETE
-        try:
-            self._ot_study.tell(ot_trial, values if values is None or len(values) > 1 else values[0], state=state)
-        except RuntimeError as err:  # the grid sampler stops the study after its last point: nothing to do
-            logger.info("optuna: %s", err)
-        self._completed_trials.add(trial_id)
-
-
-@dataclass(frozen=True)
-class DefineByRun:
-    """The Optuna space: a picklable callable (Tune saves the searcher with the experiment state)."""
-
-    study: Study
-
-    def __call__(self, trial: Any) -> dict[str, Any]:
-        return {"params": sample_point(self.study, trial)}
-
-
-def build_search(study: Study) -> StudySearch:
-    import warnings
-
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    metrics = [o.metric for o in study.objectives]
-    modes = [o.mode for o in study.objectives]
-    return StudySearch(
-        space=DefineByRun(study),
-        metric=metrics if study.multi_objective else metrics[0],
-        mode=modes if study.multi_objective else modes[0],
-        sampler=optuna_sampler(study),
-        study_name=study.name,
-    )
-
-
-def build_scheduler(study: Study) -> Any:
-    from ray.tune.schedulers import ASHAScheduler
-
-    s = study.scheduler
-    if s.type == "none":
-        return None
-    budget = max((study.trial_config(p).steps if s.time_attr == "step" else
-                  study.trial_config(p).steps * study.trial_config(p).train.global_batch_size * study.trial_config(p).model.seq_len)
-                 for p in _corners(study))
-    # metric and mode come from TuneConfig (the primary objective)
-    return ASHAScheduler(time_attr=s.time_attr, max_t=budget, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
-
-
-def _corners(study: Study) -> list[dict[str, Any]]:
-    from .study import corner_points
-
-    return corner_points(study)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,10 +80,8 @@ def cluster_capacity() -> Capacity:
     now = ray.cluster_resources()
     cpus, gpus = now.get("CPU", 0.0), now.get("GPU", 0.0)
     try:
-        from ray._private.state import state  # what Ray Data's autoscaler asks too (private API)
-
-        most = state.get_max_resources_from_cluster_config() or {}
-    except Exception:
+        most = compat.autoscaler_max_resources()
+    except Exception:  # a Ray whose internals moved (tests/test_compat_platform.py names it): today's resources only
         most = {}
     return Capacity(max(cpus, most.get("CPU", 0)), max(gpus, most.get("GPU", 0)), bool(most))
 
@@ -197,12 +109,6 @@ def concurrency(study: Study, cap: Capacity) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Driver-side callbacks
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
 
 
 class MLflowStudyCallback(tune.Callback):
@@ -291,8 +197,8 @@ class ProgressCallback(tune.Callback):
     def _row(self, trial: Any, status: str | None = None) -> str:
         r = trial.last_result or {}
         status = status or trial.status
-        params = " ".join(f"{p.split('.')[-1]}={_fmt(v)}" for p, v in trial.config.get("params", {}).items())
-        objs = " ".join(f"{o.metric}={_fmt(r[o.metric])}" for o in self.study.objectives if o.metric in r)
+        params = " ".join(f"{p.split('.')[-1]}={cell(v)}" for p, v in trial.config.get("params", {}).items())
+        objs = " ".join(f"{o.metric}={cell(r[o.metric])}" for o in self.study.objectives if o.metric in r)
         step = f"step {r['step']}/{r.get('total_steps', '?')}" if "step" in r else "starting"
         return f"  {trial.trial_id:<14} {status:<13} {step:<14} {params} | {objs}"
 
@@ -371,9 +277,12 @@ def open_tracking(study: Study, *, state: StudyState | None) -> tuple[StudyState
 
 
 def run_study(study: Study, *, storage: str, address: str | None = None, resume: bool = False,
-              progress_every_s: float = 30.0) -> list[dict[str, Any]]:
-    """Run (or resume) a study; returns the leaderboard (best first)."""
-    from ercstudy.platform.ray_runtime import ensure_ray
+              progress_every_s: float = 30.0, verbose: bool = False) -> list[dict[str, Any]]:
+    """Run (or resume) a study; returns the leaderboard (best first).
+
+    verbose: Ray's and DeepSpeed's output streams to this terminal as well as to Ray's log files.
+    """
+    from .ray_runtime import ray_session
 
     directory = study_path(storage, study.name)
     state = None
@@ -383,19 +292,29 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
         raise StudyError(f"study {study.name!r} already exists in {directory}: `ercstudy resume {study.name}` continues it, "
                          f"or rename the study (name:) for a new one")
     state, c = open_tracking(study, state=state)  # before any Ray resource: an unreachable server fails here
-    ensure_ray(address)
-    cap = cluster_capacity()
-    max_concurrent = concurrency(study, cap)
-    directory.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (directory / SPEC_FILE).write_text(Path(study.source).read_text() if study.source and Path(study.source).is_file()
-                                           else yaml.safe_dump({"name": study.name}))
-        state.write(directory / STATE_FILE)
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # eval metrics come every eval.every steps only
-    print(f"study {study.name}: {num_trials(study)} trials, up to {max_concurrent} at once "
-          f"({cap.cpus:g} CPUs, {cap.gpus:g} GPUs{', autoscaling' if cap.autoscaling else ''}); results: {directory}", flush=True)
-    print(f"MLflow: {state.tracking_uri} | experiment {study.experiment!r} | parent run {state.parent_run_id}", flush=True)
+    with ray_session(address, verbose=verbose) as logs:
+        cap = cluster_capacity()
+        max_concurrent = concurrency(study, cap)
+        directory.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (directory / SPEC_FILE).write_text(Path(study.source).read_text() if study.source and Path(study.source).is_file()
+                                               else yaml.safe_dump({"name": study.name}))
+            state.write(directory / STATE_FILE)
+        print(f"study {study.name}: {num_trials(study)} trials, up to {max_concurrent} at once "
+              f"({cap.cpus:g} CPUs, {cap.gpus:g} GPUs{', autoscaling' if cap.autoscaling else ''}); results: {directory}", flush=True)
+        print(f"MLflow: {state.tracking_uri} | experiment {study.experiment!r} | parent run {state.parent_run_id}", flush=True)
+        print(f"Ray's logs (workers, DeepSpeed): {logs.where()}" + ("" if verbose else "; --verbose shows them here too"), flush=True)
+        results = fit(study, directory, state, resume=resume, max_concurrent=max_concurrent, progress_every_s=progress_every_s)
+    # out of Ray now: no line that Ray streams can follow the leaderboard
+    board = leaderboard(study, results)
+    write_leaderboard(study, board, directory, c, state, logs=logs)
+    return board
 
+
+def fit(study: Study, directory: Path, state: StudyState, *, resume: bool, max_concurrent: int,
+        progress_every_s: float) -> list[tuple[dict, dict, Any, str]]:
+    """The Tune run (new, or restored from STORAGE/NAME); returns each trial's (metrics, config, error, path)."""
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # eval metrics come every eval.every steps only
     trainable = tune.with_resources(study_trial, TRIAL_ACTOR)
     callbacks = [MLflowStudyCallback(study, state.tracking_uri, state.experiment_id, state.parent_run_id),
                  ProgressCallback(study, every_s=progress_every_s)]
@@ -417,60 +336,33 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
             ),
             run_config=run_config,
         )
-    results = tuner.fit()
-    board = leaderboard(study, [(r.metrics or {}, r.config or {}, r.error) for r in results],
-                        [r.path for r in results])
-    write_leaderboard(study, board, directory, c, state)
-    return board
+    return [(r.metrics or {}, r.config or {}, r.error, r.path) for r in tuner.fit()]
 
 
-def leaderboard(study: Study, results: list[tuple[dict, dict, Any]], paths: list[str] | None = None) -> list[dict[str, Any]]:
+def leaderboard(study: Study, results: list[tuple]) -> list[dict[str, Any]]:
+    """One row per trial (trial, status, step, params, objectives), best first (leaderboard.rank).
+
+    results: (final metrics, Tune config, error or None[, trial path]) per trial.
+    """
     rows = []
-    for i, (metrics, config, error) in enumerate(results):
+    for metrics, config, error, *path in results:
         status = tracking.trial_status(metrics, metrics.get("total_steps"), error=error is not None)
-        row = {"trial": metrics.get("trial_id") or Path((paths or [""] * len(results))[i]).name, "status": status,
-               "step": metrics.get("step"), **{p: v for p, v in config.get("params", {}).items()}}
+        row = {"trial": metrics.get("trial_id") or (Path(path[0]).name if path else ""), "status": status,
+               "step": metrics.get("step"), **config.get("params", {})}
         row.update({o.metric: metrics.get(o.metric) for o in study.objectives})
         rows.append(row)
-    o = study.objective
-    sign = 1 if o.mode == "min" else -1
-    ok = lambda r: r["status"] == "completed" and isinstance(r.get(o.metric), (int, float))  # noqa: E731
-    if not study.multi_objective:
-        return sorted(rows, key=lambda r: (not ok(r), sign * r[o.metric] if ok(r) else 0.0))
-    front = pareto_front(study, rows)
-    for i, r in enumerate(rows):
-        r["pareto"] = i in front
-    return sorted(rows, key=lambda r: (not ok(r), not r["pareto"], sign * r[o.metric] if ok(r) else 0.0))
+    return ranking.rank(study, rows)
 
 
-def pareto_front(study: Study, rows: list[dict[str, Any]]) -> set[int]:
-    """Indices of the completed rows that no other completed row dominates on every objective."""
-    def point(r: dict[str, Any]) -> tuple[float, ...] | None:
-        values = [r.get(o.metric) for o in study.objectives]
-        if r["status"] != "completed" or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            return None
-        return tuple(v if o.mode == "min" else -v for v, o in zip(values, study.objectives))  # all minimized
-
-    points = {i: p for i, r in enumerate(rows) if (p := point(r)) is not None}
-    dominated = lambda a, b: all(x <= y for x, y in zip(b, a)) and b != a  # noqa: E731 (b dominates a)
-    return {i for i, a in points.items() if not any(dominated(a, b) for j, b in points.items() if j != i)}
-
-
-def write_leaderboard(study: Study, board: list[dict[str, Any]], directory: Path, c: Any, state: StudyState) -> None:
+def write_leaderboard(study: Study, board: list[dict[str, Any]], directory: Path, c: Any, state: StudyState,
+                      logs: Any = None) -> None:
+    """The leaderboard to STORAGE/NAME/leaderboard.csv and the parent run (which it closes), then the summary."""
     cols = list(dict.fromkeys(k for r in board for k in r))
     path = directory / "leaderboard.csv"
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(board)
-    if study.multi_objective:
-        objs = ", ".join(f"{o.metric} {o.mode}" for o in study.objectives)
-        print(f"\nleaderboard (Pareto front of {objs} first, then by {study.objective.metric}):")
-    else:
-        print(f"\nleaderboard ({study.objective.metric}, {study.objective.mode}; best first):")
-    print("  " + "  ".join(f"{k:>12}" for k in cols))
-    for r in board:
-        print("  " + "  ".join(f"{_fmt(r.get(k, '')):>12}" for k in cols))
     c.log_artifact(state.parent_run_id, str(path))
     best = next((r for r in board if r["status"] == "completed"), None)
     if best:
@@ -482,7 +374,11 @@ def write_leaderboard(study: Study, board: list[dict[str, Any]], directory: Path
         c.set_tag(state.parent_run_id, "ercstudy.pareto_trials", " ".join(str(r["trial"]) for r in board if r.get("pareto")))
     c.set_tag(state.parent_run_id, tracking.STATUS_TAG, "completed")
     c.set_terminated(state.parent_run_id, "FINISHED")
+
+    print(f"\nleaderboard ({ranking.title(study)}):")
+    print("\n".join(text_table(board, cols, left=("trial", "status"), indent="  ")))
     runs = f"#/experiments/{state.experiment_id}/runs (expand the study's run, select its trials, Compare)"
     ui = (f"the runs: {state.tracking_uri.rstrip('/')}/{runs}" if state.tracking_uri.startswith(("http://", "https://"))
           else f"open the UI with: mlflow ui --backend-store-uri {state.tracking_uri}\n  then http://127.0.0.1:5000/{runs}")
-    print(f"\nresults: {directory}\nMLflow: {state.tracking_uri} (experiment {study.experiment!r}); {ui}")
+    print(f"\nresults: {directory}" + (f"\nRay's logs: {logs.where()}" if logs is not None else ""))
+    print(f"MLflow: {state.tracking_uri} (experiment {study.experiment!r}); {ui}", flush=True)

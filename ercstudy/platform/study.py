@@ -4,18 +4,18 @@ Sections, exactly: name, base, search, objective, scheduler, resources, tracking
 trial config (trainables/config.py); `search.params` address it by dotted paths. Every error is
 a ConfigError whose message starts with the dotted key (`search.params.moe.top_k.high: ...`).
 
-The search space is define-by-run (Optuna): params are drawn in file order, and a param that a
-constraint ties to an already known value (an earlier param, the base config, or a number) has
-its range narrowed first, so that every sampled trial satisfies every constraint; no trial is
-ever started only to fail.
+The space is read in file order: a param that a constraint ties to an already known value (an
+earlier param, the base config, or a number) has its range narrowed first (`Study.space`), so
+that every point satisfies every constraint. Validation walks the corners of that space here;
+search.py draws from the same narrowed ranges with Optuna, so no trial is started only to fail.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import operator
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 from ercstudy.trainables.config import ResourcesConfig, TrialConfig, read_yaml
 from ercstudy.trainables.validation import ConfigError, from_dict, require
+
+from .tables import text_table
 
 SECTIONS = ("name", "base", "search", "objective", "scheduler", "resources", "tracking")
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
@@ -189,13 +191,25 @@ class Study:
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
 
-    @property
+    @functools.cached_property
     def base_config(self) -> TrialConfig:
+        """The base as a trial config, parsed once (the space reads it for every point)."""
         return TrialConfig.from_dict(self.base)
+
+    @functools.cached_property
+    def fixed_values(self) -> dict[str, Any]:
+        """The base-config values that constraints compare searched params with (paths not searched)."""
+        return {p: config_value(self.base_config, p) for c in self.constraints for p in c.paths() if p not in self.search.params}
 
     def trial_config(self, params: dict[str, Any]) -> TrialConfig:
         """The trial config of one sampled point: the base with the params set."""
         return TrialConfig.from_dict(apply_params(self.base, params))
+
+    def space(self, path: str, known: dict[str, Any]) -> ParamSpec | list[Any]:
+        """The range (or choices) of the searched param `path` that the constraints leave, given the
+        values drawn so far (`known`, earlier params in file order); may be empty (see `is_empty`)."""
+        known = {**self.fixed_values, **known}
+        return narrow(self.search.params[path], [b for c in self.constraints if (b := c.bound_for(path, known)) is not None])
 
     @property
     def experiment(self) -> str:
@@ -396,7 +410,7 @@ def reported_metrics(cfg: TrialConfig) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The define-by-run space
+# The constrained space (search.py draws from it with Optuna)
 
 
 def narrow(param: ParamSpec, bounds: list[tuple[str, float]]) -> ParamSpec | list[Any]:
@@ -422,42 +436,8 @@ def narrow(param: ParamSpec, bounds: list[tuple[str, float]]) -> ParamSpec | lis
     return ParamSpec(type=param.type, low=low, high=high, log=param.log, step=param.step)
 
 
-def _empty(space: ParamSpec | list[Any]) -> bool:
+def is_empty(space: ParamSpec | list[Any]) -> bool:
     return (len(space) == 0) if isinstance(space, list) else space.low > space.high
-
-
-def sample_point(study: Study, trial: Any) -> dict[str, Any]:
-    """Draw one point with the Optuna `trial` (define-by-run), every constraint satisfied by construction.
-
-    A param whose range a constraint narrows is asked under a name that carries the range
-    (`moe.top_k|1..4`): Optuna refuses to change a categorical's choices under one name, and
-    TPE models each such conditional range separately.
-    """
-    base_cfg = study.base_config
-    known: dict[str, Any] = {}
-    for c in study.constraints:
-        for p in c.paths():
-            if p not in study.search.params:
-                known[p] = config_value(base_cfg, p)
-    point: dict[str, Any] = {}
-    for path, param in study.search.params.items():
-        bounds = [b for c in study.constraints if (b := c.bound_for(path, known)) is not None]
-        space = narrow(param, bounds)
-        if _empty(space):
-            raise ConfigError(f"search.params.{path}", f"no value satisfies the constraints given {point}")
-        if isinstance(space, list):
-            name = path if len(space) == len(param.choices) else f"{path}|{','.join(map(str, space))}"
-            value = trial.suggest_categorical(name, space)
-        else:
-            narrowed = (space.low, space.high) != (param.low, param.high)
-            name = f"{path}|{space.low:g}..{space.high:g}" if narrowed else path
-            if param.type == "int":
-                value = trial.suggest_int(name, int(space.low), int(space.high), step=param.step or 1, log=param.log)
-            else:
-                value = trial.suggest_float(name, space.low, space.high, log=param.log)
-        point[path] = value
-        known[path] = value
-    return point
 
 
 def check_space(study: Study) -> None:
@@ -475,16 +455,12 @@ def corner_points(study: Study, limit: int = 4096, *, full: bool = False) -> lis
 
     full: every value of int params (the grid sampler's points), not a sample of wide ranges.
     """
-    base_cfg = study.base_config
-    known0 = {p: config_value(base_cfg, p) for c in study.constraints for p in c.paths() if p not in study.search.params}
     points: list[dict[str, Any]] = [{}]
-    for path, param in study.search.params.items():
+    for path in study.search.params:
         nxt = []
         for point in points:
-            known = {**known0, **point}
-            bounds = [b for c in study.constraints if (b := c.bound_for(path, known)) is not None]
-            space = narrow(param, bounds)
-            if _empty(space):
+            space = study.space(path, point)
+            if is_empty(space):
                 raise ConfigError(f"search.params.{path}", f"no value satisfies the constraints when {point}: widen its range or fix search.constraints")
             values = space if isinstance(space, list) else space.values(limit=10**6 if full else 16)
             nxt.extend({**point, path: v} for v in values)
@@ -499,23 +475,6 @@ def num_trials(study: Study) -> int:
     return study.search.num_trials
 
 
-def optuna_sampler(study: Study) -> Any:
-    import warnings
-
-    import optuna
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    s = study.search
-    if s.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
-    if s.sampler == "grid":
-        # BruteForceSampler walks a define-by-run space exhaustively (narrowed ranges included)
-        return optuna.samplers.BruteForceSampler(seed=s.seed)
-    if s.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=s.seed, warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, group=True, constant_liar=True)
-
-
 def model_shapes(study: Study) -> dict[tuple, tuple[TrialConfig, int]]:
     """Distinct model shapes among the representative points: shape key -> (a config, how many points)."""
     shapes: dict[tuple, tuple[TrialConfig, int]] = {}
@@ -525,11 +484,6 @@ def model_shapes(study: Study) -> dict[tuple, tuple[TrialConfig, int]]:
         prev = shapes.get(key)
         shapes[key] = (prev[0] if prev else cfg, (prev[1] if prev else 0) + 1)
     return shapes
-
-
-def default_storage() -> str:
-    return os.path.abspath(os.environ.get("ERCSTUDY_STORAGE", "ercstudy_results"))
-
 
 
 def memory_per_worker_gb(cfg: TrialConfig, *, gpu: bool) -> float:
@@ -558,15 +512,15 @@ def memory_per_worker_gb(cfg: TrialConfig, *, gpu: bool) -> float:
 def dry_run_lines(study: Study, *, cpus: int, gpus: int) -> list[str]:
     """What `ercstudy dry-run` prints: one row per distinct model shape in the space."""
     gpu = study.base_config.resources.gpus_per_worker > 0
-    rows = [("shape", "params", "active", "MFLOP/tok", "tokens", "steps", "mem/worker", "points")]
+    columns = ("shape", "params", "active", "MFLOP/tok", "tokens", "steps", "mem/worker", "points")
+    rows = []
     for key, (cfg, count) in model_shapes(study).items():
-        shape = ", ".join(f"{p.split('.')[-1]}={v}" for p, v in key) or "base"
         tokens = cfg.steps * cfg.train.global_batch_size * cfg.model.seq_len
-        rows.append((shape, f"{cfg.num_params() / 1e6:.2f}M", f"{cfg.num_active_params() / 1e6:.2f}M",
-                     f"{cfg.flops_per_token() / 1e6:.1f}", f"{tokens:,}", str(cfg.steps),
-                     f"{memory_per_worker_gb(cfg, gpu=gpu):.2f} GB", str(count)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        rows.append({"shape": ", ".join(f"{p.split('.')[-1]}={v}" for p, v in key) or "base",
+                     "params": f"{cfg.num_params() / 1e6:.2f}M", "active": f"{cfg.num_active_params() / 1e6:.2f}M",
+                     "MFLOP/tok": f"{cfg.flops_per_token() / 1e6:.1f}", "tokens": f"{tokens:,}", "steps": cfg.steps,
+                     "mem/worker": f"{memory_per_worker_gb(cfg, gpu=gpu):.2f} GB", "points": count})
+    lines = text_table(rows, columns, left=("shape",))
     res = study.base_config.resources
     need_cpu, need_gpu = res.num_workers * res.cpus_per_worker, res.num_workers * res.gpus_per_worker
     fit = cpus // need_cpu if not need_gpu else min(cpus // need_cpu, gpus // need_gpu)
