@@ -27,7 +27,7 @@ def test_round_trip_and_derived_sizes():
         ({"moe": {"num_experts": 4, "top_k": 5}}, "moe.top_k: must be <= num_experts (4), got 5"),
         ({"moe": {"top_kk": 2}}, "moe.top_kk: unknown key (did you mean 'top_k'?)"),
         ({"modle": {}}, "modle: unknown key (did you mean 'model'?)"),
-        ({"erc": {"alpha": -1}}, "erc.alpha: must be >= 0, got -1"),
+        ({"erc": {"alpha": -1}}, "erc.alpha: must be >= 0 (a finite number), got -1"),
         ({"erc": {"epsilon": "bound"}}, "erc.epsilon: must be float or 'auto', got 'bound'"),
         ({"model": {"d_model": "big"}}, "model.d_model: must be an integer, got 'big'"),
         ({"model": {"d_model": 100, "n_heads": 3}}, "model.n_heads: must divide d_model (100), got 3"),

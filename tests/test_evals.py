@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_plain
 
 from ercstudy.trainables.config import DataConfig, TrialConfig
 from ercstudy.trainables.data import SyntheticCorpus
@@ -16,10 +17,8 @@ from ercstudy.trainables.evals import (
     mc_correct,
     synthetic_mc_task,
 )
-from ercstudy.trainables.model import MoELM, ModelConfig
+from ercstudy.trainables.model import ModelConfig, MoELM
 from ercstudy.trainables.moe import MoEConfig
-
-from conftest import train_plain
 
 CPU = torch.device("cpu")
 
@@ -86,8 +85,12 @@ def test_sharded_evaluation_covers_the_eval_set_once():
                                  "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 32},
                                  "data": {"num_domains": 4, "tokens_per_domain": 16, "shared_tokens": 16},
                                  "eval": {"sequences": 10, "mc_items": 9}})
-    whole = build_evaluator(cfg, rank=0, world=1, device=CPU)
-    halves = [build_evaluator(cfg, rank=r, world=2, device=CPU) for r in range(2)]
+    def evaluator(rank, world):
+        return build_evaluator(cfg.eval, cfg.data, seq_len=cfg.model.seq_len, seed=cfg.train.seed, rank=rank, world=world,
+                               device=CPU)
+
+    whole = evaluator(0, 1)
+    halves = [evaluator(r, 2) for r in range(2)]
     assert len(whole.tokens) == 10 and [len(h.tokens) for h in halves] == [5, 5]
     assert torch.equal(torch.cat([h.tokens for h in halves]).sort(0).values, whole.tokens.sort(0).values)
     assert [len(h.mc_items) for h in halves] == [4, 4] and halves[0].mc_total == 8
