@@ -1,8 +1,10 @@
-"""Shared by the benchmark scripts: arguments, device facts, timing (median of repeats), and output.
+"""Shared by the benchmark scripts: arguments, device facts, correctness checks, timing (median of
+repeats), and output.
 
 Timing follows the device tool's METHOD: warm-up calls first (kernel selection, allocator),
 then `repeats` timed calls, each synchronised (CUDA events on GPU, perf_counter on CPU),
-reported as the median with the 10th and 90th percentiles.
+reported as the median with the 10th and 90th percentiles. Column names carry their units
+(`_ms`, `_mb`, `tflops`, `tokens_per_s`); ratios (`speedup_*`, `mfu`) have none.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from ercstudy.platform.tables import text_table
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -39,7 +44,7 @@ def resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
 
 def device_info(device: torch.device) -> dict[str, Any]:
     info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     else:
@@ -49,6 +54,20 @@ def device_info(device: torch.device) -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         info["commit"] = None
     return info
+
+
+def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / max |ref|, in float64: one number per tensor, comparable across shapes."""
+    got, ref = got.detach().double(), ref.detach().double()
+    return ((got - ref).abs().max() / ref.abs().max()).item()
+
+
+def verify(what: str, err: float, tolerance: float) -> dict[str, Any]:
+    """The record of a correctness check for the JSON; a failed one (or a NaN error) stops the script."""
+    passed = err <= tolerance
+    if not passed:
+        raise SystemExit(f"check failed: {what}: max relative error {err:.2e} > {tolerance:.0e}")
+    return {"check": what, "max_rel_err": err, "tolerance": tolerance, "passed": passed}
 
 
 def sync(device: torch.device) -> None:
@@ -91,23 +110,16 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def report(script: str, args: argparse.Namespace, device: torch.device, rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
-    """Print a table of `rows` and write them with the device facts to JSON."""
-    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
-    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
-    for r in rows:
-        print("  ".join(_fmt(r.get(c)).rjust(w) for c, w in zip(columns, widths)))
-    result = {"script": script, "args": vars(args), **device_info(device), "rows": rows}
+def report(script: str, args: argparse.Namespace, device: torch.device, rows: list[dict[str, Any]], columns: list[str],
+           *, checks: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Print the checks that passed and a table of `rows`; write them with the columns and the device facts to JSON."""
+    for c in checks:
+        print(f"check passed: {c['check']}: max relative error {c['max_rel_err']:.1e} <= {c['tolerance']:.0e}")
+    print("\n".join(text_table(rows, columns, left=columns[:1])))
+    result = {"script": script, "args": vars(args), **device_info(device), "checks": list(checks), "columns": columns,
+              "rows": rows}
     out = Path(args.out or Path(__file__).parent / "results" / f"{script}-{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return result
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-    return str(v)

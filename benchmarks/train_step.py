@@ -14,7 +14,6 @@ FLOP/s of the device (trainables/devices.py: one table, with its sources). A tor
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -59,12 +58,11 @@ def trial_config(args, erc: bool, dtype):
 
 
 def init_single_process(device) -> None:
+    from ercstudy.netutil import free_port
+
     if torch.distributed.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def profile_summary(step, device, rows=12) -> str:
