@@ -1,4 +1,6 @@
-"""`ercstudy train` refuses bad input with one line and exit status 2, before starting Ray."""
+"""`ercstudy train` refuses bad input with one line and exit status 2, before starting Ray; the terminal
+shows ercstudy's lines (a line per report, the summary last), Ray's only with --verbose; --storage
+defaults to $ERCSTUDY_STORAGE."""
 
 import pytest
 
@@ -36,3 +38,186 @@ def test_quickstart_config_is_valid_and_tiny():
     cfg = load_trial_config("search_spaces/quickstart.yaml")
     assert cfg.erc.enabled and cfg.num_params() < 1_000_000 and cfg.steps == 60
     assert "MoE: 8 experts, top-2" in describe(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the terminal shows
+
+
+def test_storage_defaults_to_ERCSTUDY_STORAGE(tmp_path, monkeypatch, capsys):
+    from ercstudy.platform.cli import build_parser
+
+    monkeypatch.delenv("ERCSTUDY_STORAGE", raising=False)
+    assert build_parser().parse_args(["run", "s.yaml"]).storage == "ercstudy_results"
+    monkeypatch.setenv("ERCSTUDY_STORAGE", str(tmp_path / "store"))
+    for argv in (["run", "s.yaml"], ["resume", "s"], ["train", "t.yaml"], ["report", "s"], ["submit", "s.yaml", "--address", "x"]):
+        assert build_parser().parse_args(argv).storage == str(tmp_path / "store"), argv
+    assert build_parser().parse_args(["run", "s.yaml", "--storage", "elsewhere"]).storage == "elsewhere"
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "$ERCSTUDY_STORAGE, else ./ercstudy_results" in " ".join(capsys.readouterr().out.split())
+    # and the commands use it: an existing run is found there
+    (tmp_path / "store" / "quick").mkdir(parents=True)
+    path = tmp_path / "quick.yaml"
+    path.write_text("model: {d_model: 64}\n")
+    assert main(["train", str(path)]) == 2
+    assert f"already exists in {tmp_path / 'store'}" in capsys.readouterr().err
+
+
+def test_verbose_is_a_flag_of_the_commands_that_run_ray():
+    from ercstudy.platform.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["run", "s.yaml"], ["resume", "s"], ["train", "t.yaml"]):
+        assert parser.parse_args(argv).verbose is False and parser.parse_args([*argv, "--verbose"]).verbose is True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["validate", "s.yaml", "--verbose"])
+
+
+QUICK_STEPS = 60
+
+
+def report(step, **extra):
+    return {"step": step, "total_steps": QUICK_STEPS, "lm_loss": 4.0 - step / 100, "lb_loss": 1.0, "erc_loss": 1e-3,
+            "alpha_star": 0.9, "eps_mean": 0.6, "router_cos": 0.1, "domain_nmi": 0.2, "lr": 1e-3, "tokens_per_s": 1234.0,
+            "coupling_matrix": [[[1.0]]], **extra}
+
+
+@pytest.fixture()
+def fake_ray(monkeypatch):
+    """`ercstudy train` without Ray: a trial whose Train controller calls the callbacks with these reports."""
+    import contextlib
+    import queue
+    import sys
+    import types
+
+    from ercstudy.platform import progress, ray_runtime, tracking
+
+    events = []
+
+    @contextlib.contextmanager
+    def ray_session(address=None, *, verbose=False):
+        events.append(("connect", verbose))
+        yield ray_runtime.RayLogs("/tmp/ercstudy-ray-x/session_1/logs", local=True)
+        events.append(("disconnect", None))
+
+    def run_trial(cfg, *, name, storage_path, callbacks=None):
+        # reports at 10 .. 40; the workers die and resume from the checkpoint at 30; then 40 .. 60
+        history = [report(s) for s in (10, 20, 30, 40, 40, 50)] + [report(60, **{"eval/loss": 3.5})]
+        for m in history:
+            for cb in callbacks:
+                cb.after_report(None, [m], None)
+        events.append(("fit returned", None))
+        return types.SimpleNamespace(history=history, final=history[-1], path=f"{storage_path}/{name}",
+                                     checkpoint_path=f"{storage_path}/{name}/checkpoint_000005", error=None, stop_reason=None)
+
+    monkeypatch.setattr(ray_runtime, "ray_session", ray_session)
+    monkeypatch.setattr(tracking, "log_trial_artifacts", lambda *a: None)  # plots: tests/test_tracking.py
+    monkeypatch.setattr(progress, "report_queue", queue.Queue)
+    monkeypatch.setitem(sys.modules, "ercstudy.platform.trial", types.SimpleNamespace(run_trial=run_trial))
+    return events
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_train_prints_a_line_per_report_then_the_summary_last(tmp_path, monkeypatch, capsys, fake_ray, verbose):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    path = tmp_path / "quick.yaml"
+    path.write_text(open("search_spaces/quickstart.yaml").read())
+    assert main(["train", str(path), "--storage", str(tmp_path / "runs"), *(["--verbose"] if verbose else [])]) == 0
+    assert fake_ray == [("connect", verbose), ("fit returned", None), ("disconnect", None)]
+    out = capsys.readouterr().out.splitlines()
+    steps = [line.split("|")[0].split()[1] for line in out if line.startswith("step ")]
+    assert steps == ["10/60", "20/60", "30/60", "40/60", "40/60", "50/60", "60/60"]
+    assert out[out.index("step 40/60 | lm 3.6000 | lb 1.0000 | erc 1.00e-03 | alpha* 0.90 | eps 0.600 | cos 0.100 | nmi 0.200 | "
+                         "lr 1.00e-03 | 1,234 tok/s") + 1] == "resumed from checkpoint at step 30"
+    assert "eval 3.5000" in [line for line in out if line.startswith("step 60/60")][0]
+    logs = [line for line in out if line.startswith("Ray's logs (workers, DeepSpeed): /tmp/ercstudy-ray-x/session_1/logs")]
+    assert len(logs) == 1 and logs[0].endswith("--verbose shows them here too") != verbose
+    # the summary comes last, after every progress line
+    summary = out.index("finished quick: step 60 | lm_loss 3.4000 | alpha* 0.90 | eps 0.600")
+    assert all(not line.startswith(("step ", "resumed")) for line in out[summary:])
+    assert out[-1].startswith("MLflow UI: mlflow ui --backend-store-uri sqlite:///")
+    assert out[-2] == "Ray's logs: /tmp/ercstudy-ray-x/session_1/logs"
+
+
+def test_progress_knows_a_resume_from_the_steps_alone():
+    from ercstudy.platform.progress import reporting_steps, resumed_from
+
+    cfg = load_trial_config("search_spaces/quickstart.yaml")  # 60 steps, a report every 10, a checkpoint every 30
+    assert reporting_steps(cfg) == [10, 20, 30, 40, 50, 60]
+    assert resumed_from(cfg, 10, None) is None and resumed_from(cfg, 20, 10) is None
+    assert resumed_from(cfg, 40, None) == 30  # `ercstudy train --resume`: the first report seen is past the first step
+    assert resumed_from(cfg, 40, 40) == 30  # Ray Train restarted the workers from the checkpoint before step 40
+    assert resumed_from(cfg, 60, None) == 60  # no checkpoint at 50 (every 30 steps): resumed after the end
+    assert resumed_from(cfg, 10, 20) == 0  # restarted before the first checkpoint: from scratch
+
+def test_driver_logs_of_ray_and_deepspeed_go_to_the_file_not_the_terminal(tmp_path):
+    """In a fresh process (the routing changes its logging for good): Ray's loggers, DeepSpeed's (whose
+    console handler comes with its import, after the routing) and Python warnings."""
+    import subprocess
+    import sys
+
+    code = f"""
+import logging, sys, warnings
+from ercstudy.platform.ray_runtime import quiet_driver_logs
+pending = quiet_driver_logs()
+logging.getLogger("ray.tune.tune").warning("tune warns")
+ds = logging.getLogger("DeepSpeed"); ds.addHandler(logging.StreamHandler(sys.stdout)); ds.setLevel(logging.INFO)
+ds.info("Setting ds_accelerator to cpu")
+warnings.warn("a library warns")
+logging.getLogger("urllib3.connectionpool").warning("no handler of its own")
+print("ercstudy's own line")
+pending.write_to({str(tmp_path / "driver.log")!r})
+logging.getLogger("ray.data").warning("after the file is known")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "ercstudy's own line\n" and r.stderr == "", (r.stdout, r.stderr)
+    log = (tmp_path / "driver.log").read_text()
+    for text in ("tune warns", "Setting ds_accelerator to cpu", "a library warns", "no handler of its own", "after the file is known"):
+        assert text in log, text
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # starts the shared Ray (half a minute on 2 cores), then two drivers
+def test_verbose_streams_the_output_of_rays_processes_and_quiet_keeps_it_in_the_logs(ray_session):
+    """Two drivers on the shared Ray, as `ercstudy run/train` connect: the quiet one prints only its own
+    lines and names the log directory, where the worker's line is; the verbose one shows that line."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    code = """
+import sys, time
+import ray
+from ercstudy.platform.ray_runtime import ray_session
+
+verbose = sys.argv[1] == "verbose"
+with ray_session(verbose=verbose) as logs:
+    @ray.remote(num_cpus=0)
+    def work(tag):
+        print("a line from a Ray worker", tag, flush=True)
+        return 1
+
+    assert ray.get(work.remote(sys.argv[2])) == 1
+    time.sleep(10 if verbose else 0)  # Ray's log monitor forwards the line within seconds
+print("logs:", logs.directory)
+print("the summary")
+"""
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    tag = f"t{os.getpid()}-{time.time_ns()}"
+    quiet = subprocess.run([sys.executable, "-c", code, "quiet", tag + "q"], env=env, capture_output=True, text=True, timeout=600)
+    verbose = subprocess.run([sys.executable, "-c", code, "verbose", tag + "v"], env=env, capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0 and verbose.returncode == 0, quiet.stderr[-3000:] + verbose.stderr[-3000:]
+    out = quiet.stdout.splitlines()
+    assert quiet.stderr == "" and out[-1] == "the summary" and len(out) == 2, (quiet.stdout, quiet.stderr)
+    logs = Path(out[0].split(": ", 1)[1])
+    assert (logs / "ercstudy-driver.log").is_file()
+    deadline = time.monotonic() + 60
+    while not any(f"a line from a Ray worker {tag}q" in p.read_text(errors="replace") for p in logs.glob("worker-*.out")):
+        assert time.monotonic() < deadline, f"the worker's line is in no worker-*.out under {logs}"
+        time.sleep(1)
+    assert f"a line from a Ray worker {tag}v" in verbose.stdout + verbose.stderr, verbose.stdout + verbose.stderr
+    assert verbose.stdout.splitlines()[-1] == "the summary"  # left Ray before it: nothing streamed follows

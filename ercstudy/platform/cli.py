@@ -11,7 +11,13 @@ from pathlib import Path
 
 from ercstudy.trainables.validation import ConfigError
 
+STORAGE_ENV = "ERCSTUDY_STORAGE"
 DEFAULT_STORAGE = "ercstudy_results"
+
+
+def default_storage() -> str:
+    """--storage when not given: $ERCSTUDY_STORAGE, else ./ercstudy_results."""
+    return os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -53,8 +59,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if run_dir.exists() and not args.resume:
         return _fail(f"run {name!r} already exists in {storage}: pass --resume to continue it, or --name NAME for a new run")
     print(describe(cfg), flush=True)
-    from ercstudy.platform.train_callback import MLflowTrainCallback
-    from ercstudy.platform.trial import run_trial
+    from ercstudy.platform import progress
+    from ercstudy.platform.ray_runtime import ray_session
+    from ercstudy.platform.train_callback import MLflowTrainCallback, ReportQueueCallback
 
     # one MLflow run per trial, logged live by the Train controller; a resumed trial continues its run
     c = tracking.client(uri)
@@ -63,15 +70,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_id = found[0].info.run_id if found else tracking.start_trial_run(
         c, exp_id, name=name, config=cfg.to_dict(), tags={tracking.TRIAL_TAG: str(run_dir)})
     print(f"MLflow: {uri} | experiment {study_tracking.get('experiment') or name!r} | run {run_id}", flush=True)
-    result = run_trial(cfg, name=name, storage_path=storage, callbacks=[MLflowTrainCallback(uri, run_id)])
+    with ray_session(verbose=args.verbose) as logs:
+        print(f"Ray's logs (workers, DeepSpeed): {logs.where()}" + ("" if args.verbose else "; --verbose shows them here too"), flush=True)
+        # after the routing of the driver's logs: this imports DeepSpeed, which logs as it is imported
+        from ercstudy.platform.trial import run_trial
+
+        print(f"{name}: starting {cfg.resources.num_workers} worker(s); a line every {cfg.train.report_every} steps", flush=True)
+        # the workers print nothing here: the Train controller forwards each report, and this process prints it
+        reports = progress.report_queue()
+        callbacks = [MLflowTrainCallback(uri, run_id, notes=reports), ReportQueueCallback(reports)]
+        with progress.TrainProgress(cfg, reports):
+            result = run_trial(cfg, name=name, storage_path=storage, callbacks=callbacks)
+    # out of Ray now: nothing that Ray streams can follow the summary
     final = result.final
     status = tracking.trial_status(final, cfg.steps, error=result.error is not None)
     tracking.finish_trial_run(c, run_id, status, final, note=result.error or result.stop_reason or "")
     if result.error:
-        return _fail(f"trial failed: {result.error}", 1)
+        return _fail(f"trial failed: {result.error} (the workers' logs: {logs.where()})", 1)
     print(f"\nfinished {name}: step {final.get('step')} | lm_loss {final.get('lm_loss', float('nan')):.4f} | "
           f"alpha* {final.get('alpha_star', float('nan')):.2f} | eps {final.get('eps_mean', float('nan')):.3f}")
-    print(f"results: {result.path}\ncheckpoint: {result.checkpoint_path}\nMLflow UI: mlflow ui --backend-store-uri {uri}")
+    print(f"results: {result.path}\ncheckpoint: {result.checkpoint_path}\nRay's logs: {logs.where()}\n"
+          f"MLflow UI: mlflow ui --backend-store-uri {uri}", flush=True)
     if result.stop_reason:
         return _fail(f"trial stopped: {result.stop_reason}", 1)
     return 0
@@ -138,7 +157,7 @@ def _run(study, args: argparse.Namespace, *, resume: bool) -> int:
     from ercstudy.platform.tracking import TrackingError
 
     try:
-        board = run_study(study, storage=args.storage, address=args.address, resume=resume)
+        board = run_study(study, storage=args.storage, address=args.address, resume=resume, verbose=args.verbose)
     except (StudyError, TrackingError, ConfigError) as err:
         return _fail(str(err))
     return 0 if any(r["status"] == "completed" for r in board) else 1
@@ -255,8 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run one trial (no Tune) on the local embedded Ray or RAY_ADDRESS")
     train.add_argument("file", help="a trial config YAML, or a study YAML whose `base:` is one")
     train.add_argument("--name", help="run name (default: the file's stem); the run directory is STORAGE/NAME")
-    train.add_argument("--storage", default=DEFAULT_STORAGE, help=f"results directory (default: ./{DEFAULT_STORAGE})")
+    storage_default = f"default: ${STORAGE_ENV}, else ./{DEFAULT_STORAGE}"
+    verbose = "also show Ray's and DeepSpeed's output (workers, Train, Tune) here; it always goes to Ray's log files"
+    train.add_argument("--storage", default=default_storage(), help=f"results directory ({storage_default})")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run of the same name from its last checkpoint")
+    train.add_argument("--verbose", action="store_true", help=verbose)
     train.set_defaults(func=cmd_train)
 
     prep = sub.add_parser("prepare-data", help="tokenize text files (or a Parquet text column) into Parquet token shards")
@@ -276,28 +298,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("spec", help="a study YAML (search_spaces/...)")
         p.set_defaults(func=func)
     address = "Ray cluster address (default: RAY_ADDRESS, else a local embedded Ray)"
-    storage = f"results directory (default: ./{DEFAULT_STORAGE}); the study lives in STORAGE/NAME"
+    storage = f"results directory ({storage_default}); the study lives in STORAGE/NAME"
     run = sub.add_parser("run", help="run a study: Tune + Optuna (+ ASHA) over TorchTrainer trials, tracked in MLflow")
     run.add_argument("spec", help="a study YAML")
     run.add_argument("--address", help=address)
-    run.add_argument("--storage", default=DEFAULT_STORAGE, help=storage)
+    run.add_argument("--storage", default=default_storage(), help=storage)
+    run.add_argument("--verbose", action="store_true", help=verbose)
     run.set_defaults(func=cmd_run)
     resume = sub.add_parser("resume", help="continue an interrupted study: finished trials kept, unfinished ones from their checkpoints")
     resume.add_argument("name", help="the study's name")
     resume.add_argument("--address", help=address)
-    resume.add_argument("--storage", default=DEFAULT_STORAGE, help=storage)
+    resume.add_argument("--storage", default=default_storage(), help=storage)
+    resume.add_argument("--verbose", action="store_true", help=verbose)
     resume.set_defaults(func=cmd_resume)
     submit = sub.add_parser("submit", help="submit `ercstudy run SPEC` to a Ray cluster as a Ray job (this directory shipped)")
     submit.add_argument("spec", help="a study YAML, inside the current directory")
     submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265 (after `ray dashboard cluster.yaml`)")
-    submit.add_argument("--storage", default=DEFAULT_STORAGE,
-                        help=f"results directory on the cluster; relative: under the head's home (default: ~/{DEFAULT_STORAGE}); "
+    submit.add_argument("--storage", default=default_storage(),
+                        help=f"results directory on the cluster ({storage_default}); a relative one goes under the head's home; "
                              "multi-node trials need shared storage (s3://, NFS)")
     submit.add_argument("--job-id", help="submission id (default: Ray picks one)")
     submit.set_defaults(func=cmd_submit)
     report = sub.add_parser("report", help="leaderboard, plots and scaling fits of a study, written to files and its MLflow parent run")
     report.add_argument("name", help="the study's name")
-    report.add_argument("--storage", default=DEFAULT_STORAGE, help=storage)
+    report.add_argument("--storage", default=default_storage(), help=storage)
     report.add_argument("--out", help="output directory (default: STORAGE/NAME/report)")
     report.set_defaults(func=cmd_report)
     ev = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a checkpoint (extra `evals`), optionally logged to MLflow")

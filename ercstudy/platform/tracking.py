@@ -57,6 +57,8 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def client(uri: str) -> Any:
+    # a resumed trial's eval table is read back before it is appended to: no download progress bar on the terminal
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)

@@ -1,0 +1,126 @@
+"""What `ercstudy train` prints while its trial trains: one line per report, written by the driver.
+
+The workers print nothing to the terminal (their output stays in Ray's logs). Ray Train's
+controller hands every report to `train_callback.ReportQueueCallback`, which puts its metrics
+into a Ray queue; `TrainProgress` reads that queue in a thread of the driver and prints a line
+per report as it arrives:
+
+    step  50/100 | lm 1.8907 | lb 1.0328 | erc 2.58e-05 | alpha* 0.86 | eps 0.640 | cos 0.090 | nmi 0.163 | lr 1.88e-03 | 3,243 tok/s
+"""
+
+from __future__ import annotations
+
+import queue as stdlib_queue
+import sys
+import threading
+from typing import Any, TextIO
+
+from ercstudy.trainables.config import TrialConfig
+
+_END = "ercstudy.progress.end"  # what stop() puts last: the reader ends on it
+
+
+def progress_line(cfg: TrialConfig, m: dict[str, Any]) -> str:
+    """One report as a line: step, losses, specialization, eval, lr, throughput."""
+    parts = [
+        f"step {m['step']:>{len(str(cfg.steps))}}/{cfg.steps}",
+        f"lm {m['lm_loss']:.4f}",
+        f"lb {m['lb_loss']:.4f}",
+        f"erc {m['erc_loss']:.2e}",
+        f"alpha* {m['alpha_star']:.2f}",
+        f"eps {m['eps_mean']:.3f}",
+        f"cos {m['router_cos']:.3f}",
+    ]
+    if "domain_nmi" in m:
+        parts.append(f"nmi {m['domain_nmi']:.3f}")
+    if "eval/loss" in m:
+        parts.append(f"eval {m['eval/loss']:.4f}")
+    if "eval/mc_domain/acc" in m:
+        parts.append(f"mc {m['eval/mc_domain/acc']:.2f}")
+    parts += [f"lr {m['lr']:.2e}", f"{m['tokens_per_s']:,.0f} tok/s"]
+    return " | ".join(parts)
+
+
+def reporting_steps(cfg: TrialConfig) -> list[int]:
+    """The steps a trial reports at (every train.report_every steps, and the last); its checkpoints are among them."""
+    every = cfg.train.report_every
+    return sorted({*range(every, cfg.steps + 1, every), cfg.steps})
+
+
+def resumed_from(cfg: TrialConfig, step: int, previous: int | None) -> int | None:
+    """The checkpoint step that a report at `step` shows the trial resumed from (0: from scratch), or
+    None when it simply follows the report at `previous` (None: the first report seen).
+
+    A first report after the first reporting step, or a report at or before the last one seen (Ray
+    Train restarted the workers), comes from a trial restored from a checkpoint: the one at the
+    reporting step before it (checkpoints are taken at reporting steps, every
+    train.checkpoint_every and at the end), or, when no checkpoint was taken there, the final one
+    (a trial resumed after its end reports its final result again). A resume that repeats no step
+    does not show in the steps; a worker that reports `resumed_from_step` says so itself.
+    """
+    steps = reporting_steps(cfg)
+    if not ((previous is None and step > steps[0]) or (previous is not None and step <= previous)):
+        return None
+    before = max((s for s in steps if s < step), default=0)
+    if before and before % cfg.train.checkpoint_every and step == cfg.steps:
+        return step
+    return before
+
+
+def report_queue() -> Any:
+    """The queue the Train controller puts reports into: a Ray actor that holds no CPU."""
+    from ray.util.queue import Queue
+
+    return Queue(actor_options={"num_cpus": 0})
+
+
+class TrainProgress:
+    """Prints a line per report of one trial, in a thread of the driver, as reports arrive in `reports`
+    (a ray.util.queue.Queue that the Train controller puts them into; any queue with put/get works).
+
+    Use it as a context manager around the trial: leaving the block waits until every report put
+    before it has been printed, so that the caller's summary comes last.
+    """
+
+    def __init__(self, cfg: TrialConfig, reports: Any, *, out: TextIO | None = None):
+        self.cfg, self.reports, self.out = cfg, reports, out or sys.stdout
+        self.last_step: int | None = None
+        self.resumed: int | None = None  # the last resumed_from_step a report carried
+        self._thread = threading.Thread(target=self._read, name="ercstudy-train-progress", daemon=True)
+
+    def __enter__(self) -> TrainProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.reports.put(_END)
+        self._thread.join()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                item = self.reports.get(block=True)
+            except stdlib_queue.Empty:  # ray.util.queue.Empty is one
+                continue
+            if item == _END:
+                return
+            try:
+                self.show(item)
+            except Exception as err:  # a malformed report must not end the reader: the trial goes on
+                print(f"ercstudy: could not show a report ({type(err).__name__}: {err})", file=self.out, flush=True)
+
+    def show(self, item: dict[str, Any]) -> None:
+        if "message" in item:  # a note from the controller's callbacks (e.g. MLflow logging failed)
+            print(item["message"], file=self.out, flush=True)
+            return
+        step = int(item["step"])
+        if "resumed_from_step" in item:  # the worker says where it started (0 or None: from scratch)
+            resumed = item["resumed_from_step"] if item["resumed_from_step"] != self.resumed else None
+            self.resumed = item["resumed_from_step"]
+        else:
+            resumed = resumed_from(self.cfg, step, self.last_step)
+        if resumed:
+            print(f"resumed from checkpoint at step {resumed}", file=self.out, flush=True)
+        line = f"stopping: {item['stop_reason']}" if item.get("stop_reason") else progress_line(self.cfg, item)
+        print(line, file=self.out, flush=True)
+        self.last_step = step
