@@ -163,7 +163,7 @@ def run_harness(checkpoint: str | Path, tasks: list[str], *, include_path: str |
     from lm_eval.tasks import TaskManager
 
     lm = cls(checkpoint, config=config, batch_size=batch_size, device=device)  # a bad checkpoint fails first, in a second
-    # lm-eval's own index of thousands of built-in task YAMLs takes minutes on a slow machine: local tasks first
+    # indexing lm-eval's thousands of built-in task YAMLs costs a minute or more of CPU: local tasks first
     manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
     if manager is None or not set(tasks) <= set(manager.all_tasks):
         print("indexing lm-eval's built-in tasks (a minute or more)", file=sys.stderr, flush=True)
