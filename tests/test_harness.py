@@ -9,15 +9,15 @@ import random
 from pathlib import Path
 
 import pytest
-
-lm_eval = pytest.importorskip("lm_eval", reason="the `evals` extra (lm-evaluation-harness) is not installed")
-
 import torch
 from conftest import SHAKESPEARE, own_stderr, single_process_group
 
 from ercstudy.platform.cli import main
 from ercstudy.trainables import checkpoint as ckpt_lib
 from ercstudy.trainables.config import TrialConfig
+
+# none of the imports above needs lm-eval
+lm_eval = pytest.importorskip("lm_eval", reason="the `evals` extra (lm-evaluation-harness) is not installed")
 
 SEQ = 32  # conftest's shards
 STEPS = 30

@@ -27,7 +27,10 @@ def pareto_front(study: Study, rows: list[dict[str, Any]]) -> set[int]:
         values = [_value(r, o.metric) for o in study.objectives]
         if r.get("status") == "completed" and None not in values:
             points[i] = tuple(v if o.mode == "min" else -v for v, o in zip(values, study.objectives))  # all minimized
-    dominated = lambda a, b: all(x <= y for x, y in zip(b, a)) and b != a  # b dominates a
+
+    def dominated(a: tuple[float, ...], b: tuple[float, ...]) -> bool:  # b is nowhere worse than a, and somewhere better
+        return all(x <= y for x, y in zip(b, a)) and b != a
+
     return {i for i, a in points.items() if not any(dominated(a, b) for j, b in points.items() if j != i)}
 
 

@@ -4,7 +4,8 @@ the study report and the benchmarks."""
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 def cell(value: Any, *, digits: int = 4) -> str:
