@@ -85,8 +85,8 @@ def main(argv=None):
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     init_single_process(device)
-    from ercstudy.trainables.engine import build_engine
     from ercstudy.trainables.devices import device_peak_flops
+    from ercstudy.trainables.engine import build_engine
     from ercstudy.trainables.step import Trial, Window, train_step
 
     rows, profiles = [], {}

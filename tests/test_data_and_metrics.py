@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from ercstudy.trainables.data import DataConfig
-from ercstudy.trainables.data import SyntheticCorpus, SyntheticStream
+from ercstudy.trainables.data import DataConfig, SyntheticCorpus, SyntheticStream
 from ercstudy.trainables.specialization import (
     domain_expert_counts,
     layer_metrics,

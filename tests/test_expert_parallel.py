@@ -84,6 +84,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     restore(resumed, os.path.join(out_dir, "grouped_ep2", "step4"))
     train(resumed, no_report)
     histories["grouped_ep2_resumed"] = resumed.history
+    histories["bf16_norms"] = {backend: bf16_clip_norm(backend, rank, world, cpu) for backend in ("grouped", "deepspeed")}
     if rank == 0:
         torch.save(histories, os.path.join(out_dir, "histories.pt"))
     dist.barrier()
@@ -93,6 +94,41 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def bf16_clip_norm(backend: str, rank: int, world: int, device) -> tuple[float, float, float]:
+    """One bf16 step at ep_size 2: (DeepSpeed's clip norm, the norm of every gradient by hand, the
+    norm of the non-expert gradients alone). Expert shards are summed over the expert-parallel group."""
+    import torch.distributed as dist
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.utils import safe_get_full_grad
+
+    from ercstudy.trainables.step import Window, train_step
+    from ercstudy.trainables.worker import make_trial
+
+    cfg = TrialConfig.from_dict({**config(backend, 2).to_dict(), "train": {**config(backend, 2).to_dict()["train"], "precision": "bf16"}})
+    trial = make_trial(cfg, rank=rank, world=world, device=device)
+    seen = {}
+    step = trial.engine.step
+
+    def measure():
+        if trial.engine.is_gradient_accumulation_boundary():
+            dense = expert = 0.0
+            for p in trial.model.parameters():
+                sq = safe_get_full_grad(p).double().square().sum().item()
+                if is_moe_param(p):
+                    expert += sq
+                else:
+                    dense += sq
+            total = torch.tensor([expert], dtype=torch.float64)
+            dist.all_reduce(total, group=trial.ep_group)
+            seen["all"], seen["dense"] = math.sqrt(dense + total.item()), math.sqrt(dense)
+        step()
+
+    trial.engine.step = measure
+    trial.step = 1
+    train_step(trial, Window.empty(cfg, device, trial.data.num_domains), measure_grad_norm=False)
+    return float(trial.engine.get_global_grad_norm()), seen["all"], seen["dense"]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +143,8 @@ def runs(tmp_path_factory):
 def test_two_worker_runs_complete_and_report_every_metric_finite(runs):
     _, histories = runs
     for name, history in histories.items():
+        if name == "bf16_norms":
+            continue
         assert [m["step"] for m in history] == list(range(2, STEPS + 1, 2)), name
         for m in history:
             for key in TRIAL_METRICS + ["alpha_star/layer0", "alpha_star/layer1"]:
@@ -158,3 +196,12 @@ def test_expert_parallel_checkpoint_loads_as_one_model(runs):
         with torch.no_grad():
             logits = loaded.model(saved["tokens"][:, :-1]).logits
         torch.testing.assert_close(logits, saved["logits"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["grouped", "deepspeed"])
+def test_bf16_clips_by_the_norm_of_every_gradient_under_expert_parallelism(runs, backend):
+    _, histories = runs
+    clip_norm, everything, dense = histories["bf16_norms"][backend]
+    gap = everything - dense  # what the experts' gradients add
+    assert gap > 1e-4
+    assert clip_norm == pytest.approx(everything, abs=gap / 20)

@@ -132,8 +132,8 @@ def test_prepared_shards_stream_through_the_training_loop_until_a_nan_stops_it(s
     prepare-data's shards train, and a NaN ends the trial at its next report with the reason,
     without a checkpoint of the non-finite state."""
     import torch
-
     from conftest import single_process_group
+
     from ercstudy.trainables.worker import make_trial, train
 
     cfg = shards_config(shards)

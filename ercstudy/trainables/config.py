@@ -7,7 +7,6 @@ A worker turns Ray's dict into it on its first line with `TrialConfig.from_dict`
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +59,12 @@ class TrainConfig:
             f"must be a multiple of report_every ({self.report_every}), got {self.checkpoint_every}",
         )
         require(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
+        require(not (self.precision == "bf16" and self.zero_stage == 2), "zero_stage",
+                "2 accumulates gradients in bf16 under DeepSpeed 0.19; with bf16 use 0 or 1 (fp32 accumulation)")
+
+    def bf16(self, device_type: str) -> bool:
+        """Whether the trial trains in bf16 on a device of this type ("cuda", "cpu")."""
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +115,8 @@ class TrialConfig:
             "erc.enabled",
             "the ERC loss needs moe.num_experts >= 2",
         )
+        require(not (train.precision == "auto" and res.gpus_per_worker > 0 and train.zero_stage == 2), "train.zero_stage",
+                "2 accumulates gradients in bf16 under DeepSpeed 0.19, and precision auto is bf16 on GPU workers; use 0 or 1")
         per_step = train.micro_batch_size * res.num_workers
         require(
             train.global_batch_size % per_step == 0,

@@ -21,14 +21,20 @@ from .parallelize import expert_parallel_group, parallelize
 
 
 def deepspeed_config(cfg: TrialConfig, *, bf16: bool) -> dict[str, Any]:
+    """DeepSpeed's config for the trial. In bf16 the engine keeps fp32 master weights, accumulates and
+    all-reduces gradients in fp32, and clips by the norm of every gradient, experts included: DeepSpeed's
+    BF16_Optimizer, which it picks for ZeRO stage 1 with `grad_accum_dtype: fp32` (stage 0 runs as 1:
+    with a torch optimizer, DeepSpeed 0.19's stage 0 bf16 path accumulates in bf16 and leaves expert
+    gradients out of the clipping norm; stage 1 also shards the fp32 state over data-parallel ranks)."""
     t = cfg.train
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": {"stage": max(t.zero_stage, 1) if bf16 else t.zero_stage},
         "bf16": {"enabled": bf16},
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
         # torch_adam: the torch AdamW, not DeepSpeed's JIT-built CPU/CUDA Adam (50 s of compilation on CPU)
         "optimizer": {
             "type": "AdamW",
@@ -88,7 +94,7 @@ def build_engine(cfg: TrialConfig, device: torch.device, *, rank: int) -> Engine
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")  # reuses Ray's process group
     ep = cfg.resources.ep_size
     model = parallelize(MoELM(cfg.model, cfg.moe, seed=cfg.train.seed), cfg.moe, ep_size=ep, ep_rank=rank % ep)
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    bf16 = cfg.train.bf16(device.type)
     if not any(isinstance(f, _SchedulerNotStarted) for f in ds_logger.filters):
         ds_logger.addFilter(_SchedulerNotStarted())
     engine, *_ = deepspeed.initialize(

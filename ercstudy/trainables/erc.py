@@ -20,8 +20,9 @@ that the caller supplies (this file knows no process groups) assembles the whole
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -97,7 +98,9 @@ def noise_bound(router: Tensor) -> Tensor:
     router [..., n, d] -> [..., n] float32, j* the nearest other row. No gradient.
     """
     r = router.detach().float()
-    dist = torch.cdist(r, r)  # [..., n, n]
+    # Distances from differences, not from the |a|^2 + |b|^2 - 2ab expansion that cdist uses for n > 25:
+    # that one cancels for close rows (the very case the bound is about) and was off by 7x against float64.
+    dist = torch.cdist(r, r, compute_mode="donot_use_mm_for_euclid_dist")  # [..., n, n]
     dist.diagonal(dim1=-2, dim2=-1).fill_(math.inf)
     nearest = dist.amin(dim=-1)  # [..., n]
     return nearest / (2 * r.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny))

@@ -198,9 +198,9 @@ def loss_metrics(sums: Tensor, domain_names: list[str]) -> dict[str, float]:
     loss, count = sums.tolist()
     total = sum(loss) / max(sum(count), 1)
     out = {"eval/loss": total, "eval/ppl": math.exp(min(total, 50.0))}
-    for name, l, c in zip(domain_names, loss, count):
+    for name, summed, c in zip(domain_names, loss, count):
         if c:
-            out[f"eval/loss/{name}"] = l / c
+            out[f"eval/loss/{name}"] = summed / c
     return out
 
 

@@ -11,6 +11,7 @@ Shapes: B batch, T sequence, d model width, nh heads, hs head size, V vocab, L M
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -149,8 +150,12 @@ class Block(nn.Module):
         return x + y, stats
 
 
-@dataclass(frozen=True)
-class MoEAux:
+# The outputs are NamedTuples, not dataclasses: DeepSpeed's engine finds the output tensors by walking
+# tuples, lists and dicts, and hooks them to run its backward prologue. Without it, its BF16 optimizer
+# never clears the bf16 gradients between micro-batches and counts the first ones twice.
+
+
+class MoEAux(NamedTuple):
     """Per-MoE-layer auxiliary outputs of one forward, stacked over the L MoE layers."""
 
     lb_loss: Tensor  # [L]
@@ -160,8 +165,7 @@ class MoEAux:
     experts: Tensor  # [L, B*T, k] chosen experts
 
 
-@dataclass(frozen=True)
-class ModelOutput:
+class ModelOutput(NamedTuple):
     logits: Tensor  # [B, T, V]
     lm_loss: Tensor | None  # [] mean next-token cross-entropy (float32), when targets are given
     aux: MoEAux

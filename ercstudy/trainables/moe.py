@@ -214,5 +214,8 @@ def random_expert_weights(
     expert-parallel split (parallelize.py then keeps each rank's slice).
     """
     n, d, D = num_experts, d_model, expert_dim
-    normal = lambda *shape, s: torch.randn(*shape, generator=generator) * s
+
+    def normal(*shape: int, s: float) -> Tensor:
+        return torch.randn(*shape, generator=generator) * s
+
     return {"router": normal(n, d, s=std), "gate": normal(n, d, D, s=std), "up": normal(n, d, D, s=std), "down": normal(n, D, d, s=out_std)}

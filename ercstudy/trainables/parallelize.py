@@ -36,6 +36,7 @@ from . import compat
 from .expert_keys import stack_expert_keys, unstack_expert_keys
 from .moe import GroupedExperts, GroupedMoE, MoEConfig, MoEStats, count_per_expert, route, routing_losses
 
+
 class SwiGLUExpert(nn.Module):
     """One expert: (silu(x @ gate) * (x @ up)) @ down, with gate/up [d, D] and down [D, d]."""
 

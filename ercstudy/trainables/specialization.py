@@ -64,7 +64,10 @@ def normalized_mutual_information(joint: Tensor) -> Tensor:
     """[L, a, b] joint counts -> [L]: I(A; B) / ((H(A) + H(B)) / 2), 0 = independent, 1 = one determines the other."""
     p = joint / joint.sum(dim=(-2, -1), keepdim=True).clamp_min(1)
     pa, pb = p.sum(-1, keepdim=True), p.sum(-2, keepdim=True)
-    plogp = lambda q: (q * q.clamp_min(1e-30).log()).sum(dim=(-2, -1))
+
+    def plogp(q: Tensor) -> Tensor:
+        return (q * q.clamp_min(1e-30).log()).sum(dim=(-2, -1))
+
     mi = plogp(p) - (p * (pa * pb).clamp_min(1e-30).log()).sum(dim=(-2, -1))
     h = -(plogp(pa) + plogp(pb)) / 2
     return torch.where(h > 0, mi / h.clamp_min(1e-30), torch.zeros_like(h)).clamp(0, 1)
