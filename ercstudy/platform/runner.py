@@ -304,7 +304,8 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
               f"({cap.cpus:g} CPUs, {cap.gpus:g} GPUs{', autoscaling' if cap.autoscaling else ''}); results: {directory}", flush=True)
         print(f"MLflow: {state.tracking_uri} | experiment {study.experiment!r} | parent run {state.parent_run_id}", flush=True)
         print(f"Ray's logs (workers, DeepSpeed): {logs.where()}" + ("" if verbose else "; --verbose shows them here too"), flush=True)
-        results = fit(study, directory, state, resume=resume, max_concurrent=max_concurrent, progress_every_s=progress_every_s)
+        results = fit(study, directory, state, resume=resume, max_concurrent=max_concurrent, progress_every_s=progress_every_s,
+                      verbose=verbose)
     # out of Ray now: no line that Ray streams can follow the leaderboard
     board = leaderboard(study, results)
     write_leaderboard(study, board, directory, c, state, logs=logs)
@@ -312,9 +313,14 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
 
 
 def fit(study: Study, directory: Path, state: StudyState, *, resume: bool, max_concurrent: int,
-        progress_every_s: float) -> list[tuple[dict, dict, Any, str]]:
+        progress_every_s: float, verbose: bool = False) -> list[tuple[dict, dict, Any, str]]:
     """The Tune run (new, or restored from STORAGE/NAME); returns each trial's (metrics, config, error, path)."""
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # eval metrics come every eval.every steps only
+    if not verbose:
+        # Tune's default output engine prints its experiment box and "View detailed results here" even
+        # at verbose=0 (TuneTerminalReporter.experiment_started in ray/tune/experimental/output.py);
+        # its legacy engine, which this variable selects, prints nothing at 0.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(study_trial, TRIAL_ACTOR)
     callbacks = [MLflowStudyCallback(study, state.tracking_uri, state.experiment_id, state.parent_run_id),
                  ProgressCallback(study, every_s=progress_every_s)]
