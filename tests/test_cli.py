@@ -169,6 +169,10 @@ logging.getLogger("urllib3.connectionpool").warning("no handler of its own")
 print("ercstudy's own line")
 pending.write_to({str(tmp_path / "driver.log")!r})
 logging.getLogger("ray.data").warning("after the file is known")
+again = quiet_driver_logs()  # a second session in the same process: the new file only
+again.write_to({str(tmp_path / "second.log")!r})
+logging.getLogger("ray.tune").warning("in the second session")
+ds.warning("DeepSpeed in the second session")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -176,6 +180,8 @@ logging.getLogger("ray.data").warning("after the file is known")
     log = (tmp_path / "driver.log").read_text()
     for text in ("tune warns", "Setting ds_accelerator to cpu", "a library warns", "no handler of its own", "after the file is known"):
         assert text in log, text
+    second = (tmp_path / "second.log").read_text()
+    assert "in the second session" in second and "DeepSpeed in the second session" in second and "second session" not in log
 
 
 @pytest.mark.ray

@@ -239,11 +239,17 @@ def quiet_driver_logs() -> _DriverLog:
 
     handler = _DriverLog()
     logging.captureWarnings(True)
+    ray_loggers = [RAY_LOGGER, *(n for n in list(logging.root.manager.loggerDict) if n.startswith(RAY_LOGGER + "."))]
+    for log in [logging.root, *map(logging.getLogger, (*DIVERTED_LOGGERS, *ray_loggers))]:  # a previous routing's
+        for h in [h for h in log.handlers if isinstance(h, _DriverLog)]:
+            log.removeHandler(h)
+        for f in [f for f in log.filters if isinstance(f, _Divert)]:
+            log.removeFilter(f)
     for name in DIVERTED_LOGGERS:
         logging.getLogger(name).addFilter(_Divert(handler))
     # Ray's modules log to children of "ray" (their records reach the handlers of each logger up the
     # tree, past the logger filters): the console handlers that Ray's libraries attached are replaced.
-    for name in [RAY_LOGGER, *(n for n in list(logging.root.manager.loggerDict) if n.startswith(RAY_LOGGER + "."))]:
+    for name in ray_loggers:
         log = logging.getLogger(name)
         console = [h for h in log.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
         for h in console:
