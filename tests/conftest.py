@@ -15,6 +15,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global random state (torch, numpy, random): no test depends on luck."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One embedded Ray instance for every test that needs it (starting Ray costs a minute on 2 cores)."""

@@ -85,6 +85,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     train(resumed, no_report)
     histories["grouped_ep2_resumed"] = resumed.history
     histories["bf16_norms"] = {backend: bf16_clip_norm(backend, rank, world, cpu) for backend in ("grouped", "deepspeed")}
+    histories["ep_syncs"] = dict(expert_parallel_syncs(rank, world, cpu))
     if rank == 0:
         torch.save(histories, os.path.join(out_dir, "histories.pt"))
     dist.barrier()
@@ -131,6 +132,25 @@ def bf16_clip_norm(backend: str, rank: int, world: int, device) -> tuple[float, 
     return float(trial.engine.get_global_grad_norm()), seen["all"], seen["dense"]
 
 
+def expert_parallel_syncs(rank: int, world: int, device, steps: int = 2):
+    """Host syncs over `steps` whole steps of grouped ep_size 2 (tests/test_host_syncs.py counts them)."""
+    from test_host_syncs import SyncCounter
+
+    from ercstudy.trainables.step import Window, train_step
+    from ercstudy.trainables.worker import make_trial
+
+    trial = make_trial(config("grouped", 2), rank=rank, world=world, device=device)
+    window = Window.empty(trial.cfg, device, trial.data.num_domains)
+    trial.step = 1
+    train_step(trial, window, measure_grad_norm=False)
+    with SyncCounter() as counter:
+        for _ in range(steps):
+            trial.step += 1
+            train_step(trial, window, measure_grad_norm=False)
+    counter.calls.pop("torch/optim/optimizer.py", None)  # AdamW's CPU step counters
+    return counter.calls
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     import torch.multiprocessing as mp
@@ -143,7 +163,7 @@ def runs(tmp_path_factory):
 def test_two_worker_runs_complete_and_report_every_metric_finite(runs):
     _, histories = runs
     for name, history in histories.items():
-        if name == "bf16_norms":
+        if name in ("bf16_norms", "ep_syncs"):
             continue
         assert [m["step"] for m in history] == list(range(2, STEPS + 1, 2)), name
         for m in history:
@@ -205,3 +225,11 @@ def test_bf16_clips_by_the_norm_of_every_gradient_under_expert_parallelism(runs,
     gap = everything - dense  # what the experts' gradients add
     assert gap > 1e-4
     assert clip_norm == pytest.approx(everything, abs=gap / 20)
+
+
+def test_expert_parallel_syncs_once_per_moe_layer_and_micro_batch(runs):
+    """The exchange of split sizes (one .tolist() per MoE layer and micro-batch forward) and nothing else."""
+    _, histories = runs
+    cfg = config("grouped", 2)
+    expected = cfg.num_moe_layers * cfg.grad_accum * 2  # 2 steps
+    assert histories["ep_syncs"] == {"ercstudy/trainables/parallelize.py": expected}

@@ -1,10 +1,13 @@
 """The MoE backends against references: a dense SwiGLU, a per-token loop, and each other."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ercstudy.trainables.model import SwiGLU
+from ercstudy.trainables import moe
 from ercstudy.trainables.moe import GroupedMoE, MoEConfig, grouped_mm, random_expert_weights
 from ercstudy.trainables.parallelize import moe_layer
 
@@ -62,8 +65,23 @@ def test_grouped_mm_fallback_equals_torch_grouped_mm():
     offsets = torch.tensor([5, 5, 12, 20], dtype=torch.int32)  # one empty group
     reference = torch.cat([x[0:5] @ w[0], x[5:12] @ w[2], x[12:20] @ w[3]])
     torch.testing.assert_close(grouped_mm(x, w, offsets), reference)
-    # unaligned width (5 floats = 20 bytes) takes the per-group path
-    torch.testing.assert_close(grouped_mm(x[:, :5], w[:, :5], offsets), torch.cat([x[0:5, :5] @ w[0, :5], x[5:12, :5] @ w[2, :5], x[12:20, :5] @ w[3, :5]]))
+    # unaligned width (5 floats = 20 bytes) takes the per-group path, and says so once
+    moe._fallback_warned.clear()
+    with pytest.warns(RuntimeWarning, match="not multiples of 4 torch.float32 values"):
+        y = grouped_mm(x[:, :5], w[:, :5], offsets)
+    torch.testing.assert_close(y, torch.cat([x[0:5, :5] @ w[0, :5], x[5:12, :5] @ w[2, :5], x[12:20, :5] @ w[3, :5]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grouped_mm(x[:, :5], w[:, :5], offsets)  # the second time: no warning
+
+
+def test_grouped_backend_refuses_widths_the_grouped_gemm_cannot_align():
+    from ercstudy.trainables.config import TrialConfig
+    from ercstudy.trainables.validation import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^moe.expert_dim: must be a multiple of 8 for the grouped backend"):
+        TrialConfig.from_dict({"moe": {"expert_dim": 20}})
+    TrialConfig.from_dict({"moe": {"expert_dim": 20, "backend": "deepspeed"}})  # DeepSpeed's layer has no such limit
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])

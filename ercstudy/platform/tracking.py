@@ -22,7 +22,7 @@ STATUS_TAG = "ercstudy.status"  # completed | stopped_early | stopped_nonfinite 
 TRIAL_TAG = "ercstudy.trial_id"
 STUDY_TAG = "ercstudy.study"
 PARENT_TAG = "mlflow.parentRunId"
-LIVE_SKIP = ("coupling_matrix", "stop_reason", "checkpoint_path")
+LIVE_SKIP = ("coupling_matrix", "stop_reason", "checkpoint_path", "resumed_from_step")
 
 
 class TrackingError(RuntimeError):

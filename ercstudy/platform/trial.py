@@ -55,9 +55,10 @@ def run_trial(cfg: TrialConfig, *, name: str, storage_path: str, callbacks: list
             storage_path=os.path.abspath(storage_path) if "://" not in storage_path else storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            # DeepSpeed picks its accelerator once, at import: CPU workers must say so; GPU workers must not.
+            # DeepSpeed picks its accelerator once, at import: each worker names its own, from its resources
+            # (a worker inherits its node's environment, and a driver on a CPU machine may have set cpu there).
             # RAY_TRAIN_ENABLE_PRINT_PATCH=0: a worker's prints go to its log once, not twice (stdout + Train's logger).
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **({} if use_gpu else {"DS_ACCELERATOR": "cpu"})}},
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}},
             callbacks=callbacks or [],
             # Ray Train's INFO lines repeat every metric of every report; its warnings stay. Progress is ours.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),

@@ -110,6 +110,12 @@ class TrialConfig:
             "resources.ep_size",
             f"must divide moe.num_experts ({moe.num_experts}), got {res.ep_size}",
         )
+        if moe.backend == "grouped":
+            from .moe import GROUPED_MM_ALIGN as align
+
+            for path, width in (("model.d_model", model.d_model), ("moe.expert_dim", moe.expert_dim)):
+                require(width % align == 0, path, f"must be a multiple of {align} for the grouped backend's grouped GEMM "
+                        f"(16-byte rows in bf16), got {width}")
         require(
             not self.erc.enabled or moe.num_experts >= 2,
             "erc.enabled",

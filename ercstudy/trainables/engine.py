@@ -2,6 +2,8 @@
 
 `build_engine` builds the single-device model, applies expert parallelism (parallelize.py) and
 hands it to deepspeed.initialize on the current process group (Ray Train's, or any other).
+DeepSpeed is imported inside it, so that the driver, which only names the worker function,
+never loads DeepSpeed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from torch import Tensor
 from . import compat
 from .config import TrialConfig
 from .model import MoELM
-from .parallelize import expert_parallel_group, parallelize
 
 
 def deepspeed_config(cfg: TrialConfig, *, bf16: bool) -> dict[str, Any]:
@@ -53,6 +54,8 @@ def deepspeed_config(cfg: TrialConfig, *, bf16: bool) -> dict[str, Any]:
         },
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronizes the device at every forward and step; the report measures tokens/s
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
 
 
@@ -88,6 +91,8 @@ def build_engine(cfg: TrialConfig, device: torch.device, *, rank: int) -> Engine
     """The model and its DeepSpeed engine on the current process group."""
     import deepspeed
     from deepspeed.utils import logger as ds_logger
+
+    from .parallelize import expert_parallel_group, parallelize  # imports DeepSpeed: only where an engine is built
 
     if device.type == "cpu":
         compat.skip_cpu_shm_comm_build()

@@ -13,7 +13,7 @@ down [D, d]) and route the same way (DeepSpeed-MoE's convention):
      assignments that chose e), and router z-loss mean_T(logsumexp(logits)^2)
 
 - `grouped` (default, dropless): sort the S pairs by expert, run one grouped matmul per
-  projection (torch._grouped_mm), unsort and sum the k slots. No per-expert Python loop.
+  projection (torch.nn.functional.grouped_mm), unsort and sum the k slots. No per-expert Python loop.
 - `deepspeed`: deepspeed.moe.layer.MoE (GShard-style capacity and token dropping).
 
 This file is single-device code: the model is built with GroupedMoE layers, and
@@ -23,6 +23,7 @@ MoE, or GroupedEPMoE whose sorted pairs travel to the rank holding their expert 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,6 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .validation import require
+
+if not hasattr(F, "grouped_mm"):
+    raise ImportError(f"ercstudy needs torch >= 2.11 (torch.nn.functional.grouped_mm); this is torch {torch.__version__}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,21 +119,42 @@ def count_per_expert(experts: Tensor, num_experts: int) -> Tensor:
     )
 
 
-def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
-    """torch._grouped_mm needs 16-byte aligned rows; on CUDA it wants bf16 (Hopper+), on CPU it runs any float."""
-    aligned = all(s * x.element_size() % 16 == 0 for s in (x.shape[-1], w.shape[-1]))
+GROUPED_MM_ALIGN = 8  # elements: torch's grouped GEMM needs 16-byte row strides, 8 bf16 values (4 fp32)
+_fallback_warned: set[str] = set()
+
+
+def grouped_mm_unsupported(x: Tensor, w: Tensor) -> str | None:
+    """Why torch.nn.functional.grouped_mm cannot take these operands (None when it can).
+
+    On CUDA it runs bf16 on compute capability >= 8.0 (A100, H100, ...); on CPU any float dtype.
+    Both need rows whose byte strides are multiples of 16.
+    """
+    if x.dtype != w.dtype:
+        return f"operands of different dtypes ({x.dtype}, {w.dtype})"
+    if any(s * x.element_size() % 16 for s in (x.shape[-1], w.shape[-1])):
+        return f"row widths {x.shape[-1]} and {w.shape[-1]} are not multiples of {16 // x.element_size()} {x.dtype} values"
     if x.device.type == "cuda":
-        return aligned and x.dtype == w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
-    return aligned and x.dtype == w.dtype
+        if x.dtype != torch.bfloat16:
+            return f"{x.dtype} on CUDA (the CUDA kernel takes bf16: train.precision bf16)"
+        major, minor = torch.cuda.get_device_capability(x.device)
+        if major < 8:
+            return f"compute capability {major}.{minor} (needs >= 8.0)"
+    return None
 
 
 def grouped_mm(x_SK: Tensor, w_EKN: Tensor, offsets_E: Tensor) -> Tensor:
     """Rows of x_SK sorted by group; group e (rows offsets[e-1]:offsets[e]) times w_EKN[e]. -> [S, N].
 
-    torch._grouped_mm where it runs; otherwise a per-group loop (a reference path with a host sync).
+    torch.nn.functional.grouped_mm where it runs. Otherwise a per-group loop (the reference path,
+    with a host sync and a Python loop over experts), with a warning, once per reason, saying why.
     """
-    if _grouped_mm_supported(x_SK, w_EKN):
-        return torch._grouped_mm(x_SK, w_EKN, offs=offsets_E)
+    reason = grouped_mm_unsupported(x_SK, w_EKN)
+    if reason is None:
+        return F.grouped_mm(x_SK, w_EKN, offs=offsets_E)
+    if reason not in _fallback_warned:
+        _fallback_warned.add(reason)
+        warnings.warn(f"grouped MoE: torch.nn.functional.grouped_mm cannot run on {reason}; "
+                      "falling back to a slow per-expert loop", RuntimeWarning, stacklevel=2)
     ends = offsets_E.tolist()
     starts = [0, *ends[:-1]]
     return torch.cat([x_SK[s:e] @ w_EKN[g] for g, (s, e) in enumerate(zip(starts, ends))], dim=0)

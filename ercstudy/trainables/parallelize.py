@@ -170,11 +170,12 @@ class GroupedEPMoE(GroupedMoE, MoE):
         recv_RE = torch.empty_like(send_E)
         dist.all_to_all_single(recv_RE, send_E, group=self.ep_group)  # [ep * n_local]: from rank r to my expert e
         recv_RE = recv_RE.view(ep, n_local)
-        send_splits = send_E.view(ep, n_local).sum(dim=1).tolist()  # the host sync
-        recv_splits = recv_RE.sum(dim=1).tolist()
-        x_RD = all_to_all_single(x_SD.new_empty(sum(recv_splits), x_SD.shape[-1]), x_SD, recv_splits, send_splits, group=self.ep_group)
+        # the one host sync of the layer: the split sizes, which the all-to-alls take as Python ints
+        send_splits, recv_splits = torch.stack([send_E.view(ep, n_local).sum(dim=1), recv_RE.sum(dim=1)]).tolist()
+        received = sum(recv_splits)
+        x_RD = all_to_all_single(x_SD.new_empty(received, x_SD.shape[-1]), x_SD, recv_splits, send_splits, group=self.ep_group)
         # rows arrive by source rank, each rank's rows sorted by expert: regroup them by local expert
-        local_ids = torch.arange(n_local, device=x_SD.device).repeat(ep).repeat_interleave(recv_RE.reshape(-1))
+        local_ids = torch.arange(n_local, device=x_SD.device).repeat(ep).repeat_interleave(recv_RE.reshape(-1), output_size=received)
         order = torch.argsort(local_ids, stable=True)
         y_RD = self.experts(x_RD[order], torch.cumsum(recv_RE.sum(dim=0), dim=0).to(torch.int32))
         y_RD = torch.empty_like(y_RD).index_copy_(0, order, y_RD)

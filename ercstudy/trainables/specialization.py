@@ -86,6 +86,37 @@ def layer_metrics(
 ) -> dict[str, float]:
     """All specialization metrics of the L MoE layers as report keys (one host transfer): LAYER_METRICS
     (+ domain_nmi with domain labels), each as the mean over layers and per layer (`name/layer{i}`)."""
+    return to_host(layer_metric_tensors(router, activations, tokens_per_expert, dropped, domain_counts))
+
+
+@torch.no_grad()
+def to_host(per_layer: dict[str, Tensor], scalars: dict[str, Tensor] | None = None) -> dict[str, float]:
+    """Per-layer metrics [L] (reported as their mean and as `name/layer{i}`) and scalar tensors [], moved
+    to the host in one transfer."""
+    names, scalar_names = list(per_layer), list(scalars or {})
+    L = next(iter(per_layer.values())).shape[0] if per_layer else 0
+    flat = torch.cat([torch.stack([per_layer[k].float() for k in names]).reshape(-1) if names else torch.zeros(0),
+                      *(scalars[k].float().reshape(1).to(next(iter(per_layer.values())).device if names else "cpu")
+                        for k in scalar_names)])
+    values = flat.tolist()
+    out: dict[str, float] = {}
+    for i, name in enumerate(names):
+        row = values[i * L : (i + 1) * L]
+        out[name] = sum(row) / len(row)
+        out.update({f"{name}/layer{j}": v for j, v in enumerate(row)})
+    out.update(zip(scalar_names, values[len(names) * L :]))
+    return out
+
+
+@torch.no_grad()
+def layer_metric_tensors(
+    router: Tensor,
+    activations: Tensor,
+    tokens_per_expert: Tensor,
+    dropped: Tensor,
+    domain_counts: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """LAYER_METRICS (+ domain_nmi with domain labels) of the L MoE layers, each a [L] tensor on the device."""
     eps = noise_bound(router)
     entropy, max_over_mean = load_balance(tokens_per_expert)
     per_layer = {
@@ -101,10 +132,4 @@ def layer_metrics(
     assert tuple(per_layer) == LAYER_METRICS
     if domain_counts is not None:
         per_layer["domain_nmi"] = normalized_mutual_information(domain_counts)
-    names = list(per_layer)
-    values = torch.stack([per_layer[k].float().cpu() for k in names]).tolist()  # [metrics, L]
-    out: dict[str, float] = {}
-    for name, row in zip(names, values):
-        out[name] = sum(row) / len(row)
-        out.update({f"{name}/layer{i}": v for i, v in enumerate(row)})
-    return out
+    return per_layer

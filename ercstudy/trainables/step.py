@@ -20,7 +20,6 @@ from .engine import global_grad_norm
 from .erc import ERCResult, erc_loss
 from .evals import TrialEvaluator
 from .model import MoELM
-from .parallelize import gather_columns
 from .specialization import domain_expert_counts
 
 
@@ -40,6 +39,7 @@ class Trial:
     evaluator: TrialEvaluator | None = None
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: int | None = None  # the step a checkpoint restored, until the next report says so
 
 
 @dataclass
@@ -68,11 +68,22 @@ def coupling(model: Any, cfg: TrialConfig, ep_group: Any, *, generator: torch.Ge
     router rows (eps = 0) for the metrics. Under expert parallelism every rank computes the columns of M
     of its experts and the autograd-aware all-gather assembles M (parallelize.gather_columns)."""
     e = cfg.erc
+    gather = None
+    if ep_group is not None:
+        from .parallelize import gather_columns
+
+        gather = partial(gather_columns, group=ep_group)
     return erc_loss(
         model.router_weights(), model.gate_weights(), alpha=e.alpha, epsilon=0 if clean else e.epsilon,
-        router_grad=e.router_grad, generator=generator,
-        gather_columns=partial(gather_columns, group=ep_group) if ep_group is not None else None,
+        router_grad=e.router_grad, generator=generator, gather_columns=gather,
     )
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host batch onto the device without a host sync: pinned, then copied asynchronously."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def train_step(trial: Trial, window: Window, *, measure_grad_norm: bool) -> None:
@@ -81,7 +92,7 @@ def train_step(trial: Trial, window: Window, *, measure_grad_norm: bool) -> None
     accum = cfg.grad_accum
     for micro in range(accum):
         batch = trial.data.micro_batch(trial.step, micro)
-        tokens = batch.tokens.to(trial.device)
+        tokens = to_device(batch.tokens, trial.device)
         out = engine(tokens[:, :-1], tokens[:, 1:])
         lb, z = out.aux.lb_loss.mean(), out.aux.z_loss.mean()
         loss = out.lm_loss + cfg.moe.lb_weight * lb + cfg.moe.z_weight * z
@@ -106,7 +117,7 @@ def train_step(trial: Trial, window: Window, *, measure_grad_norm: bool) -> None
             window.dropped += out.aux.dropped_fraction
             if window.domain_counts is not None:
                 window.domain_counts += domain_expert_counts(
-                    out.aux.experts, batch.domains.to(trial.device), trial.data.num_domains, cfg.moe.num_experts
+                    out.aux.experts, to_device(batch.domains, trial.device), trial.data.num_domains, cfg.moe.num_experts
                 )
             window.micro_batches += 1
     window.steps += 1

@@ -29,7 +29,7 @@ from .data import GlobalBatchStream, build_train_data
 from .devices import device_peak_flops
 from .engine import build_engine
 from .evals import build_evaluator
-from .specialization import layer_metrics
+from .specialization import layer_metric_tensors, to_host
 from .step import Trial, Window, coupling, train_step
 
 # Expert parallelism uses torch.distributed.nn's autograd collectives, deprecated in torch 2.13 for
@@ -58,6 +58,7 @@ def restore(trial: Trial, checkpoint_dir: str) -> None:
     """Load a checkpoint of the trial's (collective): weights, optimizer, LR schedule, step and history."""
     _, client_state = trial.engine.load_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
     trial.step, trial.history = client_state["step"], list(client_state["history"])
+    trial.resumed_from = trial.step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,20 +80,27 @@ def window_metrics(trial: Trial, window: Window) -> dict[str, Any]:
     """Reduce the window across workers and compute every reported metric (collective: all ranks call it)."""
     cfg = trial.cfg
     sums = reduce_window(window)
-    lm, lb, z, erc, nonfinite = (sums["losses"] / (window.micro_batches * trial.world)).tolist()
     elapsed = time.perf_counter() - window.started
     tokens = window.steps * cfg.train.global_batch_size * cfg.model.seq_len
     with torch.no_grad():
         m_clean = coupling(trial.model, cfg, trial.ep_group, generator=None, clean=True).activations
-        spec = layer_metrics(
+        per_layer = layer_metric_tensors(
             trial.model.router_weights(),
             m_clean,
             sums["tokens_per_expert"],
             sums["dropped"] / (window.micro_batches * trial.world),
             sums.get("domain_counts"),
         )
-    ds_norm = trial.engine.get_global_grad_norm()
-    grad_norm = window.grad_norm.item() if ds_norm is None or not math.isfinite(float(ds_norm)) else float(ds_norm)
+        losses = sums["losses"] / (window.micro_batches * trial.world)
+        scalars = dict(zip(("lm", "lb", "z", "erc", "nonfinite"), losses.unbind()), own_norm=window.grad_norm)
+        ds_norm = trial.engine.get_global_grad_norm()  # the norm DeepSpeed clipped by (None under ZeRO-0 fp32)
+        if torch.is_tensor(ds_norm):
+            scalars["ds_norm"] = ds_norm
+        host = to_host(per_layer, scalars)  # the report's one device -> host transfer
+    spec = {k: v for k, v in host.items() if k not in scalars}
+    lm, lb, z, erc, nonfinite = (host[k] for k in ("lm", "lb", "z", "erc", "nonfinite"))
+    ds_norm = host.get("ds_norm", ds_norm)
+    grad_norm = host["own_norm"] if ds_norm is None or not math.isfinite(float(ds_norm)) else float(ds_norm)
     metrics: dict[str, Any] = {
         "step": trial.step,
         "total_steps": cfg.steps,
@@ -146,6 +154,8 @@ def train(trial: Trial, report: Callable[..., None]) -> None:
         if not reporting:
             continue
         metrics = window_metrics(trial, window)
+        if trial.resumed_from is not None:  # the first report after a restore says where it resumed
+            metrics["resumed_from_step"], trial.resumed_from = trial.resumed_from, None
         stop = "stop_reason" in metrics
         every = cfg.eval.every
         if trial.evaluator is not None and not stop and ((every and trial.step % every == 0) or trial.step == cfg.steps):
