@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ercstudy.trainables.model import SwiGLU
 from ercstudy.trainables import moe
+from ercstudy.trainables.model import SwiGLU
 from ercstudy.trainables.moe import GroupedMoE, MoEConfig, grouped_mm, random_expert_weights
 from ercstudy.trainables.parallelize import moe_layer
 
