@@ -81,3 +81,20 @@ def test_cluster_config_validation_is_where_it_was():
     for name in ("prepare_config", "validate_config"):
         params = list(_signature(_require(util, name, "ray.autoscaler._private.util"), f"util.{name}").parameters)
         assert params == ["config"], f"ray.autoscaler._private.util.{name} now takes {params}"
+
+
+def test_driver_messages_are_printed_through_a_replaceable_module_function():
+    import inspect
+
+    import ray._private.worker as worker
+
+    assert callable(getattr(worker, "print_to_stdstream", None)), "ray._private.worker.print_to_stdstream is gone"
+    source = inspect.getsource(worker.listen_error_messages)
+    assert "print_to_stdstream(" in source, "listen_error_messages no longer prints through print_to_stdstream"
+    saved, seen = worker.print_to_stdstream, []
+    try:
+        compat.divert_driver_messages(seen.extend)
+        worker.print_to_stdstream({"lines": ["a warning"], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    finally:
+        worker.print_to_stdstream = saved
+    assert seen == ["(raylet) a warning"]

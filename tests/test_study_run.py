@@ -208,7 +208,11 @@ def test_submit_runs_a_multi_objective_study_as_a_ray_job(ray_session, tmp_path,
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
     assert "leaderboard (Pareto front of eval/loss min, tokens_per_s max first" in logs
     assert logs.rstrip().splitlines()[-1].startswith("  then http://127.0.0.1:5000/"), logs[-2000:]  # the job's last line
-    foreign = [line for line in logs.splitlines() if not OWN_LINE.match(line.replace("submitted", "quickstart"))]
+    # the job's log opens with the lines of Ray's job manager, written before the entrypoint starts
+    lines = logs.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Running entrypoint for job")) + 1
+    assert all("job_manager.py" in line for line in lines[: start - 1]), lines[:start]
+    foreign = [line for line in lines[start:] if not OWN_LINE.match(line.replace("submitted", "quickstart"))]
     assert not foreign, foreign[:20]
     c = MlflowClient(uri)
     runs = c.search_runs([c.get_experiment_by_name("submitted").experiment_id])

@@ -59,3 +59,18 @@ def validate_cluster_config(config: dict[str, Any]) -> dict[str, Any]:
     config = prepare_config(config)
     validate_config(config)
     return config
+
+
+def divert_driver_messages(write: Any) -> None:
+    """Hand the messages Ray pushes to every driver (the raylet's warnings, e.g. "N worker processes have
+    been started ..."), which it prints to stdout whatever `log_to_driver` says, to `write(lines)` instead.
+
+    ray._private.worker.listen_error_messages prints them through the module function
+    `print_to_stdstream(data, ignore_prefix)`; replacing that function is the only way to route them.
+    """
+    import ray._private.worker as worker
+
+    def to_driver_log(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        write([f"({data.get('pid', 'ray')}) {line}" for line in data.get("lines", [])])
+
+    worker.print_to_stdstream = to_driver_log

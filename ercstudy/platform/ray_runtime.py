@@ -188,6 +188,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbo
     _logs = RayLogs(os.path.join(session_dir, "logs") if session_dir else None, local=address == getattr(_local, "address", None))
     if pending is not None:
         pending.write_to(os.path.join(_logs.directory, DRIVER_LOG) if _logs.directory else None)
+        raylet = logging.getLogger(RAY_LOGGER + ".driver_messages")
+        compat.divert_driver_messages(lambda lines: [raylet.warning(line) for line in lines])
     return _logs
 
 
