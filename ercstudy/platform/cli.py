@@ -140,7 +140,7 @@ def _local_devices() -> tuple[int, int]:
 
 
 def cmd_dry_run(args: argparse.Namespace) -> int:
-    from ercstudy.platform.study import dry_run_lines
+    from ercstudy.platform.dry_run import dry_run_lines
 
     try:
         study = _load_study(args.spec)

@@ -1,0 +1,80 @@
+"""`ercstudy dry-run`: what a study would train, computed from its file alone, before any GPU time.
+
+One row per distinct model shape among the representative points of the space: parameters,
+active parameters, FLOPs per token, tokens, steps and a memory estimate per worker; then the
+search, the objective and how many trials this machine runs at once.
+"""
+
+from __future__ import annotations
+
+from ercstudy.trainables.config import TrialConfig
+
+from .study import Study, corner_points
+from .tables import text_table
+
+# fields of the trial config that change the model's shape (the dry run groups points by them)
+SHAPE_FIELDS = ("model.", "moe.num_experts", "moe.top_k", "moe.expert_dim", "moe.moe_every")
+
+
+def model_shapes(study: Study) -> dict[tuple, tuple[TrialConfig, int]]:
+    """Distinct model shapes among the representative points: shape key -> (a config, how many points)."""
+    shapes: dict[tuple, tuple[TrialConfig, int]] = {}
+    for point in corner_points(study):
+        cfg = study.trial_config(point)
+        key = tuple(sorted((p, v) for p, v in point.items() if p.startswith(SHAPE_FIELDS) or p == "train.tokens"))
+        prev = shapes.get(key)
+        shapes[key] = (prev[0] if prev else cfg, (prev[1] if prev else 0) + 1)
+    return shapes
+
+
+def memory_per_worker_gb(cfg: TrialConfig, *, gpu: bool) -> float:
+    """A rough upper estimate of one worker's memory: weights, gradients and AdamW states, plus activations.
+
+    16 bytes per parameter (fp32 weights + grads + two Adam moments on CPU; bf16 weights + grads +
+    fp32 master + moments on GPU), expert parameters divided over ep_size, optimizer states over the
+    data-parallel ranks with ZeRO >= 1; activations per micro-batch as in Korthikanti et al. (2022),
+    with the MoE layers' expert activations scaled by top_k.
+    """
+    m, moe, res = cfg.model, cfg.moe, cfg.resources
+    total = cfg.num_params()
+    expert_params = moe.num_experts * 3 * m.d_model * moe.expert_dim * cfg.num_moe_layers
+    dense_params = total - expert_params
+    local = dense_params + expert_params / res.ep_size
+    optimizer = 8 * local / (res.num_workers if cfg.train.zero_stage >= 1 else 1)
+    weights_grads = (4 + 4) * local
+    act_bytes = 2 if gpu else 4
+    tokens = cfg.train.micro_batch_size * m.seq_len
+    attn = tokens * m.d_model * (34 + 5 * m.n_heads * m.seq_len / m.d_model) * act_bytes / 2
+    experts = tokens * moe.top_k * moe.expert_dim * 3 * act_bytes
+    activations = m.n_layers * attn + cfg.num_moe_layers * experts
+    return (weights_grads + optimizer + activations) / 1e9
+
+
+def dry_run_lines(study: Study, *, cpus: int, gpus: int) -> list[str]:
+    """What `ercstudy dry-run` prints: one row per distinct model shape in the space."""
+    gpu = study.base_config.resources.gpus_per_worker > 0
+    columns = ("shape", "params", "active", "MFLOP/tok", "tokens", "steps", "mem/worker", "points")
+    rows = []
+    for key, (cfg, count) in model_shapes(study).items():
+        tokens = cfg.steps * cfg.train.global_batch_size * cfg.model.seq_len
+        rows.append({"shape": ", ".join(f"{p.split('.')[-1]}={v}" for p, v in key) or "base",
+                     "params": f"{cfg.num_params() / 1e6:.2f}M", "active": f"{cfg.num_active_params() / 1e6:.2f}M",
+                     "MFLOP/tok": f"{cfg.flops_per_token() / 1e6:.1f}", "tokens": f"{tokens:,}", "steps": cfg.steps,
+                     "mem/worker": f"{memory_per_worker_gb(cfg, gpu=gpu):.2f} GB", "points": count})
+    lines = text_table(rows, columns, left=("shape",))
+    res = study.base_config.resources
+    need_cpu, need_gpu = res.num_workers * res.cpus_per_worker, res.num_workers * res.gpus_per_worker
+    fit = cpus // need_cpu if not need_gpu else min(cpus // need_cpu, gpus // need_gpu)
+    cap = min(fit, study.search.max_concurrent or fit, study.search.num_trials)
+    lines += [
+        "",
+        f"search: {study.search.sampler}, {study.search.num_trials} trials over {', '.join(study.search.params)}"
+        + (f"; constraints: {'; '.join(c.text for c in study.constraints)}" if study.constraints else ""),
+        f"objective: {', '.join(f'{o.metric} ({o.mode})' for o in study.objectives)}; scheduler: {study.scheduler.type}"
+        + (f" (grace {study.scheduler.grace_period} {study.scheduler.time_attr}s, reduction {study.scheduler.reduction_factor:g})"
+           if study.scheduler.type == "asha" else ""),
+        f"per trial: {res.num_workers} worker(s) x ({res.cpus_per_worker} CPU, {res.gpus_per_worker} GPU), ep_size {res.ep_size}; "
+        f"this machine ({cpus} CPUs, {gpus} GPUs) runs {cap} trial(s) at once"
+        + ("" if cap else " -- none: it lacks the resources of one trial; run on a cluster (--address)"),
+    ]
+    return lines

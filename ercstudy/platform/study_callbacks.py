@@ -1,0 +1,132 @@
+"""The study driver's Tune callbacks: every trial's MLflow child run, and the progress the terminal shows.
+
+Both run in the driver, Tune's event loop: MLflow has one writer per study (a SQLite store takes
+that), and the terminal gets ercstudy's lines only. Tune pickles them with its experiment state,
+so that `ercstudy resume` gets them back.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from . import tracking
+from .study import Study, num_trials
+from .tables import cell
+
+
+class MLflowStudyCallback(tune.Callback):
+    """One nested MLflow child run per trial, written from the driver (one writer for a SQLite store)."""
+
+    def __init__(self, study: Study, uri: str, experiment_id: str, parent_run_id: str):
+        self.study, self.uri, self.experiment_id, self.parent_run_id = study, uri, experiment_id, parent_run_id
+        self.runs: dict[str, str] = {}
+        self.logged_step: dict[str, int] = {}  # resumed trials: steps already in MLflow are not logged twice
+        self._client = None
+        self._reconciled = False
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment state
+        return {**self.__dict__, "_client": None, "runs": {}, "logged_step": {}, "_reconciled": False}
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = tracking.client(self.uri)
+        return self._client
+
+    def run_id(self, trial: Any) -> str:
+        if trial.trial_id in self.runs:
+            return self.runs[trial.trial_id]
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{tracking.TRIAL_TAG}` = '{trial.trial_id}' and tags.`{tracking.PARENT_TAG}` = '{self.parent_run_id}'",
+            max_results=1,
+        )
+        if found:  # a resumed study: the trial's run exists already
+            run_id = found[0].info.run_id
+            history = self.client.get_metric_history(run_id, "lm_loss")
+            self.logged_step[trial.trial_id] = max((m.step for m in history), default=-1)
+        else:
+            params = trial.config["params"]
+            cfg = self.study.trial_config(params)
+            run_id = tracking.start_trial_run(
+                self.client, self.experiment_id, name=f"{self.study.name}-{trial.trial_id}", config=cfg.to_dict(), params=params,
+                parent_run_id=self.parent_run_id, tags={tracking.TRIAL_TAG: trial.trial_id, tracking.STUDY_TAG: self.study.name},
+            )
+        self.runs[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.run_id(trial)
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        """On resume: finish the MLflow runs of trials that ended while the previous driver was dying."""
+        if self._reconciled:
+            return
+        self._reconciled = True
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR") and self.client.get_run(self.run_id(trial)).info.status == "RUNNING":
+                (self.on_trial_error if trial.status == "ERROR" else self.on_trial_complete)(iteration, trials, trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        run_id = self.run_id(trial)
+        if int(result.get("step", 0)) > self.logged_step.get(trial.trial_id, -1):
+            tracking.log_result(self.client, run_id, result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        final = trial.last_result or {}
+        status = tracking.trial_status(final, final.get("total_steps"))
+        note = final.get("stop_reason") or ("stopped by ASHA at step {}".format(final.get("step")) if status == "stopped_early" else "")
+        tracking.finish_trial_run(self.client, self.run_id(trial), status, final, note=note)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = ""
+        if trial.error_file and os.path.exists(trial.error_file):
+            error = Path(trial.error_file).read_text(errors="replace").strip().splitlines()[-1]
+        tracking.finish_trial_run(self.client, self.run_id(trial), "failed", trial.last_result or {}, note=error)
+
+
+class ProgressCallback(tune.Callback):
+    """A compact table of the trials every `every_s` seconds, and a line per finished trial."""
+
+    def __init__(self, study: Study, every_s: float = 30.0):
+        self.study, self.every_s = study, every_s
+        self.last = 0.0
+        self.started = time.monotonic()
+
+    @property
+    def out(self) -> Any:
+        return sys.stdout
+
+    def _row(self, trial: Any, status: str | None = None) -> str:
+        r = trial.last_result or {}
+        status = status or trial.status
+        params = " ".join(f"{p.split('.')[-1]}={cell(v)}" for p, v in trial.config.get("params", {}).items())
+        objs = " ".join(f"{o.metric}={cell(r[o.metric])}" for o in self.study.objectives if o.metric in r)
+        step = f"step {r['step']}/{r.get('total_steps', '?')}" if "step" in r else "starting"
+        return f"  {trial.trial_id:<14} {status:<13} {step:<14} {params} | {objs}"
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s or not trials:
+            return
+        self.last = now
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        print(f"[{self.study.name}] {now - self.started:,.0f} s | {done}/{num_trials(self.study)} trials done, "
+              f"{sum(t.status == 'RUNNING' for t in trials)} running", file=self.out, flush=True)
+        for t in trials:
+            print(self._row(t), file=self.out, flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # Tune marks the trial TERMINATED only after its callbacks: say how it ended instead
+        final = trial.last_result or {}
+        status = tracking.trial_status(final, final.get("total_steps"))
+        print(f"[{self.study.name}] finished{self._row(trial, status)[1:]}", file=self.out, flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"[{self.study.name}] FAILED  {self._row(trial)[2:]} (error: {trial.error_file})", file=self.out, flush=True)
