@@ -74,20 +74,6 @@ def shakespeare_text() -> str:
     return "\n".join(fixture_file(name).read_text() for name in SHAKESPEARE_EXCERPTS)
 
 
-class _ShakespeareExcerpts:
-    """Transitional stand-in for the old SHAKESPEARE path: test_prepare_data and test_harness still call
-    SHAKESPEARE.read_text() / is_file(). Remove once they call shakespeare_text()."""
-
-    def is_file(self) -> bool:
-        return all((FIXTURES / name).is_file() for name in SHAKESPEARE_EXCERPTS)
-
-    def read_text(self) -> str:
-        return shakespeare_text()
-
-
-SHAKESPEARE = _ShakespeareExcerpts()
-
-
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory):
     """Token shards of real text, two domains (`early`, `late`): the Shakespeare excerpts of tests/fixtures."""

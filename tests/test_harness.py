@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHAKESPEARE, own_stderr, single_process_group
+from conftest import own_stderr, shakespeare_text, single_process_group
 
 from ercstudy.platform.cli import main
 from ercstudy.trainables import checkpoint as ckpt_lib
@@ -142,7 +142,7 @@ def test_ercstudy_eval_runs_local_tasks_scores_like_the_training_scorer_and_logs
     from ercstudy.trainables.evals import MCItem, choice_logprobs, mc_correct
 
     directory, _ = saved
-    tasks = local_tasks(tmp_path, SHAKESPEARE.read_text())
+    tasks = local_tasks(tmp_path, shakespeare_text())
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("harness")).info.run_id

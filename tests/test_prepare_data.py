@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import SEQ, SHAKESPEARE
+from conftest import SEQ, shakespeare_text
 
 from ercstudy.platform.cli import main
 from ercstudy.trainables.shards import ShardMeta
@@ -33,7 +33,7 @@ def test_shards_hold_the_tokenized_corpus(shards):
     # the tokenizer round-trips the text: a decoded sequence is a piece of the corpus
     tok = Tokenizer.from_file(str(shards / "tokenizer.json"))
     row = next(r for r in train if meta.eod_id not in r)
-    assert tok.decode(row.tolist()) in SHAKESPEARE.read_text()
+    assert tok.decode(row.tolist()) in shakespeare_text()
     # even 44 merges compress English: fewer tokens than bytes
     assert (meta.train_sequences + meta.eval_sequences) * (SEQ + 1) < 0.8 * 120_000
 
@@ -64,7 +64,7 @@ def test_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, args, expect
 def test_parquet_text_column_input(tmp_path):
     import pyarrow as pa
 
-    docs = [SHAKESPEARE.read_text()[i : i + 2000] for i in range(0, 40_000, 2000)] if SHAKESPEARE.is_file() else ["x y z " * 400] * 20
+    docs = [shakespeare_text()[i : i + 2000] for i in range(0, 40_000, 2000)]
     pq.write_table(pa.table({"body": docs}), tmp_path / "plays.parquet")
     assert main(["prepare-data", str(tmp_path / "plays.parquet"), "--column", "body", "--out", str(tmp_path / "out"),
                  "--vocab-size", "280", "--seq-len", "16"]) == 0
