@@ -61,7 +61,8 @@ def test_forward_shapes_and_stacked_weights_share_storage_with_parameters():
     out = lm(idx, idx)
     assert out.logits.shape == (3, 16, model.vocab_size)
     assert out.aux.lb_loss.shape == (2,) and out.aux.tokens_per_expert.shape == (2, 4) and out.aux.experts.shape == (2, 48, 2)
-    assert lm.router_weights().shape == (2, 4, 32) and lm.gate_weights().shape == (2, 4, 32, 24)
+    assert lm.router_weights().shape == (2, 4, 32) and [g.shape for g in lm.gate_weights()] == [(4, 32, 24)] * 2
+    assert all(g is layer.experts.gate for g, layer in zip(lm.gate_weights(), lm.moe_layers))  # no copy
     erc_loss(lm.router_weights(), lm.gate_weights()).loss.sum().backward()
     assert all(layer.router.grad is not None and layer.experts.gate.grad is not None for layer in lm.moe_layers)
 

@@ -11,8 +11,9 @@ For one layer with router R [n, d] and gate projections G [n, d, D]:
   3. M[i, j] = ||proxy_i @ G_j||                              [n, n]
   4. L = 1/n^2 sum_{i != j} relu(M[i,j] - alpha M[i,i]) + relu(M[j,i] - alpha M[i,i])
 
-Everything runs in float32 whatever the parameter dtype, as one batched matmul over
-(layers x experts), with no host synchronisation. Under expert parallelism each rank computes
+M is computed layer by layer, one batched matmul over each layer's experts in the gates' own dtype
+(bf16 operands accumulate in fp32) with float32 norms, and each layer's products are recomputed in
+backward rather than kept; the loss is float32, with no host synchronisation. Under expert parallelism each rank computes
 the columns of M for its local experts from identical proxies, and a `gather_columns` callable
 that the caller supplies (this file knows no process groups) assembles the whole M.
 """
@@ -20,12 +21,13 @@ that the caller supplies (this file knows no process groups) assembles the whole
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .validation import require
 
@@ -73,7 +75,27 @@ def _check_epsilon(epsilon: Epsilon) -> None:
     require(ok, "epsilon", f"must be 'auto' or a number >= 0, got {epsilon!r}")
 
 
-def _check_shapes(router: Tensor, gate: Tensor, *, local: bool = False) -> None:
+Gates = Tensor | Sequence[Tensor]  # stacked [..., n, d, D], or one [n, d, D] tensor per layer (no stacked copy)
+
+
+def _layers(gate: Gates) -> list[Tensor]:
+    """The per-layer gate tensors [m, d, D] (views of a stacked tensor, or the sequence as given)."""
+    if torch.is_tensor(gate):
+        if gate.dim() < 3:
+            raise ValueError(f"gate: expected shape [..., n, d, D], got {tuple(gate.shape)}")
+        return list(gate.reshape(-1, *gate.shape[-3:]).unbind(0))
+    return list(gate)
+
+
+def _check_shapes(router: Tensor, gate: Gates, *, local: bool = False) -> None:
+    if not torch.is_tensor(gate):  # one tensor per layer: check each layer as a router/gate pair
+        layers = list(gate)
+        if router.dim() != 3 or len(layers) != router.shape[0] or any(g.dim() != 3 for g in layers):
+            raise ValueError(f"gate: expected one [n, d, D] tensor per layer of router {tuple(router.shape)}, "
+                             f"got {[tuple(g.shape) for g in layers]}")
+        for layer, g in zip(router.unbind(0), layers):
+            _check_shapes(layer, g, local=local)
+        return
     if router.dim() < 2:
         raise ValueError(f"router: expected shape [..., n, d], got {tuple(router.shape)}")
     if gate.dim() != router.dim() + 1:
@@ -128,13 +150,28 @@ def make_proxies(router: Tensor, eps: Tensor, *, generator: torch.Generator | No
     return r * delta
 
 
-def coupling_activations(proxies: Tensor, gate: Tensor) -> Tensor:
-    """M[..., i, j] = ||proxies_i @ gate_j||_2 in float32. proxies [..., n, d], gate [..., m, d, D] -> [..., n, m].
+def _layer_coupling(proxies_nd: Tensor, gate_mdD: Tensor) -> Tensor:
+    """One layer: [n, d] x [m, d, D] -> M [n, m] float32. The matmul runs in the gates' own dtype (bf16
+    operands accumulate in fp32), the norms in float32 (or wider)."""
+    h_mnD = torch.matmul(proxies_nd.to(gate_mdD.dtype), gate_mdD)  # one batched matmul over the m experts
+    norm_dtype = torch.promote_types(h_mnD.dtype, torch.float32)
+    return torch.linalg.vector_norm(h_mnD, dim=-1, dtype=norm_dtype).float().transpose(0, 1)
 
-    One batched matmul over (layers x m): [..., 1, n, d] @ [..., m, d, D] -> [..., m, n, D].
+
+def coupling_activations(proxies: Tensor, gate: Gates) -> Tensor:
+    """M[..., i, j] = ||proxies_i @ gate_j||_2 in float32. proxies [..., n, d], gate [..., m, d, D] (or one
+    [m, d, D] tensor per layer) -> [..., n, m].
+
+    Layer by layer, reading each layer's gates where they are (no stacked or fp32 copy of them), and
+    under autograd with each layer's [m, n, D] products recomputed in backward instead of saved: the
+    extra memory is one layer's products, whatever the number of layers.
     """
-    h = proxies.float().unsqueeze(-3) @ gate.float()  # [..., m, n, D]
-    return torch.linalg.vector_norm(h, dim=-1).transpose(-1, -2)  # [..., n, m]
+    layers = _layers(gate)
+    p = proxies.reshape(-1, *proxies.shape[-2:])  # [layers, n, d]
+    grad = torch.is_grad_enabled() and (p.requires_grad or any(g.requires_grad for g in layers))
+    columns = [checkpoint(_layer_coupling, p[i], g, use_reentrant=False) if grad else _layer_coupling(p[i], g)
+               for i, g in enumerate(layers)]
+    return torch.stack(columns).reshape(*proxies.shape[:-1], columns[0].shape[-1])
 
 
 def erc_from_activations(activations: Tensor, alpha: float = 1.0) -> Tensor:
@@ -166,7 +203,7 @@ def coupling_alpha(activations: Tensor) -> Tensor:
 
 def erc_loss(
     router: Tensor,
-    gate: Tensor,
+    gate: Gates,
     *,
     alpha: float = 1.0,
     epsilon: Epsilon = "auto",
@@ -176,7 +213,8 @@ def erc_loss(
 ) -> ERCResult:
     """ERC loss for every MoE layer at once. Training, the benchmarks and the tests all call this.
 
-    router [..., n, d]: router rows; gate [..., n, d, D]: each expert's gate projection (x @ gate[j]).
+    router [..., n, d]: router rows; gate [..., n, d, D]: each expert's gate projection (x @ gate[j]), or
+    one [n, d, D] tensor per layer (router [L, n, d]), as MoELM.gate_weights() gives them.
     Returns per-layer losses [...], the activation matrices M [..., n, n] and the eps_i used [..., n].
     epsilon=0 gives the clean M (proxies = router rows, no draw).
 

@@ -4,7 +4,7 @@ RMSNorm -> RoPE -> causal attention (scaled_dot_product_attention) -> SwiGLU / M
 Single-device code: parallelism is applied from outside (parallelize.py swaps the MoE layers for
 those of the trial's backend and expert-parallel size). The forward returns the logits,
 the LM loss and each MoE layer's auxiliary losses and routing explicitly; the router and
-gate weights of all MoE layers are exposed stacked, so the ERC loss runs once over them.
+gate weights of all MoE layers are exposed for the ERC loss, which runs once over all of them.
 Shapes: B batch, T sequence, d model width, nh heads, hs head size, V vocab, L MoE layers.
 """
 
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .lm_loss import linear_cross_entropy
 from .moe import GroupedMoE, MoEConfig, MoEStats, random_expert_weights
 from .validation import require
 
@@ -166,7 +167,7 @@ class MoEAux(NamedTuple):
 
 
 class ModelOutput(NamedTuple):
-    logits: Tensor  # [B, T, V]
+    logits: Tensor | None  # [B, T, V]; None when the loss was computed without them (return_logits=False)
     lm_loss: Tensor | None  # [] mean next-token cross-entropy (float32), when targets are given
     aux: MoEAux
 
@@ -220,12 +221,14 @@ class MoELM(nn.Module):
         """[L, n, d] the routers of all MoE layers, stacked (differentiable)."""
         return torch.stack([layer.router_weight for layer in self.moe_layers])
 
-    def gate_weights(self) -> Tensor:
-        """[L, n_local, d, D] the experts' gate projections of all MoE layers, stacked (differentiable);
-        n_local = n on one device, this rank's experts once parallelized."""
-        return torch.stack([layer.gate_weight for layer in self.moe_layers])
+    def gate_weights(self) -> list[Tensor]:
+        """The experts' gate projections of each MoE layer, [n_local, d, D] each (the parameters themselves,
+        not a stacked copy; n_local = n on one device, this rank's experts once parallelized)."""
+        return [layer.gate_weight for layer in self.moe_layers]
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> ModelOutput:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, return_logits: bool = True) -> ModelOutput:
+        """Logits [B, T, V] and, with targets, the mean next-token loss. return_logits=False (training)
+        computes the loss with the LM head fused into it (lm_loss.py) and returns no logits."""
         T = idx.shape[1]
         if T > self.cfg.seq_len:
             raise ValueError(f"idx: sequence length {T} exceeds model.seq_len {self.cfg.seq_len}")
@@ -235,10 +238,13 @@ class MoELM(nn.Module):
             x, layer_stats = block(x, self.rope_cos, self.rope_sin)
             if layer_stats is not None:
                 stats.append(layer_stats)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        h = self.norm(x)
+        logits = self.lm_head(h) if return_logits or targets is None else None  # (B, T, V)
         lm_loss = None
-        if targets is not None:
+        if targets is not None and logits is not None:
             lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        elif targets is not None:
+            lm_loss = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
         aux = MoEAux(
             lb_loss=torch.stack([s.lb_loss for s in stats]),
             z_loss=torch.stack([s.z_loss for s in stats]),

@@ -93,7 +93,7 @@ def train_step(trial: Trial, window: Window, *, measure_grad_norm: bool) -> None
     for micro in range(accum):
         batch = trial.data.micro_batch(trial.step, micro)
         tokens = to_device(batch.tokens, trial.device)
-        out = engine(tokens[:, :-1], tokens[:, 1:])
+        out = engine(tokens[:, :-1], tokens[:, 1:], return_logits=False)  # the LM head fused into the loss
         lb, z = out.aux.lb_loss.mean(), out.aux.z_loss.mean()
         loss = out.lm_loss + cfg.moe.lb_weight * lb + cfg.moe.z_weight * z
         erc = torch.zeros((), device=trial.device)
