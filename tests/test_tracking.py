@@ -65,3 +65,10 @@ def test_experiments_open_in_the_model_training_view_of_the_ui(store):
     c.set_experiment_tag(other, "mlflow.experimentKind", "finetuning")
     tracking.experiment_id(c, "made-by-hand")
     assert c.get_experiment(other).tags["mlflow.experimentKind"] == "finetuning"
+
+
+def test_a_new_sqlite_store_says_nothing_on_the_terminal(tmp_path, capfd):
+    c = tracking.client(f"sqlite:///{tmp_path}/new.db")
+    c.search_experiments()  # creates and migrates the store
+    out, err = capfd.readouterr()
+    assert (tmp_path / "new.db").is_file() and "database tables" not in out + err, out + err

@@ -9,6 +9,7 @@ other working directories) and checked before any trial starts.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -60,6 +61,10 @@ def client(uri: str) -> Any:
     # a resumed trial's eval table is read back before it is appended to: no download progress bar on the terminal
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.tracking import MlflowClient
+
+    # a new SQLite store announces its schema migration at INFO ("Creating initial MLflow database tables"):
+    # not a line for the researcher's terminal; its warnings and errors stay
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
     return MlflowClient(tracking_uri=uri)
 
