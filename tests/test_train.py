@@ -3,8 +3,10 @@
 Every worker process imports torch and DeepSpeed (seconds on a laptop, longer on a small CI machine), so
 each TorchTrainer run here checks several properties at once, and the 1-worker runs go side
 by side (each in a Ray task, as Tune runs trials), one CPU each:
-  - `resumed`: 1 worker, grouped backend, ep_size 1, its process killed at step 25 -> resumes
-    from the step-20 checkpoint and finishes; contiguous history; learns; finite metrics; MI rises
+  - `resumed`: 1 worker, grouped backend, ep_size 1, its process killed at step 32 (after the
+    reports of steps 25 and 30) -> resumes from the step-20 checkpoint and finishes; contiguous
+    history; learns; finite metrics; MI rises; its MLflow run (logged by the Train callback of
+    `ercstudy train`) holds every step once, with the values of the run that continued
   - `shards`: 1 worker on Parquet shards of real text made by prepare-data, read by the
     worker from the files -> the loss falls; then a NaN injected into the loss at step 18 ends the trial with the
     reason at the step-20 report
@@ -47,13 +49,20 @@ def config(**sections) -> TrialConfig:
 
 @pytest.fixture(scope="module")
 def runs(ray_session, shards, tmp_path_factory):
+    from ercstudy.platform import tracking
+    from ercstudy.platform.train_callback import MLflowTrainCallback
     from ercstudy.platform.trial import run_trial
 
     storage = str(tmp_path_factory.mktemp("trials"))
-    side_by_side = {"resumed": config(train={"crash_at_step": 25}), "shards": shards_config(shards)}
+    side_by_side = {"resumed": config(train={"crash_at_step": 32}), "shards": shards_config(shards)}
+    uri = f"sqlite:///{storage}/mlflow.db"
+    c = tracking.client(uri)
+    run_id = tracking.start_trial_run(c, tracking.experiment_id(c, "trials"), name="resumed", config=side_by_side["resumed"].to_dict())
+    callbacks = {"resumed": [MLflowTrainCallback(uri, run_id)], "shards": []}
     remote = ray_session.remote(num_cpus=0, max_retries=0)(run_trial)
-    pending = {name: remote.remote(cfg, name=name, storage_path=storage) for name, cfg in side_by_side.items()}
+    pending = {name: remote.remote(cfg, name=name, storage_path=storage, callbacks=callbacks[name]) for name, cfg in side_by_side.items()}
     results = {name: ray_session.get(ref) for name, ref in pending.items()}
+    results["resumed_mlflow"] = {key: [(m.step, m.value) for m in c.get_metric_history(run_id, key)] for key in ("lm_loss", "erc_loss")}
     ep = config(resources={"num_workers": 2, "ep_size": 2})
     results["ep"] = run_trial(ep, name="ep", storage_path=storage)
     return results
@@ -143,3 +152,12 @@ def test_prepared_shards_stream_through_the_training_loop_until_a_nan_stops_it(s
         train(trial, lambda trial, metrics, *, checkpoint: reports.append((metrics["step"], checkpoint)))
     assert reports == [(5, True), (10, True), (15, True), (20, False)]
     check_shards_trained_then_nan_stopped(trial.history, trial.history[-1].get("stop_reason"))
+
+
+def test_mlflow_holds_every_step_once_with_the_values_of_the_run_that_continued(runs):
+    """The worker was killed after reporting steps 25 and 30 (past the step-20 checkpoint): the restarted
+    group reported them again, and MLflow has each step once, with the restarted group's values."""
+    history = runs["resumed"].history
+    for key, logged in runs["resumed_mlflow"].items():
+        assert sorted(step for step, _ in logged) == list(range(5, STEPS + 1, 5)), (key, logged)
+        assert dict(logged) == {m["step"]: pytest.approx(m[key], rel=1e-12, abs=1e-15) for m in history}, key

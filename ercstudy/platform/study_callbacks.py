@@ -26,12 +26,14 @@ class MLflowStudyCallback(tune.Callback):
     def __init__(self, study: Study, uri: str, experiment_id: str, parent_run_id: str):
         self.study, self.uri, self.experiment_id, self.parent_run_id = study, uri, experiment_id, parent_run_id
         self.runs: dict[str, str] = {}
-        self.logged_step: dict[str, int] = {}  # resumed trials: steps already in MLflow are not logged twice
+        # per trial: reports held until a checkpoint covers them (each step once in MLflow, see tracking.StepBuffer);
+        # a resumed study starts each buffer at the last step its run already holds
+        self.buffers: dict[str, tracking.StepBuffer] = {}
         self._client = None
         self._reconciled = False
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment state
-        return {**self.__dict__, "_client": None, "runs": {}, "logged_step": {}, "_reconciled": False}
+        return {**self.__dict__, "_client": None, "runs": {}, "buffers": {}, "_reconciled": False}
 
     @property
     def client(self) -> Any:
@@ -50,7 +52,7 @@ class MLflowStudyCallback(tune.Callback):
         if found:  # a resumed study: the trial's run exists already
             run_id = found[0].info.run_id
             history = self.client.get_metric_history(run_id, "lm_loss")
-            self.logged_step[trial.trial_id] = max((m.step for m in history), default=-1)
+            self.buffers[trial.trial_id] = tracking.StepBuffer(max((m.step for m in history), default=-1))
         else:
             params = trial.config["params"]
             cfg = self.study.trial_config(params)
@@ -73,18 +75,29 @@ class MLflowStudyCallback(tune.Callback):
             if trial.status in ("TERMINATED", "ERROR") and self.client.get_run(self.run_id(trial)).info.status == "RUNNING":
                 (self.on_trial_error if trial.status == "ERROR" else self.on_trial_complete)(iteration, trials, trial)
 
+    def _buffer(self, trial: Any) -> tuple[tracking.StepBuffer, str]:
+        run_id = self.run_id(trial)  # first: a resumed trial's buffer starts from its run's history
+        return self.buffers.setdefault(trial.trial_id, tracking.StepBuffer()), run_id
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        run_id = self.run_id(trial)
-        if int(result.get("step", 0)) > self.logged_step.get(trial.trial_id, -1):
-            tracking.log_result(self.client, run_id, result)
+        buffer, run_id = self._buffer(trial)
+        for held in buffer.add(result, checkpointed=bool(result.get("checkpoint_path"))):
+            tracking.log_result(self.client, run_id, held)
+
+    def _flush(self, trial: Any) -> None:
+        buffer, run_id = self._buffer(trial)
+        for held in buffer.flush():  # the trial is over: nothing will report these steps again
+            tracking.log_result(self.client, run_id, held)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._flush(trial)
         final = trial.last_result or {}
         status = tracking.trial_status(final, final.get("total_steps"))
         note = final.get("stop_reason") or ("stopped by ASHA at step {}".format(final.get("step")) if status == "stopped_early" else "")
         tracking.finish_trial_run(self.client, self.run_id(trial), status, final, note=note)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._flush(trial)
         error = ""
         if trial.error_file and os.path.exists(trial.error_file):
             error = Path(trial.error_file).read_text(errors="replace").strip().splitlines()[-1]
