@@ -197,3 +197,20 @@ def test_submit_validates_first_and_reports_an_unreachable_cluster_in_one_line(t
     assert main(["submit", "search_spaces/quickstart.yaml", "--address", f"http://127.0.0.1:{port}"]) == 2
     err = own_stderr(capsys.readouterr().err)
     assert err.startswith(f"ercstudy: error: could not submit to http://127.0.0.1:{port}") and "\n" not in err
+
+
+@pytest.mark.ray
+def test_a_study_refused_for_its_resources_leaves_no_parent_run_behind(ray_session, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    data = {**QUICKSTART, "name": "too-big", "resources": {"num_workers": 1, "gpus_per_worker": 1}}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    data["tracking"] = {"uri": uri, "experiment": "too-big"}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["run", str(path), "--storage", str(tmp_path / "res")]) == 2
+    assert "a trial needs 1 GPU(s)" in capsys.readouterr().err
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("too-big")
+    assert exp is None or c.search_runs([exp.experiment_id]) == []
+    assert not (tmp_path / "res" / "too-big").exists()

@@ -72,3 +72,13 @@ def test_a_new_sqlite_store_says_nothing_on_the_terminal(tmp_path, capfd):
     c.search_experiments()  # creates and migrates the store
     out, err = capfd.readouterr()
     assert (tmp_path / "new.db").is_file() and "database tables" not in out + err, out + err
+
+
+def test_run_lookups_survive_quotes_in_run_paths(store):
+    _, c, exp = store
+    path = "/home/o'brien/ercstudy_results/my run"  # `ercstudy train` tags a run with its directory
+    run = c.create_run(exp, tags={tracking.TRIAL_TAG: path})
+    found = c.search_runs([exp], filter_string=tracking.tag_filter(**{tracking.TRIAL_TAG: path}))
+    assert [r.info.run_id for r in found] == [run.info.run_id]
+    with pytest.raises(tracking.TrackingError, match="both quote characters"):
+        tracking.filter_value("""it's "odd\"""")

@@ -66,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # one MLflow run per trial, logged live by the Train controller; a resumed trial continues its run
     c = tracking.client(uri)
     exp_id = tracking.experiment_id(c, study_tracking.get("experiment") or name)
-    found = c.search_runs([exp_id], filter_string=f"tags.`{tracking.TRIAL_TAG}` = '{run_dir}'", max_results=1) if args.resume else []
+    found = c.search_runs([exp_id], filter_string=tracking.tag_filter(**{tracking.TRIAL_TAG: str(run_dir)}), max_results=1) if args.resume else []
     run_id = found[0].info.run_id if found else tracking.start_trial_run(
         c, exp_id, name=name, config=cfg.to_dict(), tags={tracking.TRIAL_TAG: str(run_dir)})
     print(f"MLflow: {uri} | experiment {study_tracking.get('experiment') or name!r} | run {run_id}", flush=True)

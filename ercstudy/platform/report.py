@@ -96,7 +96,7 @@ def best_alpha(alpha: Any, objective: Any, *, mode: str = "min", boot: int = 200
 def study_trials(study: Study, state: Any) -> list[dict[str, Any]]:
     """One dict per child run: trial id, status, the searched params (typed), final metrics, compute."""
     c = tracking.client(state.tracking_uri)
-    runs = c.search_runs([state.experiment_id], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{state.parent_run_id}'",
+    runs = c.search_runs([state.experiment_id], filter_string=tracking.tag_filter(**{tracking.PARENT_TAG: state.parent_run_id}),
                          max_results=10000)
     out = []
     for run in runs:

@@ -139,13 +139,15 @@ def load_saved_study(storage: str, name: str) -> tuple[Study, StudyState]:
     return study, StudyState.read(d / STATE_FILE)
 
 
-def open_tracking(study: Study, *, state: StudyState | None) -> tuple[StudyState, Any]:
-    """Check the tracking store and create (or find, on resume) the study's parent run."""
+def open_tracking(study: Study, *, state: StudyState | None) -> tuple[str, Any]:
+    """The tracking URI and a client, after checking that the store answers (no run is made here)."""
     uri = state.tracking_uri if state else tracking.resolve_uri(study.tracking.uri)
     tracking.check_reachable(uri)
-    c = tracking.client(uri)
-    if state:
-        return state, c
+    return uri, tracking.client(uri)
+
+
+def create_parent_run(study: Study, uri: str, c: Any) -> StudyState:
+    """The study's MLflow parent run: its search space as params, its file as an artifact."""
     exp_id = tracking.experiment_id(c, study.experiment)
     run = c.create_run(exp_id, run_name=study.name, tags={tracking.STUDY_TAG: study.name, tracking.STATUS_TAG: "running"})
     pid = run.info.run_id
@@ -156,7 +158,7 @@ def open_tracking(study: Study, *, state: StudyState | None) -> tuple[StudyState
                  "objective": ", ".join(f"{o.metric} ({o.mode})" for o in study.objectives), "scheduler": study.scheduler.type})
     c.log_batch(pid, params=[Param(k, v[:500]) for k, v in flat.items()], synchronous=True)
     c.log_text(pid, Path(study.source).read_text() if study.source and Path(study.source).is_file() else yaml.safe_dump(study.base), "study.yaml")
-    return StudyState(study.name, uri, exp_id, pid), c
+    return StudyState(study.name, uri, exp_id, pid)
 
 
 def run_study(study: Study, *, storage: str, address: str | None = None, resume: bool = False,
@@ -174,10 +176,12 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
     elif directory.exists():
         raise StudyError(f"study {study.name!r} already exists in {directory}: `ercstudy resume {study.name}` continues it, "
                          f"or rename the study (name:) for a new one")
-    state, c = open_tracking(study, state=state)  # before any Ray resource: an unreachable server fails here
+    uri, c = open_tracking(study, state=state)  # before any Ray resource: an unreachable server fails here
     with ray_session(address, verbose=verbose) as logs:
         cap = cluster_capacity()
         max_concurrent = concurrency(study, cap)
+        # the parent run only once nothing can refuse the study: a refused study leaves no RUNNING run behind
+        state = state or create_parent_run(study, uri, c)
         directory.mkdir(parents=True, exist_ok=True)
         if not resume:
             (directory / SPEC_FILE).write_text(Path(study.source).read_text() if study.source and Path(study.source).is_file()

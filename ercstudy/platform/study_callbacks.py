@@ -46,7 +46,7 @@ class MLflowStudyCallback(tune.Callback):
             return self.runs[trial.trial_id]
         found = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{tracking.TRIAL_TAG}` = '{trial.trial_id}' and tags.`{tracking.PARENT_TAG}` = '{self.parent_run_id}'",
+            filter_string=tracking.tag_filter(**{tracking.TRIAL_TAG: trial.trial_id, tracking.PARENT_TAG: self.parent_run_id}),
             max_results=1,
         )
         if found:  # a resumed study: the trial's run exists already

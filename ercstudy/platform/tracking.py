@@ -102,6 +102,22 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def filter_value(value: str) -> str:
+    """`value` as a string literal of an MLflow filter: in single quotes, or double quotes when it holds a
+    single quote (MLflow's filter grammar has no escape for a quote inside a literal)."""
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise TrackingError(f"{value!r}: MLflow filters cannot match a value holding both quote characters")
+
+
+def tag_filter(**tags: str) -> str:
+    """An MLflow filter matching runs with all these tags (keys as given, e.g. ercstudy.trial_id)."""
+    return " and ".join(f"tags.`{key}` = {filter_value(value)}" for key, value in tags.items())
+
+
 class StepBuffer:
     """A trial's reports, held until a checkpoint covers them, so that MLflow records each step once,
     with the values of the run that continued.
