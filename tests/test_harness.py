@@ -201,3 +201,27 @@ def test_shipped_local_task_configs_are_lm_eval_tasks():
 
     repo = Path(__file__).resolve().parents[1]
     assert {"arc_easy_local", "boolq_local"} <= set(TaskManager(include_path=str(repo / "evals" / "tasks"), include_defaults=False).all_tasks)
+
+
+class Payload:
+    """What a hostile checkpoint could carry: unpickling it would call its __reduce__ target."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading a checkpoint",))
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused(saved, tmp_path, capsys):
+    import shutil
+
+    directory, _ = saved
+    hostile = tmp_path / "checkpoint_hostile"
+    shutil.copytree(directory, hostile)
+    states_file = hostile / "ds" / "mp_rank_00_model_states.pt"
+    states = torch.load(states_file, weights_only=True)
+    states["client_state_extra"] = Payload()
+    torch.save(states, states_file)
+    assert main(["eval", str(hostile), "--tasks", "shakespeare_mc"]) == 2
+    out, err = capsys.readouterr()
+    err = own_stderr(err)
+    assert "this ran while loading" not in out + err
+    assert err.startswith("ercstudy: error:") and "refused: it holds Python objects" in err and len(err.splitlines()) == 1, err

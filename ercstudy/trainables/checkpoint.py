@@ -75,6 +75,19 @@ class LoadedCheckpoint:
     tokenizer: Any | None  # tokenizers.Tokenizer, None for the synthetic corpus
 
 
+def _safe_load(file: Path) -> Any:
+    """torch.load with weights_only=True: tensors, containers and plain values, never arbitrary objects. A
+    checkpoint is a file someone else may have written; unpickling anything else could run their code."""
+    import pickle
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).split("\n")[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{file}: refused: it holds Python objects other than tensors and plain data, which "
+                              f"loading would have to execute ({reason[:200]})") from None
+
+
 def load(path: str | Path, *, config: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """The trained model of a checkpoint (its config from the checkpoint, else from `config`)."""
     from .expert_keys import single_device_state_dict
@@ -89,10 +102,10 @@ def load(path: str | Path, *, config: str | Path | None = None, device: str | to
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
     tag_dir = ckpt / CHECKPOINT_TAG
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = _safe_load(tag_dir / "mp_rank_00_model_states.pt")
     state = dict(states["module"])
     for expert_file in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
-        state.update(torch.load(expert_file, map_location="cpu", weights_only=True))
+        state.update(_safe_load(expert_file))
     model = MoELM(cfg.model, cfg.moe, seed=cfg.train.seed)
     if cfg.moe.backend == "deepspeed":  # DeepSpeed's layer (capacity, dropping) at eval too; imports DeepSpeed
         from .parallelize import parallelize
