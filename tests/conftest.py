@@ -9,7 +9,6 @@ from pathlib import Path
 
 # DeepSpeed reads its accelerator once, at the first get_accelerator(): CPU for the whole suite.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest

@@ -98,3 +98,13 @@ def test_driver_messages_are_printed_through_a_replaceable_module_function():
     finally:
         worker.print_to_stdstream = saved
     assert seen == ["(raylet) a warning"]
+
+
+def test_ray_config_can_be_reloaded_from_the_environment():
+    from ray._raylet import Config
+
+    assert callable(getattr(Config, "initialize", None)), "ray._raylet.Config.initialize is gone"
+    import ray._private.authentication.authentication_token_setup as setup
+
+    assert "Config.initialize" in inspect.getsource(setup._enable_token_auth), "Ray enables token auth differently now"
+    compat.reload_ray_config()

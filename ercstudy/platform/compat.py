@@ -74,3 +74,15 @@ def divert_driver_messages(write: Any) -> None:
         write([f"({data.get('pid', 'ray')}) {line}" for line in data.get("lines", [])])
 
     worker.print_to_stdstream = to_driver_log
+
+
+def reload_ray_config() -> None:
+    """Make this process's Ray read its settings from the environment again (RAY_AUTH_MODE above all).
+
+    Ray caches them when it is imported; ray.init does not read them again, so a process that imported
+    Ray before choosing token authentication would connect without its token. Ray's own
+    `ray._private.authentication.authentication_token_setup._enable_token_auth` does the same.
+    """
+    from ray._raylet import Config
+
+    Config.initialize("")

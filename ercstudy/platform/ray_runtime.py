@@ -151,6 +151,24 @@ def _log_tail(local: LocalRay, lines: int = 15) -> str:
     return "log " + local.log_path + ":\n" + "\n".join(text[-lines:] + fatal[-1:])
 
 
+def new_token_file() -> str:
+    """A fresh random token for one private Ray, in a file readable by this user only."""
+    import secrets
+
+    directory = tempfile.mkdtemp(prefix="ercstudy-auth-")  # 0700
+    path = os.path.join(directory, "auth_token")
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
+def enable_token_auth(token_path: str) -> None:
+    """Token authentication for the Ray this process starts and for this process's clients of it."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = token_path
+    compat.reload_ray_config()
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = True) -> RayLogs:
     """Connect to Ray once per process: the cluster at `address` / RAY_ADDRESS, else a private local instance.
 
@@ -174,10 +192,13 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbo
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the local instance listens on loopback only
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         if _local is None or _local.process.poll() is not None:
             print("ercstudy: starting a local Ray instance (seconds on a laptop, minutes on a small busy machine)", file=sys.stderr, flush=True)
+            # Ray's core servers listen on every interface whatever --node-ip-address says: token
+            # authentication makes them, the dashboard and its Jobs API refuse clients without this
+            # instance's token (a file only this user can read; this process and Ray's inherit its path)
+            enable_token_auth(new_token_file())
             _local = start_local_ray(num_cpus)
             atexit.register(stop_local_ray)
             print(f"ercstudy: local Ray is up at {_local.address} (dashboard: {_local.dashboard_url})", file=sys.stderr, flush=True)
