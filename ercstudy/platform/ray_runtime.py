@@ -66,6 +66,7 @@ class LocalRay:
     temp_dir: str
     log_path: str
     dashboard_url: str  # the Jobs API (`ercstudy submit --address`) and the web UI
+    token_dir: str | None = None  # the directory of its authentication token, removed when it stops
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -198,8 +199,10 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbo
             # Ray's core servers listen on every interface whatever --node-ip-address says: token
             # authentication makes them, the dashboard and its Jobs API refuse clients without this
             # instance's token (a file only this user can read; this process and Ray's inherit its path)
-            enable_token_auth(new_token_file())
+            token = new_token_file()
+            enable_token_auth(token)
             _local = start_local_ray(num_cpus)
+            _local.token_dir = os.path.dirname(token)
             atexit.register(stop_local_ray)
             print(f"ercstudy: local Ray is up at {_local.address} (dashboard: {_local.dashboard_url})", file=sys.stderr, flush=True)
         address = _local.address
@@ -313,4 +316,8 @@ def stop_local_ray() -> None:
     ray.shutdown()
     if _local is not None:
         _local.stop()
+        if _local.token_dir:
+            import shutil
+
+            shutil.rmtree(_local.token_dir, ignore_errors=True)  # the token dies with its instance
         _local = None
