@@ -37,6 +37,10 @@ def test_round_trip_and_derived_sizes():
         ({"train": {"global_batch_size": 12}}, "train.global_batch_size: must be a multiple of"),
         ({"model": {"vocab_size": 10}}, "model.vocab_size: must be >= the synthetic corpus vocabulary"),
         ({"train": {"zero_stage": 3}}, "train.zero_stage: must be 0, 1 or 2"),
+        ({"resources": {"num_workers": 2}, "train": {"micro_batch_size": 4}, "eval": {"sequences": 1}},
+         "eval.sequences: must be a multiple of resources.num_workers (2) so that every item is scored once"),
+        ({"resources": {"num_workers": 4}, "train": {"micro_batch_size": 4}, "eval": {"sequences": 64, "mc_items": 30}},
+         "eval.mc_items: must be a multiple of resources.num_workers (4)"),
     ],
 )
 def test_errors_name_the_field(data, expected):

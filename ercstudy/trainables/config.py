@@ -141,6 +141,11 @@ class TrialConfig:
             f"must come after the first checkpoint (step {train.checkpoint_every}) so that the trial can resume",
         )
         ev = self.eval
+        scored = ("sequences", "mc_items") if self.data.kind == "synthetic" else ("sequences",)
+        for name in scored:  # each worker scores rows rank, rank + workers, ...: the same number, none left out
+            require(getattr(ev, name) % res.num_workers == 0, f"eval.{name}",
+                    f"must be a multiple of resources.num_workers ({res.num_workers}) so that every item is scored "
+                    f"once (0 = none), got {getattr(ev, name)}")
         require(
             ev.every % train.report_every == 0,
             "eval.every",
