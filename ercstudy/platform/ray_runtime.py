@@ -121,6 +121,9 @@ def start_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIM
     # held (for Serve replicas behind a load balancer). A private node that is going away has
     # nothing to hand over: it made every `ercstudy run` / `train` end 30 s late.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    # No Prometheus exporter on the node's agent: a private node has no Prometheus to feed, and the
+    # exporter listens on every interface and answers without the token.
+    env.setdefault("RAY_enable_metrics_collection", "0")
     env.pop("RAY_ADDRESS", None)
     log_path = os.path.join(temp_dir, "ray-start.log")
     with open(log_path, "wb") as log:
