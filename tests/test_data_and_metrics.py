@@ -8,10 +8,11 @@ import torch
 from ercstudy.trainables.data import DataConfig, SyntheticCorpus, SyntheticStream
 from ercstudy.trainables.specialization import (
     domain_expert_counts,
-    layer_metrics,
+    layer_metric_tensors,
     load_balance,
     normalized_mutual_information,
     router_cosine,
+    to_host,
 )
 
 CFG = DataConfig(num_domains=3, tokens_per_domain=20, shared_tokens=8)
@@ -66,6 +67,6 @@ def test_load_balance_and_router_cosine_on_known_cases():
 
 def test_layer_metrics_names_every_layer_and_their_mean():
     m = torch.rand(2, 4, 4) + torch.eye(4)
-    out = layer_metrics(torch.randn(2, 4, 8), m, torch.rand(2, 4) * 10, torch.zeros(2), torch.rand(2, 3, 4))
+    out = to_host(layer_metric_tensors(torch.randn(2, 4, 8), m, torch.rand(2, 4) * 10, torch.zeros(2), torch.rand(2, 3, 4)))
     for name in ("eps_mean", "eps_min", "alpha_star", "diag_dominance", "router_cos", "load_entropy", "load_max_over_mean", "dropped", "domain_nmi"):
         assert math.isfinite(out[name]) and out[name] == pytest.approx((out[f"{name}/layer0"] + out[f"{name}/layer1"]) / 2)

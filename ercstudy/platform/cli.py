@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{name}: starting {cfg.resources.num_workers} worker(s); a line every {cfg.train.report_every} steps", flush=True)
         # the workers print nothing here: the Train controller forwards each report, and this process prints it
         reports = progress.report_queue()
-        logged = max((m.step for m in c.get_metric_history(run_id, "lm_loss")), default=-1) if found else -1
+        logged = tracking.last_logged_step(c, run_id) if found else -1
         callbacks = [MLflowTrainCallback(uri, run_id, notes=reports, logged=logged), ReportQueueCallback(reports)]
         with progress.TrainProgress(cfg, reports):
             result = run_trial(cfg, name=name, storage_path=storage, callbacks=callbacks)

@@ -51,8 +51,7 @@ class MLflowStudyCallback(tune.Callback):
         )
         if found:  # a resumed study: the trial's run exists already
             run_id = found[0].info.run_id
-            history = self.client.get_metric_history(run_id, "lm_loss")
-            self.buffers[trial.trial_id] = tracking.StepBuffer(max((m.step for m in history), default=-1))
+            self.buffers[trial.trial_id] = tracking.StepBuffer(tracking.last_logged_step(self.client, run_id))
         else:
             params = trial.config["params"]
             cfg = self.study.trial_config(params)

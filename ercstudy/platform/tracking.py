@@ -118,6 +118,11 @@ def tag_filter(**tags: str) -> str:
     return " and ".join(f"tags.`{key}` = {filter_value(value)}" for key, value in tags.items())
 
 
+def last_logged_step(c: Any, run_id: str) -> int:
+    """The last training step a run holds in MLflow (-1 for none): where a resumed trial's logging picks up."""
+    return max((m.step for m in c.get_metric_history(run_id, "lm_loss")), default=-1)
+
+
 class StepBuffer:
     """A trial's reports, held until a checkpoint covers them, so that MLflow records each step once,
     with the values of the run that continued.

@@ -185,10 +185,10 @@ class ShardIndex:
         self.files = sorted(str(p) for p in Path(directory).glob("*.parquet"))
         if not self.files:
             raise DataError(f"{directory}: no Parquet shards")
+        self.footers = {f: pq.read_metadata(f) for f in self.files}  # read once: every row-group read reuses them
         self.groups: list[tuple[str, int]] = []  # (file, row group)
         starts = [0]
-        for f in self.files:
-            meta = pq.ParquetFile(f).metadata
+        for f, meta in self.footers.items():
             for g in range(meta.num_row_groups):
                 self.groups.append((f, g))
                 starts.append(starts[-1] + meta.row_group(g).num_rows)
@@ -202,7 +202,7 @@ class ShardIndex:
             import pyarrow.parquet as pq
 
             file, group = self.groups[g]
-            table = pq.ParquetFile(file).read_row_group(group, columns=["tokens", "domain"])
+            table = pq.ParquetFile(file, metadata=self.footers[file]).read_row_group(group, columns=["tokens", "domain"])
             tokens = table.column("tokens").combine_chunks()
             flat = tokens.flatten().to_numpy()  # fixed-size rows: one flat buffer
             rows = {"tokens": flat.reshape(len(tokens), -1) if len(tokens) else flat.reshape(0, 0),

@@ -1,8 +1,8 @@
 """Specialization metrics of the MoE layers: how far router and experts are coupled and apart.
 
 All functions take tensors stacked over the L MoE layers and return one float32 value per
-layer (shape [L]); `layer_metrics` flattens them into report keys `<metric>/layer<l>` plus
-their mean over layers under `<metric>`.
+layer (shape [L]); `layer_metric_tensors` computes them all, and `to_host` flattens them into
+report keys `<metric>/layer<l>` plus their mean over layers under `<metric>`.
   eps_mean, eps_min    the paper's noise bound ||R_i - R_nearest|| / (2 ||R_i||)
   alpha_star           smallest alpha with zero ERC loss on the clean M (vanilla MoE ~ 5)
   diag_dominance       mean M[i, i] over mean off-diagonal M[i, j] (1 = no coupling)
@@ -77,34 +77,20 @@ LAYER_METRICS = ("eps_mean", "eps_min", "alpha_star", "diag_dominance", "router_
 
 
 @torch.no_grad()
-def layer_metrics(
-    router: Tensor,
-    activations: Tensor,
-    tokens_per_expert: Tensor,
-    dropped: Tensor,
-    domain_counts: Tensor | None = None,
-) -> dict[str, float]:
-    """All specialization metrics of the L MoE layers as report keys (one host transfer): LAYER_METRICS
-    (+ domain_nmi with domain labels), each as the mean over layers and per layer (`name/layer{i}`)."""
-    return to_host(layer_metric_tensors(router, activations, tokens_per_expert, dropped, domain_counts))
-
-
-@torch.no_grad()
 def to_host(per_layer: dict[str, Tensor], scalars: dict[str, Tensor] | None = None) -> dict[str, float]:
     """Per-layer metrics [L] (reported as their mean and as `name/layer{i}`) and scalar tensors [], moved
     to the host in one transfer."""
-    names, scalar_names = list(per_layer), list(scalars or {})
-    L = next(iter(per_layer.values())).shape[0] if per_layer else 0
-    flat = torch.cat([torch.stack([per_layer[k].float() for k in names]).reshape(-1) if names else torch.zeros(0),
-                      *(scalars[k].float().reshape(1).to(next(iter(per_layer.values())).device if names else "cpu")
-                        for k in scalar_names)])
-    values = flat.tolist()
+    scalars = scalars or {}
+    parts = [t.float().reshape(-1) for t in (*per_layer.values(), *scalars.values())]
+    if not parts:
+        return {}
+    values = torch.cat([p.to(parts[0].device) for p in parts]).tolist()
     out: dict[str, float] = {}
-    for i, name in enumerate(names):
-        row = values[i * L : (i + 1) * L]
+    for name, t in per_layer.items():
+        row, values = values[: t.numel()], values[t.numel() :]
         out[name] = sum(row) / len(row)
         out.update({f"{name}/layer{j}": v for j, v in enumerate(row)})
-    out.update(zip(scalar_names, values[len(names) * L :]))
+    out.update(zip(scalars, values))
     return out
 
 
