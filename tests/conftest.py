@@ -11,7 +11,17 @@ from pathlib import Path
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest
+# The S3-compatible server of the storage tests (moto's standalone server, started once by the `s3` fixture) and
+# its credentials, in the standard variables boto3 and pyarrow read: set before any Ray starts, so that every Ray
+# worker process inherits them as a cluster node inherits its environment.
+from ercstudy.netutil import free_port  # noqa: E402
+
+S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+for _key, _value in {"AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ[_key] = _value
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +47,42 @@ def ray_session():
     ensure_ray()
     yield ray
     stop_local_ray()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server on loopback for the whole session: moto's standalone server (pure Python, from
+    PyPI, starts in about a second; MinIO would need a binary download). Yields its endpoint URL."""
+    import subprocess
+    import time
+    import urllib.request
+
+    port = S3_ENDPOINT.rsplit(":", 1)[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(S3_ENDPOINT, timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the moto S3 server did not start on {S3_ENDPOINT}", pytrace=False)
+            time.sleep(0.2)
+    yield S3_ENDPOINT
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh, empty bucket on the session's S3 server, named after the test. Yields "s3://<name>"."""
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + f"-{os.getpid()}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    yield f"s3://{name}"
 
 
 # A line Ray streams from its processes to the driver's stderr, e.g. "(raylet) ..." or "(TrainController pid=1) ...",
