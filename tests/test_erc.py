@@ -84,15 +84,36 @@ def test_noisy_loss_matches_the_reference_on_the_same_proxies():
         assert out.loss[layer].item() == pytest.approx(loss_ref, rel=1e-5, abs=1e-7)
 
 
-def test_fixed_epsilon_is_clipped_to_the_bound():
+def test_fixed_epsilon_is_exactly_that_noise_and_the_scale_multiplies_the_bound():
     gen = torch.Generator().manual_seed(0)
     router = torch.randn(4, 8, 16, generator=gen)
     bound = noise_bound(router)
-    small = float(bound.min()) / 2
-    torch.testing.assert_close(resolve_epsilon(router, small), torch.full_like(bound, small))
-    torch.testing.assert_close(resolve_epsilon(router, 10.0), bound)
+    for value in (float(bound.min()) / 2, 10.0):  # below and above the bound: never clipped
+        torch.testing.assert_close(resolve_epsilon(router, value), torch.full_like(bound, value))
     assert torch.equal(resolve_epsilon(router, "auto"), bound)
-    assert torch.all(erc_loss(router, torch.randn(4, 8, 16, 4, generator=gen), epsilon=10.0).noise_bound <= bound)
+    torch.testing.assert_close(resolve_epsilon(router, "auto", scale=0.5), bound * 0.5)
+    assert torch.all(resolve_epsilon(router, 0) == 0)
+    gate = torch.randn(4, 8, 16, 4, generator=gen)
+    assert torch.all(erc_loss(router, gate, epsilon=10.0).noise_bound == 10.0)
+    out = erc_loss(router, gate, epsilon="auto", epsilon_scale=0.25, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(out.noise_bound, bound * 0.25)
+    # the proxies are drawn with exactly that noise: the same as make_proxies with eps = bound / 4
+    proxies = make_proxies(router, bound * 0.25, generator=torch.Generator().manual_seed(2))
+    for layer in range(4):
+        m_ref, loss_ref = reference_layer(proxies[layer], gate[layer], 1.0)
+        torch.testing.assert_close(out.activations[layer].double(), m_ref, rtol=1e-5, atol=1e-6)
+        assert out.loss[layer].item() == pytest.approx(loss_ref, rel=1e-5, abs=1e-7)
+
+
+def test_a_fixed_epsilon_reaches_beyond_the_bound():
+    """epsilon 0.5 on router rows whose bound is ~0.05: the proxies move by up to 0.5 |R| elementwise."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(1, 16, generator=gen)
+    router = base + 0.1 * torch.randn(8, 16, generator=gen)  # close rows: a small bound
+    assert noise_bound(router).max() < 0.2
+    proxies = make_proxies(router, resolve_epsilon(router, 0.5), generator=gen)
+    ratio = ((proxies - router) / router).abs()
+    assert ratio.max() > 0.45 and ratio.max() <= 0.5 + 1e-6
 
 
 @pytest.mark.parametrize("router_grad", [True, False])
@@ -116,7 +137,7 @@ def test_router_gradient_treats_the_noise_bound_as_a_constant():
     gen = torch.Generator().manual_seed(0)
     router, gate = torch.randn(5, 8, generator=gen), torch.randn(5, 8, 6, generator=gen)
     r1 = router.clone().requires_grad_()
-    erc_loss(r1, gate, alpha=0.2, generator=torch.Generator().manual_seed(1)).loss.backward()
+    erc_loss(r1, gate, alpha=0.2, router_grad=True, generator=torch.Generator().manual_seed(1)).loss.backward()
 
     def grad_by_hand(eps_of):  # the paper's steps 2-4 in float32, with the same noise u as erc_loss draws
         r = router.clone().requires_grad_()
@@ -180,6 +201,12 @@ def test_coupling_alpha_is_the_zero_loss_threshold_on_random_matrices():
         (torch.ones(4, 8), torch.ones(4, 8, 5), {"alpha": math.nan}, "alpha"),
         (torch.ones(4, 8), torch.ones(4, 8, 5), {"epsilon": -1e-3}, "epsilon"),
         (torch.ones(4, 8), torch.ones(4, 8, 5), {"epsilon": "bound"}, "epsilon"),
+        (torch.ones(4, 8), torch.ones(4, 8, 5), {"epsilon_scale": -1.0}, "epsilon_scale"),
+        (torch.ones(4, 8), torch.ones(4, 8, 5), {"activation": "post_norm"}, "activation"),
+        (torch.ones(4, 8), torch.ones(4, 8, 5), {"activation": "up"}, "weights"),
+        (torch.ones(4, 8), {"gate": torch.ones(4, 8, 5), "up": torch.ones(4, 9, 5)}, {"activation": "swiglu"}, "up"),
+        (torch.ones(4, 8), {"gate": torch.ones(4, 8, 5), "up": torch.ones(4, 8, 5), "down": torch.ones(4, 8, 5)},
+         {"activation": "output"}, "down"),
     ],
 )
 def test_invalid_arguments_raise_value_error_naming_the_argument(router, gate, kwargs, name):

@@ -232,6 +232,13 @@ class MoELM(nn.Module):
         T = idx.shape[1]
         if T > self.cfg.seq_len:
             raise ValueError(f"idx: sequence length {T} exceeds model.seq_len {self.cfg.seq_len}")
+    def expert_weights_of(self, name: str) -> list[Tensor]:
+        """One kind of expert weight ("gate", "up" [n_local, d, D] or "down" [n_local, D, d]) of each MoE layer,
+        as each layer's expert_weights() holds it (the ERC loss's activation variants read these)."""
+        if name == "gate":
+            return self.gate_weights()
+        return [layer.expert_weights()[name] for layer in self.moe_layers]
+
         x = self.embed(idx)  # (B, T, d)
         stats: list[MoEStats] = []
         for block in self.blocks:

@@ -17,7 +17,7 @@ from torch import Tensor
 from .config import TrialConfig
 from .data import GlobalBatchStream
 from .engine import global_grad_norm
-from .erc import ERCResult, erc_loss
+from .erc import ACTIVATION_WEIGHTS, ERCResult, erc_loss
 from .evals import TrialEvaluator
 from .model import MoELM
 from .specialization import domain_expert_counts
@@ -64,18 +64,23 @@ class Window:
 
 
 def coupling(model: Any, cfg: TrialConfig, ep_group: Any, *, generator: torch.Generator | None, clean: bool = False) -> ERCResult:
-    """erc.erc_loss over every MoE layer of the (parallelized) model: noisy proxies for the loss, the clean
-    router rows (eps = 0) for the metrics. Under expert parallelism every rank computes the columns of M
-    of its experts and the autograd-aware all-gather assembles M (parallelize.gather_columns)."""
+    """erc.erc_loss over every MoE layer of the (parallelized) model: noisy proxies and the trial's activation
+    for the loss, the clean router rows (eps = 0) and the gate projections for the metrics. Under expert
+    parallelism every rank computes the columns of M of its experts and the autograd-aware all-gather
+    assembles M (parallelize.gather_columns)."""
     e = cfg.erc
     gather = None
     if ep_group is not None:
         from .parallelize import gather_columns
 
         gather = partial(gather_columns, group=ep_group)
+    # the metrics' clean M is the paper's (gate projections), comparable across an activation ablation's arms
+    activation = "gate" if clean else e.activation
+    weights = {name: model.expert_weights_of(name) for name in ACTIVATION_WEIGHTS[activation]}
     return erc_loss(
-        model.router_weights(), model.gate_weights(), alpha=e.alpha, epsilon=0 if clean else e.epsilon,
-        router_grad=e.router_grad, generator=generator, gather_columns=gather,
+        model.router_weights(), weights, alpha=e.alpha, epsilon=0 if clean else e.epsilon,
+        epsilon_scale=1.0 if clean else e.epsilon_scale, router_grad=e.router_grad, activation=activation,
+        generator=generator, gather_columns=gather,
     )
 
 
