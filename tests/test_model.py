@@ -62,9 +62,14 @@ def test_forward_shapes_and_stacked_weights_share_storage_with_parameters():
     assert out.logits.shape == (3, 16, model.vocab_size)
     assert out.aux.lb_loss.shape == (2,) and out.aux.tokens_per_expert.shape == (2, 4) and out.aux.experts.shape == (2, 48, 2)
     assert lm.router_weights().shape == (2, 4, 32) and [g.shape for g in lm.gate_weights()] == [(4, 32, 24)] * 2
-    assert all(g is layer.experts.gate for g, layer in zip(lm.gate_weights(), lm.moe_layers))  # no copy
+    # no copy: each gate is a view of its layer's gate_up parameter (gate and up are one grouped GEMM)
+    assert all(g._base is layer.experts.gate_up and g.data_ptr() == layer.experts.gate_up.data_ptr()
+               for g, layer in zip(lm.gate_weights(), lm.moe_layers))
     erc_loss(lm.router_weights(), lm.gate_weights()).loss.sum().backward()
-    assert all(layer.router.grad is not None and layer.experts.gate.grad is not None for layer in lm.moe_layers)
+    for layer in lm.moe_layers:
+        assert layer.router.grad is not None
+        assert layer.experts.gate_up.grad[..., :24].abs().sum() > 0  # ERC reaches the gate half
+        assert layer.experts.gate_up.grad[..., 24:].abs().sum() == 0  # and not the up half
 
 
 def test_causal_logits_do_not_see_the_future():

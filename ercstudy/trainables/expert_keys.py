@@ -15,21 +15,25 @@ from torch import Tensor, nn
 from .moe import MoEConfig
 
 EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts."
-EXPERT_WEIGHTS = ("gate", "up", "down")
+EXPERT_WEIGHTS = ("gate", "up", "down")  # DeepSpeed's per-expert names; the grouped layer holds gate and up as one gate_up
 
 
 def unstack_expert_keys(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata: object) -> None:
     """State-dict post-hook of GroupedEPMoE: stacked `<prefix>experts.<w>` -> DeepSpeed's per-expert names
-    `<prefix>deepspeed_moe.experts.deepspeed_experts.<e>.<w>` (views), so DeepSpeed writes one file per expert."""
+    `<prefix>deepspeed_moe.experts.deepspeed_experts.<e>.<w>` (views), so DeepSpeed writes one file per expert.
+    The grouped layer's gate_up [n, d, 2D] is written as DeepSpeed's separate gate and up [d, D]."""
+    gate, up = state_dict.pop(f"{prefix}experts.gate_up").chunk(2, dim=-1)
+    stacked = {"gate": gate, "up": up, "down": state_dict.pop(f"{prefix}experts.down")}
     for name in EXPERT_WEIGHTS:
-        stacked = state_dict.pop(f"{prefix}experts.{name}")
-        for e, weight in enumerate(stacked.unbind(0)):
+        for e, weight in enumerate(stacked[name].unbind(0)):
             state_dict[f"{prefix}{EXPERT_KEY}{e}.{name}"] = weight
 
 
 def stack_expert_keys(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
     """Load pre-hook of GroupedEPMoE: DeepSpeed's per-expert names `<prefix>deepspeed_moe.experts.deepspeed_experts.<e>.<w>`
-    (the local expert ids 0.. of this rank, as DeepSpeed's engine hands them over) -> stacked `<prefix>experts.<w>`."""
+    (the local expert ids 0.. of this rank, as DeepSpeed's engine hands them over) -> stacked `<prefix>experts.gate_up`
+    ([n, d, 2D], gate then up) and `<prefix>experts.down`."""
+    stacked = {}
     for name in EXPERT_WEIGHTS:
         found = {}
         for key in [k for k in state_dict if k.startswith(prefix + EXPERT_KEY) and k.endswith("." + name)]:
@@ -37,7 +41,10 @@ def stack_expert_keys(module: nn.Module, state_dict: dict[str, Tensor], prefix: 
             if expert.isdigit():
                 found[int(expert)] = state_dict.pop(key)
         if found:
-            state_dict[f"{prefix}experts.{name}"] = torch.stack([found[e] for e in sorted(found)])
+            stacked[name] = torch.stack([found[e] for e in sorted(found)])
+    if stacked:
+        state_dict[f"{prefix}experts.gate_up"] = torch.cat([stacked["gate"], stacked["up"]], dim=-1)
+        state_dict[f"{prefix}experts.down"] = stacked["down"]
 
 
 def single_device_state_dict(state: dict[str, Tensor], moe: MoEConfig) -> dict[str, Tensor]:

@@ -101,9 +101,15 @@ def rope_tables(seq_len: int, head_size: int, theta: float) -> tuple[Tensor, Ten
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) of x [B, nh, T, hs] by position."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+    """Rotate pairs (x[..., :hs/2], x[..., hs/2:]) of x [B, nh, T, hs] by position, in x's dtype.
+
+    The tables stay float32 (angles of late positions need its precision) and are rounded to x's dtype
+    here, [T, hs/2] each: bf16 training rotates q and k in bf16, with no float32 copy of [B, nh, T, hs]
+    (half the memory traffic; the error is that of storing q and k in bf16 at all).
+    """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class Attention(nn.Module):
@@ -226,12 +232,6 @@ class MoELM(nn.Module):
         not a stacked copy; n_local = n on one device, this rank's experts once parallelized)."""
         return [layer.gate_weight for layer in self.moe_layers]
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, *, return_logits: bool = True) -> ModelOutput:
-        """Logits [B, T, V] and, with targets, the mean next-token loss. return_logits=False (training)
-        computes the loss with the LM head fused into it (lm_loss.py) and returns no logits."""
-        T = idx.shape[1]
-        if T > self.cfg.seq_len:
-            raise ValueError(f"idx: sequence length {T} exceeds model.seq_len {self.cfg.seq_len}")
     def expert_weights_of(self, name: str) -> list[Tensor]:
         """One kind of expert weight ("gate", "up" [n_local, d, D] or "down" [n_local, D, d]) of each MoE layer,
         as each layer's expert_weights() holds it (the ERC loss's activation variants read these)."""
@@ -239,6 +239,12 @@ class MoELM(nn.Module):
             return self.gate_weights()
         return [layer.expert_weights()[name] for layer in self.moe_layers]
 
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, return_logits: bool = True) -> ModelOutput:
+        """Logits [B, T, V] and, with targets, the mean next-token loss. return_logits=False (training)
+        computes the loss with the LM head fused into it (lm_loss.py) and returns no logits."""
+        T = idx.shape[1]
+        if T > self.cfg.seq_len:
+            raise ValueError(f"idx: sequence length {T} exceeds model.seq_len {self.cfg.seq_len}")
         x = self.embed(idx)  # (B, T, d)
         stats: list[MoEStats] = []
         for block in self.blocks:

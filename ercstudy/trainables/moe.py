@@ -5,15 +5,17 @@ S = T * k routed (token, slot) pairs.
 
 Both backends hold the same parameters (router [n, d]; per expert gate [d, D], up [d, D],
 down [D, d]) and route the same way (DeepSpeed-MoE's convention):
-  1. logits_TE = x_TD @ router^T in float32; probs_TE = softmax(logits)
+  1. logits_TE = x_TD @ router^T (in the parameters' dtype, kept as float32); probs_TE = softmax(logits) in float32
   2. the top-k experts per token; their probabilities are renormalised to sum to 1 when
      k > 1 (for k = 1 the raw probability is the weight, so the router still learns)
-  3. y_T = sum over the k slots of weight * SwiGLU_expert(x_T)
+  3. y_T = sum over the k slots of weight * SwiGLU_expert(x_T) (the weight scales the [D]-wide hidden row
+     before the down projection, where it is cheapest)
   4. load-balancing loss n * sum_e mean_T(probs[:, e]) * f_e (f_e = share of the S
      assignments that chose e), and router z-loss mean_T(logsumexp(logits)^2)
 
-- `grouped` (default, dropless): sort the S pairs by expert, run one grouped matmul per
-  projection (torch.nn.functional.grouped_mm), unsort and sum the k slots. No per-expert Python loop.
+- `grouped` (default, dropless): sort the S pairs by expert, run one grouped matmul for gate and up
+  together and one for down (torch.nn.functional.grouped_mm), unsort and sum the k weighted slots.
+  No per-expert Python loop.
 - `deepspeed`: deepspeed.moe.layer.MoE (GShard-style capacity and token dropping).
 
 This file is single-device code: the model is built with GroupedMoE layers, and
@@ -92,8 +94,14 @@ class Routing:
 
 
 def route(x_TD: Tensor, router_ED: Tensor, top_k: int) -> Routing:
-    """Softmax top-k routing in float32 (DeepSpeed-MoE's convention, see the module docstring)."""
-    logits_TE = F.linear(x_TD.float(), router_ED.float())
+    """Softmax top-k routing (DeepSpeed-MoE's convention, see the module docstring).
+
+    The router matmul runs in the wider of the two operands' dtypes (bf16 training: a bf16 GEMM with fp32
+    accumulation, not an fp32 copy of the activations; DeepSpeed's gate keeps its weight in fp32, and its
+    routing is recomputed in fp32); the logits, softmax and top-k are float32.
+    """
+    dtype = torch.promote_types(x_TD.dtype, router_ED.dtype)
+    logits_TE = F.linear(x_TD.to(dtype), router_ED.to(dtype)).float()
     probs_TE = torch.softmax(logits_TE, dim=-1)
     weights_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
     if top_k > 1:
@@ -131,6 +139,8 @@ def grouped_mm_unsupported(x: Tensor, w: Tensor) -> str | None:
     """
     if x.dtype != w.dtype:
         return f"operands of different dtypes ({x.dtype}, {w.dtype})"
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"{x.dtype} operands (it takes float32, bfloat16 and float16)"
     if any(s * x.element_size() % 16 for s in (x.shape[-1], w.shape[-1])):
         return f"row widths {x.shape[-1]} and {w.shape[-1]} are not multiples of {16 // x.element_size()} {x.dtype} values"
     if x.device.type == "cuda":
@@ -161,17 +171,30 @@ def grouped_mm(x_SK: Tensor, w_EKN: Tensor, offsets_E: Tensor) -> Tensor:
 
 
 class GroupedExperts(nn.Module):
-    """n SwiGLU experts with stacked weights: gate [n, d, D], up [n, d, D], down [n, D, d]."""
+    """n SwiGLU experts with stacked weights: gate and up as one gate_up [n, d, 2D] (one grouped GEMM reads
+    each token copy once for both), down [n, D, d]. `gate` and `up` are views of gate_up's two halves."""
 
     def __init__(self, num_experts: int, d_model: int, expert_dim: int):
         super().__init__()
-        self.gate = nn.Parameter(torch.empty(num_experts, d_model, expert_dim))
-        self.up = nn.Parameter(torch.empty(num_experts, d_model, expert_dim))
+        self.expert_dim = expert_dim
+        self.gate_up = nn.Parameter(torch.empty(num_experts, d_model, 2 * expert_dim))
         self.down = nn.Parameter(torch.empty(num_experts, expert_dim, d_model))
 
-    def forward(self, x_SD: Tensor, offsets_E: Tensor) -> Tensor:
-        """x_SD: token copies sorted by expert; offsets_E: int32 cumulative counts. -> [S, d]."""
-        h_SF = F.silu(grouped_mm(x_SD, self.gate, offsets_E)) * grouped_mm(x_SD, self.up, offsets_E)
+    @property
+    def gate(self) -> Tensor:  # [n, d, D], a view of gate_up
+        return self.gate_up[..., : self.expert_dim]
+
+    @property
+    def up(self) -> Tensor:  # [n, d, D], a view of gate_up
+        return self.gate_up[..., self.expert_dim :]
+
+    def forward(self, x_SD: Tensor, offsets_E: Tensor, row_scale_S: Tensor | None = None) -> Tensor:
+        """x_SD: token copies sorted by expert; offsets_E: int32 cumulative counts; row_scale_S: a factor per
+        copy (its routing weight), applied to the [S, D] hidden rows before the down projection. -> [S, d]."""
+        gate_SF, up_SF = grouped_mm(x_SD, self.gate_up, offsets_E).chunk(2, dim=-1)
+        h_SF = F.silu(gate_SF) * up_SF
+        if row_scale_S is not None:
+            h_SF = h_SF * row_scale_S.unsqueeze(-1).to(h_SF.dtype)
         return grouped_mm(h_SF, self.down, offsets_E)
 
 
@@ -197,7 +220,7 @@ class GroupedMoE(nn.Module):
         return self.experts.gate
 
     def expert_weights(self) -> dict[str, Tensor]:
-        """The backend-independent parameter set: router [n, d], gate/up [n, d, D], down [n, D, d]."""
+        """The backend-independent parameter set: router [n, d], gate/up [n, d, D] (views of gate_up), down [n, D, d]."""
         return {"router": self.router, "gate": self.experts.gate, "up": self.experts.up, "down": self.experts.down}
 
     @torch.no_grad()
@@ -205,9 +228,10 @@ class GroupedMoE(nn.Module):
         for name, param in self.expert_weights().items():
             param.copy_(weights[name])
 
-    def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
-        """Token copies sorted by expert [S, d], with the count per expert [n] -> expert outputs [S, d]."""
-        return self.experts(x_SD, torch.cumsum(tokens_per_expert_E, dim=0).to(torch.int32))
+    def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, weights_S: Tensor) -> Tensor:
+        """Token copies sorted by expert [S, d], the count per expert [n] and each copy's routing weight [S]
+        -> the weighted expert outputs [S, d]."""
+        return self.experts(x_SD, torch.cumsum(tokens_per_expert_E, dim=0).to(torch.int32), weights_S)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
         shape = x.shape
@@ -219,10 +243,11 @@ class GroupedMoE(nn.Module):
         # 2. sort the S = T * k (token, slot) pairs by expert
         order_S = torch.argsort(routing.experts_TK.reshape(-1), stable=True)
         x_SD = x_TD[order_S // k]
-        # 3. experts, one grouped matmul per projection
-        y_SD = self.run_experts(x_SD, tokens_per_expert_E)
-        # 4. weight each copy, unsort, sum the k slots of each token
-        y_SD = y_SD * routing.weights_TK.reshape(-1)[order_S].unsqueeze(-1).to(y_SD.dtype)
+        # 3. experts: gate_up and down as one grouped matmul each, the routing weight applied to the hidden rows
+        y_SD = self.run_experts(x_SD, tokens_per_expert_E, routing.weights_TK.reshape(-1)[order_S])
+        # 4. unsort the weighted copies and sum each token's k slots. Deliberately not a scatter-add into [T, d]:
+        # CUDA's index_add_ is atomic (run-to-run nondeterministic, and k bf16 roundings a row); this sum is
+        # deterministic and rounds once (fp32 accumulation), at the cost of one [S, d] pass.
         y_TKD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(num_tokens, k, -1)
         out = y_TKD.sum(dim=1).to(x.dtype).view(shape)
         lb_loss, z_loss = routing_losses(routing, tokens_per_expert_E)

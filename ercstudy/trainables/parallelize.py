@@ -160,7 +160,8 @@ class GroupedEPMoE(GroupedMoE, MoE):
         """Called by the engine at deepspeed.initialize, as for DeepSpeed's own MoE layers."""
         self.ep_group = compat.expert_parallel_group(self.ep_size, use_data_before_expert_parallel=use_data_before_expert_parallel_)
 
-    def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+    def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, weights_S: Tensor) -> Tensor:
+        """As GroupedMoE.run_experts; the routing weights stay on this rank and scale the rows that come back."""
         if self.ep_group is None:
             raise RuntimeError("GroupedEPMoE: no expert-parallel group; build the DeepSpeed engine first (deepspeed.initialize)")
         from torch.distributed.nn.functional import all_to_all_single
@@ -179,7 +180,8 @@ class GroupedEPMoE(GroupedMoE, MoE):
         order = torch.argsort(local_ids, stable=True)
         y_RD = self.experts(x_RD[order], torch.cumsum(recv_RE.sum(dim=0), dim=0).to(torch.int32))
         y_RD = torch.empty_like(y_RD).index_copy_(0, order, y_RD)
-        return all_to_all_single(y_RD.new_empty(x_SD.shape[0], y_RD.shape[-1]), y_RD, send_splits, recv_splits, group=self.ep_group)
+        y_SD = all_to_all_single(y_RD.new_empty(x_SD.shape[0], y_RD.shape[-1]), y_RD, send_splits, recv_splits, group=self.ep_group)
+        return y_SD * weights_S.unsqueeze(-1).to(y_SD.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
