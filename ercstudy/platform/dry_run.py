@@ -2,15 +2,20 @@
 
 One row per distinct model shape among the representative points of the space: parameters,
 active parameters, FLOPs per token, tokens, steps and a memory estimate per worker; then the
-search, the objective and how many trials this machine runs at once.
+search, the objective and how many trials this machine runs at once; then the study's trial count
+(points x seeds, plus the fixed arms at the same seeds) and its GPU-hours (`budget_lines`).
 """
 
 from __future__ import annotations
 
 from ercstudy.trainables.config import TrialConfig
 
-from .study import Study, corner_points
+from .study import Study, arm_points, corner_points, num_points, num_trials
 from .tables import text_table
+
+# GPU-hours at an assumed throughput: H100/H200 SXM dense bf16 peak (trainables/devices.py) at a typical MoE MFU
+ASSUMED_PEAK_TFLOPS = 989.0
+ASSUMED_MFU = 0.3
 
 # fields of the trial config that change the model's shape (the dry run groups points by them)
 SHAPE_FIELDS = ("model.", "moe.num_experts", "moe.top_k", "moe.expert_dim", "moe.moe_every")
@@ -68,7 +73,7 @@ def dry_run_lines(study: Study, *, cpus: int, gpus: int) -> list[str]:
     cap = min(fit, study.search.max_concurrent or fit, study.search.num_trials)
     lines += [
         "",
-        f"search: {study.search.sampler}, {study.search.num_trials} trials over {', '.join(study.search.params)}"
+        f"search: {study.search.sampler}, {num_points(study)} point(s) over {', '.join(study.search.params)}"
         + (f"; constraints: {'; '.join(c.text for c in study.constraints)}" if study.constraints else ""),
         f"objective: {', '.join(f'{o.metric} ({o.mode})' for o in study.objectives)}; scheduler: {study.scheduler.type}"
         + (f" (grace {study.scheduler.grace_period} {study.scheduler.time_attr}s, reduction {study.scheduler.reduction_factor:g})"
@@ -76,5 +81,44 @@ def dry_run_lines(study: Study, *, cpus: int, gpus: int) -> list[str]:
         f"per trial: {res.num_workers} worker(s) x ({res.cpus_per_worker} CPU, {res.gpus_per_worker} GPU), ep_size {res.ep_size}; "
         f"this machine ({cpus} CPUs, {gpus} GPUs) runs {cap} trial(s) at once"
         + ("" if cap else " -- none: it lacks the resources of one trial; run on a cluster (--address)"),
+        *budget_lines(study),
     ]
+    return lines
+
+
+def trial_flops(cfg: TrialConfig) -> float:
+    """Training FLOPs of one trial: FLOPs per token x the tokens its steps train on (evals not counted)."""
+    return cfg.flops_per_token() * cfg.steps * cfg.train.global_batch_size * cfg.model.seq_len
+
+
+def budget_lines(study: Study, *, peak_tflops: float = ASSUMED_PEAK_TFLOPS, mfu: float = ASSUMED_MFU) -> list[str]:
+    """The study's trial count and compute: every point at every seed and every fixed arm at the same seeds.
+
+    Grid studies sum their actual points; other samplers take the mean trial of the space's corners
+    times the number of points (an estimate: the sampler picks the points).
+    """
+    s = study.search
+    points, arms = num_points(study), arm_points(study)
+    if s.sampler == "grid":
+        sampled = sum(trial_flops(study.trial_config(p)) for p in corner_points(study, limit=10**6, full=True)[:points])
+        how = "the grid's points"
+    else:
+        corners = [trial_flops(study.trial_config(p)) for p in corner_points(study)]
+        sampled = points * sum(corners) / len(corners)
+        how = "estimated: points x the mean trial of the space's corners"
+    arm_flops = sum(trial_flops(study.trial_config(p)) for _, p in arms)
+    flops = (sampled + arm_flops) * s.repeats
+    res = study.base_config.resources
+    gpus = res.num_workers * res.gpus_per_worker
+    lines = [
+        f"trials: {num_trials(study)} = ({points} point(s) + {len(arms)} fixed-arm point(s)"
+        + (f": {', '.join(dict.fromkeys(a for a, _ in arms))}" if arms else "") + f") x {s.repeats} seed(s)",
+        f"training compute: {flops:.3g} FLOPs ({how})",
+    ]
+    if gpus:
+        hours = flops / (peak_tflops * 1e12 * mfu) / 3600  # each GPU of a trial does its share of the FLOPs
+        lines.append(f"GPU-hours: {hours:,.1f} at {peak_tflops:g} TFLOP/s per GPU x MFU {mfu:g} (assumed; H100/H200 bf16 dense peak), "
+                     f"{gpus} GPU(s) per trial")
+    else:
+        lines.append("GPU-hours: none (CPU trials)")
     return lines

@@ -19,7 +19,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from .study import Study, corner_points, is_empty
+from .study import Study, arm_points, corner_points, is_empty, point_label, seeds
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +85,19 @@ def optuna_sampler(study: Study) -> Any:
 
 
 class StudySearch(Searcher):
-    """A Tune Searcher that asks one Optuna study for each trial's point and tells it how the trial ended.
+    """A Tune Searcher that asks one Optuna study for each point and tells it how the point's trials ended.
 
     A result without the (primary) objective is not reported to Optuna (eval metrics come at
     eval steps only); a trial stopped before its last step is PRUNED (TPE ranks it by its
     intermediate values); a trial stopped by a non-finite loss, or failed, is FAIL; a trial that
     finished its budget is COMPLETE with its final objective value(s).
+
+    Repeats and arms (study.search.repeats, .arms): each Optuna point becomes `repeats` Tune trials,
+    one per seed (`train.seed` in its params), told to Optuna once all of them ended: COMPLETE with the
+    mean of the objective(s) when every seed completed, else FAIL if one failed, else PRUNED; no
+    intermediate values (several seeds would report one step). The fixed arms' trials come first, at the
+    same seeds, and are never told. Each such trial's config carries `point`: {id, arm, repeat}, the
+    MLflow tags that group a point's trials (`point_tags`).
     """
 
     def __init__(self, space: DefineByRun, *, metric: str | list[str], mode: str | list[str], sampler: Any, study_name: str):
@@ -103,24 +110,46 @@ class StudySearch(Searcher):
             sampler=sampler, pruner=optuna.pruners.NopPruner(), study_name=study_name,
             directions=["minimize" if m == "min" else "maximize" for m in modes],
         )
-        self.trials: dict[str, Any] = {}  # Tune trial id -> Optuna trial
+        study = space.study
+        self.seeds = seeds(study)
+        self.tagged = study.search.repeats > 1 or bool(study.search.arms)  # plain studies keep plain configs
+        self.trials: dict[str, Any] = {}  # Tune trial id -> Optuna trial (sampled points)
+        self.configs: dict[str, dict[str, Any]] = {}  # Tune trial id -> the config it was given
+        self.queue: list[dict[str, Any]] = [self._config(params, f"{arm}:{point_label(params)}", arm, r)
+                                            for arm, params in arm_points(study) for r in range(len(self.seeds))]
+        self.ended: dict[int, dict[str, tuple[Any, list[float] | None]]] = {}  # Optuna number -> Tune id -> (state, values)
         self.told: set[str] = set()
 
+    def _config(self, params: dict[str, Any], point_id: str, arm: str, repeat: int) -> dict[str, Any]:
+        if not self.tagged:
+            return {"params": params}
+        return {"params": {**params, "train.seed": self.seeds[repeat]}, "point": {"id": point_id, "arm": arm, "repeat": repeat}}
+
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        if trial_id not in self.trials:
-            self.trials[trial_id] = self.study.ask()
-        return self.space(self.trials[trial_id])
+        if trial_id in self.configs:
+            return self.configs[trial_id]
+        if not self.queue:  # a new point: one trial per seed
+            optuna_trial = self.study.ask()
+            params = self.space(optuna_trial)["params"]
+            self.queue = [{**self._config(params, f"p{optuna_trial.number}", "search", r), "optuna": optuna_trial}
+                          for r in range(len(self.seeds))]
+        config = self.queue.pop(0)
+        if "optuna" in config:
+            self.trials[trial_id] = config.pop("optuna")
+        self.configs[trial_id] = config
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        # Optuna keeps intermediate values for single-objective studies only
-        if isinstance(self.metric, list) or self.metric not in result or trial_id not in self.trials or trial_id in self.told:
+        # Optuna keeps intermediate values for single-objective studies only, and one per step (one seed)
+        if (isinstance(self.metric, list) or len(self.seeds) > 1 or self.metric not in result or trial_id not in self.trials
+                or trial_id in self.told):
             return
         value = result[self.metric]
         if isinstance(value, (int, float)) and math.isfinite(value):
             self.trials[trial_id].report(value, int(result.get("step", result.get("training_iteration", 0))))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self.told or trial_id not in self.trials:
+        if trial_id in self.told or trial_id not in self.trials:  # told already, or a fixed arm's (never told)
             return
         from optuna.trial import TrialState
 
@@ -133,11 +162,22 @@ class StudySearch(Searcher):
             state, values = TrialState.PRUNED, None
         else:
             state = TrialState.COMPLETE
+        self.told.add(trial_id)
+        optuna_trial = self.trials[trial_id]
+        ended = self.ended.setdefault(optuna_trial.number, {})
+        ended[trial_id] = (state, values)
+        if len(ended) < len(self.seeds):
+            return  # the point's other seeds are still running
+        states = [st for st, _ in ended.values()]
+        if all(st == TrialState.COMPLETE for st in states):
+            state = TrialState.COMPLETE
+            values = [sum(v[i] for _, v in ended.values()) / len(ended) for i in range(len(metrics))]
+        else:
+            state, values = (TrialState.FAIL if TrialState.FAIL in states else TrialState.PRUNED), None
         try:
-            self.study.tell(self.trials[trial_id], values if values is None or len(values) > 1 else values[0], state=state)
+            self.study.tell(optuna_trial, values if values is None or len(values) > 1 else values[0], state=state)
         except RuntimeError as err:  # the grid sampler stops the study after its last point: nothing to do
             logger.info("optuna: %s", err)
-        self.told.add(trial_id)
 
     # Tune saves the searcher with its experiment state (`ercstudy resume` restores it)
     def save(self, checkpoint_path: str) -> None:
@@ -147,6 +187,13 @@ class StudySearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+
+
+def point_tags(config: dict[str, Any]) -> dict[str, str]:
+    """The MLflow tags of a trial's point (studies with repeats or arms): `ercstudy.point` groups one point's
+    seeds in the UI, `ercstudy.arm` (`search` or the fixed arm's name) and `ercstudy.repeat`."""
+    point = config.get("point") or {}
+    return {f"ercstudy.{'point' if k == 'id' else k}": str(v) for k, v in point.items()}
 
 
 def build_search(study: Study) -> StudySearch:

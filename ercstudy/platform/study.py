@@ -138,10 +138,22 @@ class SearchConfig:
     params: dict[str, ParamSpec] = field(default_factory=dict)
     constraints: tuple[str, ...] = ()
 
+    # each point runs at `repeats` seeds (train.seed = base seed + r, which also sets the data order);
+    # the sampler is told the mean over them
+    repeats: int = 1
+    # fixed arms next to the searched space, run at the same seeds and never shown to the sampler:
+    # name -> {dotted path: value, or a list of values (crossed)}, e.g. baseline: {erc.enabled: false}
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    baseline: str | None = None  # the arm the report pairs every point with (default: the first arm)
     def __post_init__(self) -> None:
         require(self.num_trials >= 1, "num_trials", f"must be >= 1, got {self.num_trials}")
         require(self.max_concurrent >= 0, "max_concurrent", f"must be >= 0 (0 = as many as resources allow), got {self.max_concurrent}")
 
+        require(self.repeats >= 1, "repeats", f"must be >= 1, got {self.repeats}")
+
+    @property
+    def baseline_arm(self) -> str | None:
+        return self.baseline or next(iter(self.arms), None)
 
 @dataclass(frozen=True)
 class Objective:
@@ -313,6 +325,8 @@ def parse_study(data: Any, *, source: str = "") -> Study:
     constraints_raw = search_raw.pop("constraints", None) or []
     require(isinstance(params_raw, dict), "search.params", "must be a mapping of dotted trial-config paths to param specs")
     require(isinstance(constraints_raw, list), "search.constraints", "must be a list of `A op B` strings")
+    arms_raw = search_raw.pop("arms", None) or {}
+    baseline_raw = search_raw.pop("baseline", None)
     search = from_dict(SearchConfig, search_raw, prefix="search")
     params: dict[str, ParamSpec] = {}
     for path, spec in params_raw.items():
@@ -331,7 +345,12 @@ def parse_study(data: Any, *, source: str = "") -> Study:
             raise ConfigError(where, "is an integer field: use type int")
         params[str(path)] = param
     search = SearchConfig(sampler=search.sampler, num_trials=search.num_trials, max_concurrent=search.max_concurrent,
-                          seed=search.seed, params=params, constraints=tuple(map(str, constraints_raw)))
+                          seed=search.seed, params=params, constraints=tuple(map(str, constraints_raw)),
+                          repeats=search.repeats, arms=_arms(arms_raw, base, params), baseline=baseline_raw)
+    require(search.baseline is None or search.baseline in search.arms, "search.baseline",
+            f"must name one of search.arms ({', '.join(search.arms) or 'none given'}), got {search.baseline!r}")
+    require(search.repeats == 1 or "train.seed" not in params, "search.params.train.seed",
+            "is set by search.repeats (seeds base + 0 .. repeats - 1); search other params, or use repeats: 1")
     constraints = tuple(Constraint.parse(c, f"search.constraints[{i}]") for i, c in enumerate(constraints_raw))
     for i, c in enumerate(constraints):
         for p in c.paths():
@@ -359,6 +378,9 @@ def parse_study(data: Any, *, source: str = "") -> Study:
     scheduler = from_dict(SchedulerConfig, _section(data, "scheduler"), prefix="scheduler")
     tracking = from_dict(TrackingConfig, _section(data, "tracking"), prefix="tracking")
     study = Study(name, base, search, objectives, scheduler, tracking, constraints, source)
+    require(scheduler.type == "none" or (search.repeats == 1 and not search.arms), "scheduler.type",
+            "must be none with search.repeats > 1 or search.arms: ASHA stops single seeds on one noisy value, so a "
+            "point's mean would average unequal budgets and an arm's pairs would miss seeds; every trial runs its full budget")
     check_space(study)
     known = reported_metrics(base_cfg)
     for i, obj in enumerate(objectives):
@@ -437,7 +459,8 @@ def is_empty(space: ParamSpec | list[Any]) -> bool:
 
 
 def check_space(study: Study) -> None:
-    """Every corner of the space leaves each param a non-empty range, and every point is a valid trial config."""
+    """Every corner of the space leaves each param a non-empty range, and every point is a valid trial config;
+    so is every fixed-arm point."""
     for point in corner_points(study):
         try:
             study.trial_config(point)
@@ -449,6 +472,11 @@ def check_space(study: Study) -> None:
 def corner_points(study: Study, limit: int = 4096, *, full: bool = False) -> list[dict[str, Any]]:
     """Representative points of the space (discrete values, ends of ranges), constraints applied in order.
 
+    for name, point in arm_points(study):
+        try:
+            study.trial_config(point)
+        except ConfigError as err:
+            raise ConfigError(f"search.arms.{name}", f"{err.path}: {err.reason}, for the arm's point {point}") from None
     full: every value of int params (the grid sampler's points), not a sample of wide ranges.
     """
     points: list[dict[str, Any]] = [{}]
@@ -464,8 +492,58 @@ def corner_points(study: Study, limit: int = 4096, *, full: bool = False) -> lis
     return points
 
 
-def num_trials(study: Study) -> int:
-    """Trials to run: search.num_trials, at most the number of grid points for the grid sampler."""
+def num_points(study: Study) -> int:
+    """Points the sampler proposes: search.num_trials, at most the number of grid points for the grid sampler."""
     if study.search.sampler == "grid":
         return min(study.search.num_trials, len(corner_points(study, limit=10**6, full=True)))
     return study.search.num_trials
+
+
+def num_trials(study: Study) -> int:
+    """Trials to run (Tune's samples): every point at every seed, and every fixed arm at every seed."""
+    return (num_points(study) + len(arm_points(study))) * study.search.repeats
+
+
+def seeds(study: Study) -> list[int]:
+    """The train.seed of each repeat: the base seed, + 1, ..., the same for every point and arm."""
+    return [study.base_config.train.seed + r for r in range(study.search.repeats)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed arms
+
+
+def _arms(raw: Any, base: dict[str, Any], params: dict[str, ParamSpec]) -> dict[str, dict[str, Any]]:
+    """search.arms checked: names, trial-config paths, values of the fields' types (a list = values crossed)."""
+    from ercstudy.trainables.validation import _coerce
+
+    require(isinstance(raw, dict), "search.arms", "must be a mapping: arm name -> {dotted path: value or [values]}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, fixed in raw.items():
+        where = f"search.arms.{name}"
+        require(re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", str(name)) is not None and name != "search", where,
+                "an arm name is letters, digits, '_', '-' (not 'search': that names the sampled points)")
+        require(isinstance(fixed, dict) and bool(fixed), where, "must be a non-empty mapping of dotted trial-config paths to values")
+        for path, value in fixed.items():
+            require(path != "train.seed", f"{where}.train.seed", "arms run at the study's seeds (search.repeats); do not fix it")
+            tp = field_type(str(path))
+            for v in value if isinstance(value, list) else [value]:
+                _coerce(v, tp, f"{where}.{path}")
+        out[str(name)] = dict(fixed)
+    return out
+
+
+def arm_points(study: Study) -> list[tuple[str, dict[str, Any]]]:
+    """(arm name, params) of every fixed-arm point, lists crossed, in file order (seeds not included)."""
+    out = []
+    for name, fixed in study.search.arms.items():
+        combos: list[dict[str, Any]] = [{}]
+        for path, value in fixed.items():
+            combos = [{**c, path: v} for c in combos for v in (value if isinstance(value, list) else [value])]
+        out.extend((name, c) for c in combos)
+    return out
+
+
+def point_label(params: dict[str, Any]) -> str:
+    """A point as a short stable text: `erc.enabled=False, moe.num_experts=16` (MLflow tags, report rows)."""
+    return ", ".join(f"{p}={v}" for p, v in params.items() if p != "train.seed")

@@ -16,6 +16,7 @@ from typing import Any
 from ray import tune
 
 from . import tracking
+from .search import point_tags
 from .study import Study, num_trials
 from .tables import cell
 
@@ -57,7 +58,8 @@ class MLflowStudyCallback(tune.Callback):
             cfg = self.study.trial_config(params)
             run_id = tracking.start_trial_run(
                 self.client, self.experiment_id, name=f"{self.study.name}-{trial.trial_id}", config=cfg.to_dict(), params=params,
-                parent_run_id=self.parent_run_id, tags={tracking.TRIAL_TAG: trial.trial_id, tracking.STUDY_TAG: self.study.name},
+                parent_run_id=self.parent_run_id,
+                tags={tracking.TRIAL_TAG: trial.trial_id, tracking.STUDY_TAG: self.study.name, **point_tags(trial.config)},
             )
         self.runs[trial.trial_id] = run_id
         return run_id
