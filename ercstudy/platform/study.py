@@ -137,7 +137,6 @@ class SearchConfig:
     seed: int = 0
     params: dict[str, ParamSpec] = field(default_factory=dict)
     constraints: tuple[str, ...] = ()
-
     # each point runs at `repeats` seeds (train.seed = base seed + r, which also sets the data order);
     # the sampler is told the mean over them
     repeats: int = 1
@@ -145,15 +144,16 @@ class SearchConfig:
     # name -> {dotted path: value, or a list of values (crossed)}, e.g. baseline: {erc.enabled: false}
     arms: dict[str, dict[str, Any]] = field(default_factory=dict)
     baseline: str | None = None  # the arm the report pairs every point with (default: the first arm)
+
     def __post_init__(self) -> None:
         require(self.num_trials >= 1, "num_trials", f"must be >= 1, got {self.num_trials}")
         require(self.max_concurrent >= 0, "max_concurrent", f"must be >= 0 (0 = as many as resources allow), got {self.max_concurrent}")
-
         require(self.repeats >= 1, "repeats", f"must be >= 1, got {self.repeats}")
 
     @property
     def baseline_arm(self) -> str | None:
         return self.baseline or next(iter(self.arms), None)
+
 
 @dataclass(frozen=True)
 class Objective:
@@ -323,10 +323,10 @@ def parse_study(data: Any, *, source: str = "") -> Study:
     search_raw = dict(_section(data, "search"))
     params_raw = search_raw.pop("params", None) or {}
     constraints_raw = search_raw.pop("constraints", None) or []
-    require(isinstance(params_raw, dict), "search.params", "must be a mapping of dotted trial-config paths to param specs")
-    require(isinstance(constraints_raw, list), "search.constraints", "must be a list of `A op B` strings")
     arms_raw = search_raw.pop("arms", None) or {}
     baseline_raw = search_raw.pop("baseline", None)
+    require(isinstance(params_raw, dict), "search.params", "must be a mapping of dotted trial-config paths to param specs")
+    require(isinstance(constraints_raw, list), "search.constraints", "must be a list of `A op B` strings")
     search = from_dict(SearchConfig, search_raw, prefix="search")
     params: dict[str, ParamSpec] = {}
     for path, spec in params_raw.items():
@@ -376,11 +376,11 @@ def parse_study(data: Any, *, source: str = "") -> Study:
     require(bool(params), "search.params", "is empty: give at least one param to search (or use `ercstudy train` for one trial)")
 
     scheduler = from_dict(SchedulerConfig, _section(data, "scheduler"), prefix="scheduler")
-    tracking = from_dict(TrackingConfig, _section(data, "tracking"), prefix="tracking")
-    study = Study(name, base, search, objectives, scheduler, tracking, constraints, source)
     require(scheduler.type == "none" or (search.repeats == 1 and not search.arms), "scheduler.type",
             "must be none with search.repeats > 1 or search.arms: ASHA stops single seeds on one noisy value, so a "
             "point's mean would average unequal budgets and an arm's pairs would miss seeds; every trial runs its full budget")
+    tracking = from_dict(TrackingConfig, _section(data, "tracking"), prefix="tracking")
+    study = Study(name, base, search, objectives, scheduler, tracking, constraints, source)
     check_space(study)
     known = reported_metrics(base_cfg)
     for i, obj in enumerate(objectives):
@@ -467,16 +467,16 @@ def check_space(study: Study) -> None:
         except ConfigError as err:
             raise ConfigError(err.path, f"{err.reason}, for the searched point {point} "
                               f"(add a search.constraints entry so that the search avoids it)") from None
-
-
-def corner_points(study: Study, limit: int = 4096, *, full: bool = False) -> list[dict[str, Any]]:
-    """Representative points of the space (discrete values, ends of ranges), constraints applied in order.
-
     for name, point in arm_points(study):
         try:
             study.trial_config(point)
         except ConfigError as err:
             raise ConfigError(f"search.arms.{name}", f"{err.path}: {err.reason}, for the arm's point {point}") from None
+
+
+def corner_points(study: Study, limit: int = 4096, *, full: bool = False) -> list[dict[str, Any]]:
+    """Representative points of the space (discrete values, ends of ranges), constraints applied in order.
+
     full: every value of int params (the grid sampler's points), not a sample of wide ranges.
     """
     points: list[dict[str, Any]] = [{}]
