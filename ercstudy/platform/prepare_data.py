@@ -1,11 +1,24 @@
 """`ercstudy prepare-data`: text files (or a Parquet text column) -> Parquet shards of token ids.
 
-A byte-level BPE tokenizer is trained locally with the `tokenizers` library (no hub download),
-the documents are tokenized in batches (Rust, parallel), joined with an end-of-document token,
-cut into sequences of `seq_len + 1` tokens, shuffled with a seed and split into train and eval.
+The corpus is streamed, never held: memory stays bounded whatever its size.
+
+1. First pass: a byte-level BPE tokenizer is trained locally with the `tokenizers` library (no hub
+   download) from an iterator over the documents, which also counts them per input file.
+2. Second pass: each input file's documents go, whole, to train or eval: exactly
+   round(eval_fraction * documents) of each file are held out, drawn by selection sampling from
+   `seed` (one uniform per document, O(1) memory), so the held-out loss is a held-out-document
+   loss. Documents are tokenized in batches (Rust, parallel), joined with an end-of-document
+   token per split and cut into sequences of `seq_len + 1` tokens (the tail of a file's split is
+   dropped); a sequence never mixes the two splits. Each sequence goes to one of K spill files
+   on local disk (K chosen so that one spill file fits `shuffle_bytes`), drawn from the seed.
+3. Each spill file is read back, permuted and appended to the split's Parquet shards, a row
+   group at a time: random bucket then random order within it is a uniform shuffle of the whole
+   split, at the memory of one bucket.
+
 Each input file is one "domain" (shard group): its index is stored with every sequence, so
-per-domain eval loss and routing-domain specialisation work on real corpora as on the
-synthetic one. The layout is the one `ercstudy.trainables.data` reads:
+per-domain eval loss and routing-domain specialisation work on real corpora as on the synthetic
+one. The layout is the one `ercstudy.trainables.data` reads, in a directory or at a URI
+(s3://bucket/prefix, ...: written through pyarrow's filesystems):
 
     OUT/tokenizer.json  OUT/meta.json  OUT/train/part-00000.parquet ...  OUT/eval/part-00000.parquet
 """
@@ -13,47 +26,108 @@ synthetic one. The layout is the one `ercstudy.trainables.data` reads:
 from __future__ import annotations
 
 import json
-import os
+import math
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ercstudy.trainables.shards import EOD_TOKEN, META_FILE, ROW_GROUP_ROWS, TOKENIZER_FILE, DataError, ShardMeta
+from ercstudy.trainables.shards import (
+    EOD_TOKEN,
+    META_FILE,
+    ROW_GROUP_ROWS,
+    TOKENIZER_FILE,
+    DataError,
+    ShardMeta,
+    filesystem,
+    first_line,
+    is_uri,
+    join,
+)
 
-DOCS_PER_BATCH = 1024
+DOCS_PER_BATCH = 256
+CHARS_PER_BATCH = 1 << 20  # a batch of documents also ends at this much text: a few huge documents stay bounded
+SHUFFLE_BYTES = 256 << 20  # default memory for one spill bucket of the shuffle
+MAX_BUCKETS = 4096
+SPLITS = ("train", "eval")
 
 
 @dataclass(frozen=True)
 class Source:
-    name: str  # the domain name: the file's stem
-    documents: list[str]
+    """One input file: its domain name (the file's stem) and where its text is."""
+
+    name: str
+    path: Path
+    column: str | None  # Parquet inputs: the text column
 
 
-def read_source(path: Path, column: str | None) -> Source:
-    """The documents of one input: a Parquet file's text column, or a text file split on blank lines."""
+def open_source(path: Path, column: str | None) -> Source:
+    """Check one input (it exists, its column exists, it holds a document) without reading it all."""
     if not path.is_file():
         raise DataError(f"input {path}: no such file")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         schema = pq.read_schema(path)
-        col = column or "text"
-        if col not in schema.names:
-            raise DataError(f"input {path}: no column {col!r} (columns: {', '.join(schema.names)}); pass --column")
-        docs = [d for d in pq.read_table(path, columns=[col]).column(col).to_pylist() if d]
-    else:
-        if column:
-            raise DataError(f"input {path}: --column applies to Parquet inputs only")
-        text = path.read_text(encoding="utf-8", errors="replace")
-        docs = [d.strip() for d in text.split("\n\n") if d.strip()]
-    if not docs:
+        column = column or "text"
+        if column not in schema.names:
+            raise DataError(f"input {path}: no column {column!r} (columns: {', '.join(schema.names)}); pass --column")
+    elif column:
+        raise DataError(f"input {path}: --column applies to Parquet inputs only")
+    source = Source(path.stem, path, column)
+    if next(documents(source), None) is None:
         raise DataError(f"input {path}: empty corpus (no non-blank text)")
-    return Source(path.stem, docs)
+    return source
 
 
-def train_tokenizer(sources: list[Source], vocab_size: int, *, progress: bool):
+def documents(source: Source) -> Iterator[str]:
+    """The documents of one input, read incrementally: a Parquet file's text column, a row batch at a time,
+    or a text file's blank-line-separated blocks, a line at a time."""
+    if source.column is not None:
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(source.path).iter_batches(batch_size=DOCS_PER_BATCH, columns=[source.column]):
+            yield from (d for d in batch.column(0).to_pylist() if d)
+        return
+    with open(source.path, encoding="utf-8", errors="replace") as f:
+        lines: list[str] = []
+        for line in f:
+            if line.strip():
+                lines.append(line)
+            elif lines:
+                yield "".join(lines).strip()
+                lines = []
+        if lines:
+            yield "".join(lines).strip()
+
+
+def batches(docs: Iterator[str]) -> Iterator[list[str]]:
+    """Documents in batches of at most DOCS_PER_BATCH documents or about CHARS_PER_BATCH characters."""
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) >= DOCS_PER_BATCH or chars >= CHARS_PER_BATCH:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+@dataclass
+class Census:
+    """What the first pass counted: documents and UTF-8 bytes per input."""
+
+    documents: list[int]
+    text_bytes: int = 0
+
+
+def train_tokenizer(sources: list[Source], vocab_size: int, *, progress: bool) -> tuple[object, Census]:
+    """A byte-level BPE tokenizer trained from an iterator over the corpus (nothing held), and the census."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -65,34 +139,152 @@ def train_tokenizer(sources: list[Source], vocab_size: int, *, progress: bool):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=progress,
     )
-    tok.train_from_iterator((d for s in sources for d in s.documents), trainer=trainer, length=sum(len(s.documents) for s in sources))
-    return tok
+    census = Census([0] * len(sources))
+
+    def counted() -> Iterator[str]:
+        # one document per item: the trainer buffers a few hundred items, so an item must not be a batch
+        for d, source in enumerate(sources):
+            for doc in documents(source):
+                census.documents[d] += 1
+                census.text_bytes += len(doc.encode("utf-8"))
+                yield doc
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    return tok, census
 
 
-def tokenize(tok, source: Source, eod: int, bar) -> np.ndarray:
-    """One source as one stream of token ids, documents separated by the end-of-document token."""
-    parts = []
-    for i in range(0, len(source.documents), DOCS_PER_BATCH):
-        for enc in tok.encode_batch(source.documents[i : i + DOCS_PER_BATCH]):
-            parts.append(np.asarray(enc.ids, dtype=np.int32))
-            parts.append(np.asarray([eod], dtype=np.int32))
-        bar.update(min(DOCS_PER_BATCH, len(source.documents) - i))
-    return np.concatenate(parts)
+class HeldOutDocuments:
+    """Selection sampling (Knuth's algorithm S): exactly `k` of `n` documents, each chosen with probability
+    (k - chosen) / (n - seen), from one uniform per document; a function of the seed and the order alone."""
+
+    def __init__(self, n: int, k: int, rng: np.random.Generator):
+        self.n, self.k, self.rng, self.seen, self.chosen = n, k, rng, 0, 0
+
+    def draw(self, count: int) -> np.ndarray:
+        """Whether each of the next `count` documents is held out [count] bool."""
+        u = self.rng.random(count)
+        held = np.zeros(count, dtype=bool)
+        for i in range(count):
+            if u[i] * (self.n - self.seen) < self.k - self.chosen:
+                held[i] = True
+                self.chosen += 1
+            self.seen += 1
+        return held
 
 
-def write_split(out: Path, split: str, tokens: np.ndarray, domains: np.ndarray, rows_per_shard: int) -> int:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+class Cutter:
+    """Cuts one split's token stream of one input into rows of `width` tokens; the tail waits for the next document."""
 
-    (out / split).mkdir(parents=True, exist_ok=True)
-    width = tokens.shape[1]
-    n_shards = max(1, -(-len(tokens) // rows_per_shard))
-    for s in range(n_shards):
-        rows = slice(s * rows_per_shard, (s + 1) * rows_per_shard)
-        flat = pa.array(tokens[rows].ravel(), type=pa.int32())
-        table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(flat, width), "domain": pa.array(domains[rows], type=pa.int32())})
-        pq.write_table(table, out / split / f"part-{s:05d}.parquet", row_group_size=ROW_GROUP_ROWS)
-    return n_shards
+    def __init__(self, width: int):
+        self.width, self.tail = width, np.zeros(0, dtype=np.int32)
+
+    def cut(self, pieces: list[np.ndarray]) -> np.ndarray:
+        stream = np.concatenate([self.tail, *pieces]) if pieces else self.tail
+        n = len(stream) // self.width
+        self.tail = stream[n * self.width :].copy()
+        return stream[: n * self.width].reshape(n, self.width)
+
+
+class Spill:
+    """The rows of one split, scattered over `buckets` files on local disk (token ids, then the domain, int32)."""
+
+    def __init__(self, directory: Path, split: str, buckets: int, width: int, rng: np.random.Generator):
+        self.width, self.rng, self.rows = width + 1, rng, 0
+        self.paths = [directory / f"{split}-{b:05d}.bin" for b in range(buckets)]
+        self.files = [open(p, "wb") for p in self.paths]  # noqa: SIM115 (closed in done())
+
+    def add(self, rows: np.ndarray, domain: int) -> None:
+        if not len(rows):
+            return
+        tagged = np.concatenate([rows, np.full((len(rows), 1), domain, dtype=np.int32)], axis=1)
+        bucket = self.rng.integers(0, len(self.files), size=len(rows))
+        for b in np.unique(bucket):
+            self.files[b].write(tagged[bucket == b].tobytes())
+        self.rows += len(rows)
+
+    def done(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def shuffled(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
+        """Each bucket read back and permuted [rows, width + 1]: together, a uniform shuffle of the split."""
+        for path in self.paths:
+            rows = np.fromfile(path, dtype=np.int32).reshape(-1, self.width)
+            path.unlink()
+            yield rows[rng.permutation(len(rows))]
+
+
+class ShardWriter:
+    """One split's Parquet files, written a row group at a time: files of `rows_per_shard` rows, groups of ROW_GROUP_ROWS."""
+
+    def __init__(self, fs, root: str, width: int, rows_per_shard: int):
+        import pyarrow as pa
+
+        self.fs, self.root, self.width, self.rows_per_shard = fs, root, width, rows_per_shard
+        fs.create_dir(root, recursive=True)
+        self.schema = pa.schema([("tokens", pa.list_(pa.int32(), width)), ("domain", pa.int32())])
+        self.pending: list[np.ndarray] = []  # rows not yet written: fewer than one row group
+        self.buffered = 0
+        self.writer, self.in_file, self.files = None, 0, 0
+
+    def _room(self) -> int:
+        """Rows of the next row group: a full one, or what the current file has left."""
+        return min(ROW_GROUP_ROWS, self.rows_per_shard - self.in_file)
+
+    def add(self, rows: np.ndarray) -> None:
+        """Rows [n, width + 1]: tokens, then the domain."""
+        self.pending.append(rows)
+        self.buffered += len(rows)
+        while self.buffered >= self._room():
+            self._flush(self._room())
+
+    def close(self) -> None:
+        while self.buffered:
+            self._flush(min(self._room(), self.buffered))
+        if self.writer is not None:
+            self.writer.close()
+            self.writer, self.in_file = None, 0
+
+    def _flush(self, take: int) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        stack = np.concatenate(self.pending)
+        rows, self.pending = stack[:take], [stack[take:]]
+        self.buffered -= take
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(join(self.root, f"part-{self.files:05d}.parquet"), self.schema, filesystem=self.fs)
+            self.files += 1
+        flat = pa.array(np.ascontiguousarray(rows[:, : self.width]).ravel(), type=pa.int32())
+        table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(flat, self.width),
+                          "domain": pa.array(rows[:, self.width], type=pa.int32())}, schema=self.schema)
+        self.writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self.in_file += take
+        if self.in_file >= self.rows_per_shard:
+            self.writer.close()
+            self.writer, self.in_file = None, 0
+
+
+def open_output(out: str):
+    """The filesystem and root of OUT (a new or empty directory, or a prefix in an existing bucket)."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(out)
+    try:
+        if isinstance(fs, pafs.S3FileSystem) and fs.get_file_info(root.split("/")[0]).type == pafs.FileType.NotFound:
+            raise DataError(f"--out {out}: no bucket {root.split('/')[0]!r} (create it first)")
+        if fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+            raise DataError(f"--out {out}: output directory is not empty")
+        if not is_uri(out):
+            fs.create_dir(root, recursive=True)
+    except OSError as err:
+        raise DataError(f"--out {out}: {first_line(err)}") from None
+    return fs, root
+
+
+def write_bytes(fs, path: str, data: bytes) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(data)
 
 
 def prepare_data(
@@ -105,6 +297,7 @@ def prepare_data(
     column: str | None = None,
     rows_per_shard: int = 8192,
     seed: int = 0,
+    shuffle_bytes: int = SHUFFLE_BYTES,
     progress: bool = True,
 ) -> ShardMeta:
     from tqdm import tqdm
@@ -117,49 +310,70 @@ def prepare_data(
         raise DataError(f"--seq-len must be >= 2, got {seq_len}")
     if not 0 < eval_fraction < 1:
         raise DataError(f"--eval-fraction must be in (0, 1), got {eval_fraction}")
-    out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise DataError(f"output directory {out_dir} is not empty")
-    sources = [read_source(Path(p), column) for p in inputs]
+    if rows_per_shard < 1:
+        raise DataError(f"--rows-per-shard must be >= 1, got {rows_per_shard}")
+    sources = [open_source(Path(p), column) for p in inputs]
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise DataError(f"inputs must have distinct file names (they name the domains): {', '.join(names)}")
+    fs, root = open_output(out)
 
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {sum(len(s.documents) for s in sources):,} documents")
-    tok = train_tokenizer(sources, vocab_size, progress=progress)
+    log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {len(sources)} input(s), streamed")
+    tok, census = train_tokenizer(sources, vocab_size, progress=progress)
     eod = tok.token_to_id(EOD_TOKEN)
-    rows, domains = [], []
-    with tqdm(total=sum(len(s.documents) for s in sources), desc="tokenizing", unit="doc", disable=not progress, file=sys.stderr) as bar:
-        for d, source in enumerate(sources):
-            stream = tokenize(tok, source, eod, bar)
-            n = len(stream) // (seq_len + 1)
-            if n == 0:
-                raise DataError(f"input {source.name}: {len(stream)} tokens, too few for one sequence of {seq_len + 1}")
-            rows.append(stream[: n * (seq_len + 1)].reshape(n, seq_len + 1))
-            domains.append(np.full(n, d, dtype=np.int32))
-    tokens, domain = np.concatenate(rows), np.concatenate(domains)
-    order = np.random.default_rng(seed).permutation(len(tokens))
-    tokens, domain = tokens[order], domain[order]
-    n_eval = max(1, round(eval_fraction * len(tokens)))
-    if len(tokens) - n_eval < 1:
-        raise DataError(f"corpus too small: {len(tokens)} sequences of {seq_len + 1} tokens leave none for training")
+    width = seq_len + 1
+    # every token covers at least one byte: text bytes + one EOD per document bound the rows from above
+    bound_rows = (census.text_bytes + sum(census.documents)) // width + 1
+    buckets = min(MAX_BUCKETS, max(1, math.ceil(bound_rows * (width + 1) * 4 / shuffle_bytes)))
+    held_docs = [min(n - 1, max(1, round(eval_fraction * n))) if n > 1 else 0 for n in census.documents]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_split(out_dir, "eval", tokens[:n_eval], domain[:n_eval], rows_per_shard)
-    n_shards = write_split(out_dir, "train", tokens[n_eval:], domain[n_eval:], rows_per_shard)
-    tok.save(str(out_dir / TOKENIZER_FILE))
+    with tempfile.TemporaryDirectory(prefix="ercstudy-prepare-") as tmp:
+        spills = {split: Spill(Path(tmp), split, buckets, width, np.random.default_rng([seed, 1, i]))
+                  for i, split in enumerate(SPLITS)}
+        with tqdm(total=sum(census.documents), desc="tokenizing", unit="doc", disable=not progress, file=sys.stderr) as bar:
+            for d, source in enumerate(sources):
+                held = HeldOutDocuments(census.documents[d], held_docs[d], np.random.default_rng([seed, 0, d]))
+                cutters = {split: Cutter(width) for split in SPLITS}
+                rows_before = sum(s.rows for s in spills.values())
+                for batch in batches(documents(source)):
+                    to_eval = held.draw(len(batch))
+                    pieces: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+                    for enc, is_eval in zip(tok.encode_batch(batch), to_eval):
+                        pieces["eval" if is_eval else "train"] += [np.asarray(enc.ids, dtype=np.int32), np.asarray([eod], dtype=np.int32)]
+                    for split in SPLITS:
+                        spills[split].add(cutters[split].cut(pieces[split]), d)
+                    bar.update(len(batch))
+                if sum(s.rows for s in spills.values()) == rows_before:
+                    raise DataError(f"input {source.name}: too few tokens for one sequence of {width}")
+        for spill in spills.values():
+            spill.done()
+        n_train, n_eval = spills["train"].rows, spills["eval"].rows
+        if n_train < 1 or n_eval < 1:
+            raise DataError(f"corpus too small: {n_train} train and {n_eval} held-out sequences of {width} tokens "
+                            f"from {sum(census.documents)} documents (each document goes whole to one split)")
+
+        shard_counts = {}
+        for i, split in enumerate(SPLITS):
+            writer = ShardWriter(fs, join(root, split), width, rows_per_shard)
+            for rows in spills[split].shuffled(np.random.default_rng([seed, 2, i])):
+                for j in range(0, len(rows), ROW_GROUP_ROWS):  # a row group at a time: no copy of the bucket
+                    writer.add(rows[j : j + ROW_GROUP_ROWS])
+            writer.close()
+            shard_counts[split] = writer.files
     meta = ShardMeta(
         vocab_size=tok.get_vocab_size(),
         seq_len=seq_len,
-        train_sequences=len(tokens) - n_eval,
+        train_sequences=n_train,
         eval_sequences=n_eval,
         domains=names,
         eod_id=eod,
     )
-    (out_dir / META_FILE).write_text(json.dumps(meta.__dict__, indent=2) + "\n")
+    write_bytes(fs, join(root, TOKENIZER_FILE), tok.to_str().encode("utf-8"))
+    write_bytes(fs, join(root, META_FILE), (json.dumps(meta.__dict__, indent=2) + "\n").encode("utf-8"))  # last: marks it done
     log(
-        f"wrote {meta.train_sequences:,} train + {meta.eval_sequences:,} eval sequences of {seq_len + 1} tokens "
-        f"({n_shards} train shard(s)) to {os.path.abspath(out_dir)}; vocab {meta.vocab_size}, domains: {', '.join(names)}"
+        f"wrote {n_train:,} train + {n_eval:,} eval sequences of {width} tokens ({shard_counts['train']} train shard(s)) "
+        f"to {out if is_uri(out) else root}; held out {sum(held_docs):,} of {sum(census.documents):,} documents; "
+        f"vocab {meta.vocab_size}, domains: {', '.join(names)}"
     )
     return meta

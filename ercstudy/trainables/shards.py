@@ -1,8 +1,12 @@
-"""The on-disk format of Parquet token shards (written by `ercstudy prepare-data`, read by data.py).
+"""The format of Parquet token shards (written by `ercstudy prepare-data`, read by data.py), and where they live.
 
 Kept free of torch so that preparing data starts in a second.
 
     DIR/meta.json  DIR/tokenizer.json  DIR/train/part-00000.parquet ...  DIR/eval/part-00000.parquet
+
+DIR is a local path or a URI (s3://bucket/prefix, gs://..., hdfs://...): every read and write goes
+through pyarrow's filesystems, which take an S3 endpoint and credentials from the standard AWS_*
+environment, so the shards are read where the workers run and never travel with a job.
 
 Each Parquet row: `tokens` (fixed-size list of seq_len + 1 int32 ids), `domain` (int32: the
 index of the input file it came from).
@@ -11,8 +15,13 @@ index of the input file it came from).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pyarrow.fs
 
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -39,9 +48,62 @@ class ShardMeta:
 
     @classmethod
     def read(cls, path: str | Path) -> ShardMeta:
-        file = Path(path) / META_FILE
-        if not file.is_file():
+        text = read_file(path, META_FILE)
+        if text is None:
             raise DataError(f"data.path: {path} holds no {META_FILE}; make shards with `ercstudy prepare-data`")
-        return cls(**json.loads(file.read_text()))
+        return cls(**json.loads(text))
+
+
+def is_uri(path: str | Path) -> bool:
+    """A URI (s3://, gs://, file://, ...) rather than a plain path."""
+    return "://" in str(path)
+
+
+def join(path: str | Path, *names: str) -> str:
+    """`path/names...` for paths and URIs alike."""
+    return "/".join([str(path).rstrip("/"), *names])
+
+
+def filesystem(path: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The pyarrow filesystem of a path or URI, and the path inside it (a relative path: from the working directory)."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    uri = str(path) if is_uri(path) else os.path.abspath(os.path.expanduser(str(path)))
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise DataError(f"{path}: {first_line(err)}") from None
+
+
+def read_file(path: str | Path, name: str) -> bytes | None:
+    """The bytes of `path/name`, or None if there is no such file; an unreadable store is a DataError."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(path)
+    file = join(root, name)
+    try:
+        if fs.get_file_info(file).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(file) as f:
+            return f.read()
+    except OSError as err:
+        raise DataError(f"{join(path, name)}: {first_line(err)}") from None
+
+
+def shard_files(path: str | Path) -> tuple[pyarrow.fs.FileSystem, list[str]]:
+    """The filesystem and the sorted Parquet files of one split directory (none if it does not exist)."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(path)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError as err:
+        raise DataError(f"{path}: {first_line(err)}") from None
+    return fs, sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
