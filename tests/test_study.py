@@ -194,7 +194,7 @@ def test_submit_validates_first_and_reports_an_unreachable_cluster_in_one_line(t
     (port,) = free_ports(1)
     assert main(["submit", str(bad), "--address", f"http://127.0.0.1:{port}"]) == 2
     assert "search.num_trials: must be >= 1" in capsys.readouterr().err
-    assert main(["submit", "search_spaces/quickstart.yaml", "--address", f"http://127.0.0.1:{port}"]) == 2
+    assert main(["submit", "search_spaces/quickstart.yaml", "--address", f"http://127.0.0.1:{port}", "--storage", "/shared/results"]) == 2
     err = own_stderr(capsys.readouterr().err)
     assert err.startswith(f"ercstudy: error: could not submit to http://127.0.0.1:{port}") and "\n" not in err
 

@@ -20,6 +20,19 @@ def default_storage() -> str:
     return os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
+class _StorageFlag(argparse.Action):
+    """--storage, remembering that it was given: it overrides a study's own `storage:`, the default does not."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.storage_given = True
+
+
+def study_storage(study, args: argparse.Namespace) -> str:
+    """Where a new study lives: --storage, else the study's `storage:`, else $ERCSTUDY_STORAGE / ./ercstudy_results."""
+    return args.storage if getattr(args, "storage_given", False) else (study.storage or args.storage)
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"ercstudy: error: {message}", file=sys.stderr)
     return code
@@ -54,9 +67,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, tracking.TrackingError) as err:
         return _fail(str(err))
     name = args.name or Path(args.file).stem
-    storage = os.path.abspath(args.storage)
-    run_dir = Path(storage) / name
-    if run_dir.exists() and not args.resume:
+    from ercstudy.platform import storage as store
+
+    try:
+        root = store.resolve(args.storage)
+        store.check(root)
+        storage, run_dir = str(root), root / name
+        exists = run_dir.exists()
+    except store.StorageError as err:
+        return _fail(str(err))
+    if exists and not args.resume:
         return _fail(f"run {name!r} already exists in {storage}: pass --resume to continue it, or --name NAME for a new run")
     print(describe(cfg), flush=True)
     from ercstudy.platform import progress
@@ -158,7 +178,8 @@ def _run(study, args: argparse.Namespace, *, resume: bool) -> int:
     from ercstudy.platform.tracking import TrackingError
 
     try:
-        board = run_study(study, storage=args.storage, address=args.address, resume=resume, verbose=args.verbose)
+        board = run_study(study, storage=args.storage if resume else study_storage(study, args), address=args.address,
+                          resume=resume, verbose=args.verbose)
     except (StudyError, TrackingError, ConfigError) as err:
         return _fail(str(err))
     return 0 if any(r["status"] == "completed" for r in board) else 1
@@ -192,9 +213,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = os.path.relpath(os.path.abspath(args.spec), os.getcwd())
     if spec.startswith(".."):
         return _fail(f"{args.spec}: submit from the directory that holds the study (it is shipped as the job's working_dir)")
-    # the job runs in a temporary copy of this directory: a relative STORAGE goes under the head's home instead
-    storage = args.storage if "://" in args.storage or os.path.isabs(args.storage) else f'"$HOME"/{shlex.quote(args.storage)}'
-    entrypoint = f"ercstudy run {shlex.quote(spec)} --storage {storage}"
+    from ercstudy.platform import storage as store
+
+    storage = study_storage(study, args)
+    try:  # the job runs in a temporary copy of this directory, and its trials on any node: shared storage only
+        storage = str(store.resolve(storage, multi_node=True))
+    except store.StorageError as err:
+        return _fail(str(err))
+    entrypoint = f"ercstudy run {shlex.quote(spec)} --storage {shlex.quote(storage)}"
     try:
         client = JobSubmissionClient(args.address)
         job_id = client.submit_job(
@@ -209,7 +235,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
           f"follow it:  ray job logs --follow --address {args.address} {job_id}\n"
           f"status:     ray job status --address {args.address} {job_id}\n"
           f"stop it:    ray job stop --address {args.address} {job_id}\n"
-          f"results:    {storage.replace(chr(34), '')}/{study.name} on the head; MLflow: the cluster's MLFLOW_TRACKING_URI "
+          f"results:    {storage}/{study.name} (ercstudy report {study.name} --storage {storage}); MLflow: the cluster's MLFLOW_TRACKING_URI "
           f"(or the study's tracking.uri)")
     return 0
 
@@ -251,11 +277,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return _fail(f"--mlflow-run {args.mlflow_run}: {str(err).splitlines()[0]}")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local task files only: never wait on the network
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ercstudy.platform import storage as store
+
     try:
-        results = harness.run_harness(args.checkpoint, tasks, include_path=args.include_path, config=args.config,
-                                      limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                                      device=args.device, seed=args.seed)
-    except (harness.HarnessError, CheckpointError) as err:
+        where = store.find_checkpoint(args.checkpoint, args.storage)
+        with where.local_copy() as local:  # a checkpoint on remote storage: a temporary copy, deleted after
+            results = harness.run_harness(str(local), tasks, include_path=args.include_path, config=args.config,
+                                          limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                                          device=args.device, seed=args.seed)
+    except (harness.HarnessError, CheckpointError, store.StorageError) as err:
         return _fail(str(err))
     from lm_eval.utils import make_table
 
@@ -303,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a study: Tune + Optuna (+ ASHA) over TorchTrainer trials, tracked in MLflow")
     run.add_argument("spec", help="a study YAML")
     run.add_argument("--address", help=address)
-    run.add_argument("--storage", default=default_storage(), help=storage)
+    run.add_argument("--storage", default=default_storage(), action=_StorageFlag,
+                     help=f"{storage}; a URI (s3://bucket/prefix, gs://...) or a path every node mounts; overrides the study's storage:")
     run.add_argument("--verbose", action="store_true", help=verbose)
     run.set_defaults(func=cmd_run)
     resume = sub.add_parser("resume", help="continue an interrupted study: finished trials kept, unfinished ones from their checkpoints")
@@ -315,9 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="submit `ercstudy run SPEC` to a Ray cluster as a Ray job (this directory shipped)")
     submit.add_argument("spec", help="a study YAML, inside the current directory")
     submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265 (after `ray dashboard cluster.yaml`)")
-    submit.add_argument("--storage", default=default_storage(),
-                        help=f"results directory on the cluster ({storage_default}); a relative one goes under the head's home; "
-                             "multi-node trials need shared storage (s3://, NFS)")
+    submit.add_argument("--storage", default=default_storage(), action=_StorageFlag,
+                        help=f"where the study lives ({storage_default}, or the study's storage:): a URI (s3://bucket/prefix, "
+                             "gs://...) or an absolute path every node mounts (NFS)")
     submit.add_argument("--job-id", help="submission id (default: Ray picks one)")
     submit.set_defaults(func=cmd_submit)
     report = sub.add_parser("report", help="leaderboard, plots and scaling fits of a study, written to files and its MLflow parent run")
@@ -326,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="output directory (default: STORAGE/NAME/report)")
     report.set_defaults(func=cmd_report)
     ev = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a checkpoint (extra `evals`), optionally logged to MLflow")
-    ev.add_argument("checkpoint", help="a checkpoint directory (checkpoint_*/), or a run directory (its newest checkpoint)")
+    ev.add_argument("checkpoint", help="a checkpoint directory or URI (checkpoint_*/), a run directory or URI (its newest "
+                                       "checkpoint), or STUDY/TRIAL (that trial's newest checkpoint in --storage)")
+    ev.add_argument("--storage", default=default_storage(), help=f"where STUDY/TRIAL is looked up ({storage_default})")
     ev.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. arc_easy_local,hellaswag_local")
     ev.add_argument("--include-path", help="directory of local lm-eval task YAMLs (dataset_path: json + local data_files)")
     ev.add_argument("--config", help="the trial config (only for checkpoints that do not hold trial_config.yaml)")

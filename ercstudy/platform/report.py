@@ -121,16 +121,38 @@ def study_trials(study: Study, state: Any) -> list[dict[str, Any]]:
     return out
 
 
-def write_report(study: Study, state: Any, out: str | None = None, *, storage: str) -> Path:
+def write_report(study: Study, state: Any, out: str | None = None, *, storage: str) -> str:
+    """The report to `out` (default STORAGE/NAME/report; a path or a URI) and the parent run; returns where it went.
+
+    It is made in a temporary directory, then copied to its place and logged to MLflow from there.
+    """
+    import tempfile
+
+    from . import storage as store
+    from .runner import study_path
+
+    try:
+        target = store.resolve(out) if out else study_path(storage, study.name) / "report"
+        store.check(target)
+    except store.StorageError as err:
+        from .runner import StudyError
+
+        raise StudyError(str(err)) from None
+    with tempfile.TemporaryDirectory(prefix="ercstudy-report-") as tmp:
+        _write_report_files(study, state, Path(tmp))
+        target.upload(tmp)
+        c = tracking.client(state.tracking_uri)
+        for path in sorted(Path(tmp).iterdir()):
+            c.log_artifact(state.parent_run_id, str(path), "report")
+    return str(target)
+
+
+def _write_report_files(study: Study, state: Any, out_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .runner import study_path
-
-    out_dir = Path(out) if out else study_path(storage, study.name) / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
     trials = study_trials(study, state)
     o = study.objective
     done = [t for t in trials if t["status"] == "completed" and isinstance(t.get(o.metric), (int, float))]
@@ -202,8 +224,4 @@ def write_report(study: Study, state: Any, out: str | None = None, *, storage: s
     for name, f in fits["best_alpha"].items():
         lines.append(f"- {name}: alpha = {f['alpha']:.3g}" + (f" ± {f['stderr']:.2g}" if math.isfinite(f["stderr"]) else " (best trial; too few alphas for a fit)") + f" ({f['n']} trials)")
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
-    c = tracking.client(state.tracking_uri)
-    for path in sorted(out_dir.iterdir()):
-        c.log_artifact(state.parent_run_id, str(path), "report")
-    return out_dir
 

@@ -4,9 +4,10 @@ MLflow tracks them all.
 Layers, as in Ray's Train-inside-Tune pattern: `study_trial` (a Tune function trainable, one per
 trial) starts `run_trial` (trial.py: a TorchTrainer of DeepSpeed workers) with a
 TuneReportCallback. The driver (this module) owns the Tune run and MLflow's parent run; its Tune
-callbacks write every trial's child run and print progress. A study lives in STORAGE/NAME:
-Tune's experiment state (searcher included), each trial's Train run (`train-<trial id>`, the
-checkpoints), the spec and the study state (`study.json`), the leaderboard.
+callbacks write every trial's child run and print progress. A study lives in STORAGE/NAME
+(storage.py: a shared path or an s3:// / gs:// URI, Ray's `storage_path`): Tune's experiment state
+(searcher included), each trial's Train run (`train-<trial id>`, the checkpoints), the spec and the
+study state (`study.json`), the leaderboard.
 
 What the terminal shows is ercstudy's: the trials' table every 30 s, a line per finished trial,
 the leaderboard and where the results are. Ray's and DeepSpeed's output goes to Ray's log files
@@ -17,6 +18,7 @@ nothing follows it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from ray import tune
 
 from . import compat, tracking
 from . import leaderboard as ranking
+from . import storage as store
 from .search import build_scheduler, build_search
 from .study import Study, apply_params, num_trials, parse_study
 from .study_callbacks import MLflowStudyCallback, ProgressCallback
@@ -35,6 +38,7 @@ from .tables import text_table
 
 STATE_FILE = "study.json"
 SPEC_FILE = "study.yaml"
+SYNC_PERIOD_S = 10
 TRIAL_ACTOR = {"CPU": 0, "memory": 64 * 1024**2}  # the trial's driver only waits on its TorchTrainer: no CPU
 
 
@@ -119,24 +123,40 @@ class StudyState:
     experiment_id: str
     parent_run_id: str
 
-    def write(self, path: Path) -> None:
+    def write(self, path: store.Location) -> None:
         path.write_text(json.dumps(self.__dict__, indent=2))
 
     @classmethod
-    def read(cls, path: Path) -> StudyState:
+    def read(cls, path: store.Location) -> StudyState:
         return cls(**json.loads(path.read_text()))
 
 
-def study_path(storage: str, name: str) -> Path:
-    return Path(storage).expanduser().absolute() / name
+def study_path(storage: str, name: str, *, multi_node: bool = False) -> store.Location:
+    """STORAGE/NAME (storage errors: store.StorageError)."""
+    return store.resolve(storage, multi_node=multi_node) / name
 
 
 def load_saved_study(storage: str, name: str) -> tuple[Study, StudyState]:
-    d = study_path(storage, name)
-    if not (d / STATE_FILE).is_file():
-        raise StudyError(f"no study {name!r} in {d.parent} (looked for {d / STATE_FILE}); `ercstudy run SPEC` starts one")
+    """A study's spec and state, read back from its storage (any machine that sees it)."""
+    try:
+        d = study_path(storage, name)
+        store.check(d, write=False)
+        found = (d / STATE_FILE).is_file()
+    except (store.StorageError, OSError) as err:
+        raise StudyError(str(err) if isinstance(err, store.StorageError) else store.why(d, err)) from None
+    if not found:
+        where = storage if store.is_uri(storage) else os.path.abspath(os.path.expanduser(storage))
+        raise StudyError(f"no study {name!r} in {where} (looked for {d / STATE_FILE}); `ercstudy run SPEC` starts one, "
+                         f"--storage (or ERCSTUDY_STORAGE) says where studies are")
     study = parse_study(yaml.safe_load((d / SPEC_FILE).read_text()), source=str(d / SPEC_FILE))
     return study, StudyState.read(d / STATE_FILE)
+
+
+def spec_text(study: Study) -> str:
+    """The study's file as written (a study made in code, with no file: only its name)."""
+    if study.source and not store.is_uri(study.source) and Path(study.source).is_file():
+        return Path(study.source).read_text()
+    return yaml.safe_dump({"name": study.name})
 
 
 def open_tracking(study: Study, *, state: StudyState | None) -> tuple[str, Any]:
@@ -169,11 +189,15 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
     """
     from .ray_runtime import ray_session
 
-    directory = study_path(storage, study.name)
-    state = None
-    if resume:
-        state = StudyState.read(directory / STATE_FILE)
-    elif directory.exists():
+    # the storage first, before tracking and Ray: a bad one is one line, and no trial or parent run exists yet
+    try:
+        directory = study_path(storage, study.name, multi_node=address is not None)
+        store.check(directory.parent)
+        state = StudyState.read(directory / STATE_FILE) if resume else None
+        exists = not resume and directory.exists()
+    except store.StorageError as err:
+        raise StudyError(str(err)) from None
+    if exists:
         raise StudyError(f"study {study.name!r} already exists in {directory}: `ercstudy resume {study.name}` continues it, "
                          f"or rename the study (name:) for a new one")
     uri, c = open_tracking(study, state=state)  # before any Ray resource: an unreachable server fails here
@@ -182,10 +206,8 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
         max_concurrent = concurrency(study, cap)
         # the parent run only once nothing can refuse the study: a refused study leaves no RUNNING run behind
         state = state or create_parent_run(study, uri, c)
-        directory.mkdir(parents=True, exist_ok=True)
         if not resume:
-            (directory / SPEC_FILE).write_text(Path(study.source).read_text() if study.source and Path(study.source).is_file()
-                                               else yaml.safe_dump({"name": study.name}))
+            (directory / SPEC_FILE).write_text(spec_text(study))
             state.write(directory / STATE_FILE)
         print(f"study {study.name}: {num_trials(study)} trials, up to {max_concurrent} at once "
               f"({cap.cpus:g} CPUs, {cap.gpus:g} GPUs{', autoscaling' if cap.autoscaling else ''}); results: {directory}", flush=True)
@@ -199,7 +221,7 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
     return board
 
 
-def fit(study: Study, directory: Path, state: StudyState, *, resume: bool, max_concurrent: int,
+def fit(study: Study, directory: store.Location, state: StudyState, *, resume: bool, max_concurrent: int,
         progress_every_s: float, verbose: bool = False) -> list[tuple[dict, dict, Any, str]]:
     """The Tune run (new, or restored from STORAGE/NAME); returns each trial's (metrics, config, error, path)."""
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # eval metrics come every eval.every steps only
@@ -214,6 +236,9 @@ def fit(study: Study, directory: Path, state: StudyState, *, resume: bool, max_c
     run_config = tune.RunConfig(
         name=study.name, storage_path=str(directory.parent), callbacks=callbacks, verbose=0,
         failure_config=tune.FailureConfig(max_failures=0),  # Train retries workers itself (train.max_failures)
+        # Tune uploads its experiment state (what `resume` restores) from a local staging copy at most this often
+        # (default 300 s): a driver killed between uploads would lose minutes of trials' progress on remote storage
+        sync_config=tune.SyncConfig(sync_period=SYNC_PERIOD_S),
     )
     if resume:
         # the callbacks come back from Tune's experiment state (they find their trials' MLflow runs by tag)
@@ -247,16 +272,16 @@ def leaderboard(study: Study, results: list[tuple]) -> list[dict[str, Any]]:
     return ranking.rank(study, rows)
 
 
-def write_leaderboard(study: Study, board: list[dict[str, Any]], directory: Path, c: Any, state: StudyState,
+def write_leaderboard(study: Study, board: list[dict[str, Any]], directory: store.Location, c: Any, state: StudyState,
                       logs: Any = None) -> None:
     """The leaderboard to STORAGE/NAME/leaderboard.csv and the parent run (which it closes), then the summary."""
     cols = list(dict.fromkeys(k for r in board for k in r))
-    path = directory / "leaderboard.csv"
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(board)
-    c.log_artifact(state.parent_run_id, str(path))
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=cols)
+    w.writeheader()
+    w.writerows(board)
+    (directory / "leaderboard.csv").write_text(text.getvalue())
+    c.log_text(state.parent_run_id, text.getvalue(), "leaderboard.csv")
     best = next((r for r in board if r["status"] == "completed"), None)
     if best:
         for o in study.objectives:

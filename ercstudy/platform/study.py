@@ -1,6 +1,7 @@
 """The study file: a YAML under search_spaces/ validated into a frozen `Study` before any Ray resource starts.
 
-Sections, exactly: name, base, search, objective, scheduler, resources, tracking. `base` is a
+Sections, exactly: name, base, search, objective, scheduler, resources, tracking, and optionally
+storage (where the study lives: a shared path or s3:// / gs:// URI; --storage overrides it). `base` is a
 trial config (trainables/config.py); `search.params` address it by dotted paths. Every error is
 a ConfigError whose message starts with the dotted key (`search.params.moe.top_k.high: ...`).
 
@@ -24,7 +25,7 @@ from typing import Any, Literal
 from ercstudy.trainables.config import ResourcesConfig, TrialConfig, read_yaml
 from ercstudy.trainables.validation import ConfigError, from_dict, require
 
-SECTIONS = ("name", "base", "search", "objective", "scheduler", "resources", "tracking")
+SECTIONS = ("name", "base", "search", "objective", "scheduler", "resources", "tracking", "storage")
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
 FLIP = {"<=": ">=", "<": ">", ">=": "<=", ">": "<", "==": "=="}
@@ -189,6 +190,7 @@ class Study:
     tracking: TrackingConfig
     constraints: tuple[Constraint, ...]
     source: str = ""
+    storage: str | None = None  # the study's `storage:` (platform/storage.py); --storage overrides it
 
     @property
     def objective(self) -> Objective:
@@ -380,7 +382,10 @@ def parse_study(data: Any, *, source: str = "") -> Study:
             "must be none with search.repeats > 1 or search.arms: ASHA stops single seeds on one noisy value, so a "
             "point's mean would average unequal budgets and an arm's pairs would miss seeds; every trial runs its full budget")
     tracking = from_dict(TrackingConfig, _section(data, "tracking"), prefix="tracking")
-    study = Study(name, base, search, objectives, scheduler, tracking, constraints, source)
+    storage = data.get("storage")
+    require(storage is None or (isinstance(storage, str) and storage.strip() != ""), "storage",
+            f"must be a path every node mounts or a URI such as s3://bucket/prefix, got {storage!r}")
+    study = Study(name, base, search, objectives, scheduler, tracking, constraints, source, storage)
     check_space(study)
     known = reported_metrics(base_cfg)
     for i, obj in enumerate(objectives):

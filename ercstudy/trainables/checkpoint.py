@@ -16,6 +16,7 @@ files are merged into its state dict (expert_keys.py maps their names).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,17 +54,28 @@ def write_extras(directory: str | Path, cfg: TrialConfig) -> None:
             shutil.copyfile(tokenizer, directory / TOKENIZER_FILE)
 
 
+def newest(names: Iterable[str]) -> str | None:
+    """The newest of a Train run directory's checkpoint names: Ray Train names them by time
+    (checkpoint_<YYYY-mm-dd_HH-MM-SS.ffffff>), so the newest sorts last."""
+    return max((n for n in names if n.startswith("checkpoint_")), default=None)
+
+
+def not_a_checkpoint(path: str | Path) -> CheckpointError:
+    return CheckpointError(f"{path}: neither a checkpoint (no {CHECKPOINT_TAG}/ inside) nor a run directory holding checkpoint_*/")
+
+
 def resolve(path: str | Path) -> Path:
-    """A checkpoint directory, or a Train run directory (its newest checkpoint)."""
+    """A checkpoint directory, or a Train run directory (its newest checkpoint). Local paths only: a checkpoint
+    on remote storage is copied here first (platform/storage.py)."""
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if (p / CHECKPOINT_TAG).is_dir():
         return p
-    found = sorted(c for c in p.glob("checkpoint_*") if (c / CHECKPOINT_TAG).is_dir())
-    if not found:
-        raise CheckpointError(f"{path}: neither a checkpoint (no {CHECKPOINT_TAG}/ inside) nor a run directory holding checkpoint_*/")
-    return found[-1]
+    found = newest(c.name for c in p.glob("checkpoint_*") if (c / CHECKPOINT_TAG).is_dir())
+    if found is None:
+        raise not_a_checkpoint(path)
+    return p / found
 
 
 @dataclass
