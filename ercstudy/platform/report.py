@@ -20,7 +20,8 @@ import numpy as np
 import yaml
 
 from . import leaderboard, tracking
-from .study import Study
+from .comparison import LEVEL, alpha_groups, point_rows
+from .study import Study, point_label
 from .tables import markdown_table
 
 
@@ -104,10 +105,16 @@ def study_trials(study: Study, state: Any) -> list[dict[str, Any]]:
         cfg = study.trial_config(params)
         m = run.data.metrics
         tokens = m.get("tokens", 0.0)
+        tags = run.data.tags
         out.append({
-            "trial": run.data.tags.get(tracking.TRIAL_TAG, run.info.run_id),
+            "trial": tags.get(tracking.TRIAL_TAG, run.info.run_id),
             "run_id": run.info.run_id,
-            "status": run.data.tags.get(tracking.STATUS_TAG, "?"),
+            "status": tags.get(tracking.STATUS_TAG, "?"),
+            # a point's seeds share ercstudy.point (search.repeats, search.arms); a plain study's trial is its own point
+            "point": tags.get("ercstudy.point") or point_label(params),
+            "arm": tags.get("ercstudy.arm", "search"),
+            "seed": cfg.train.seed,
+            "params": params,
             **params,
             **{o.metric: m.get(o.metric) for o in study.objectives},
             "step": m.get("step", m.get("tokens", 0) and None),
@@ -116,9 +123,34 @@ def study_trials(study: Study, state: Any) -> list[dict[str, Any]]:
             "compute": cfg.flops_per_token() * tokens,
             "num_experts": cfg.moe.num_experts,
             "top_k": cfg.moe.top_k,
-            "alpha": cfg.erc.alpha if cfg.erc.enabled else 0.0,
+            "alpha": cfg.erc.alpha if cfg.erc.enabled else None,  # no ERC, no alpha: never in an alpha fit
         })
     return out
+
+
+def point_lines(study: Study, trials: list[dict[str, Any]], out_dir: Path) -> list[str]:
+    """The report's per-point section (comparison.point_rows), also as points.csv: each point's mean and
+    95% interval over its seeds, and its paired difference to the baseline arm at equal seeds."""
+    import csv
+
+    rows = point_rows(study, trials)
+    cols = ["point", "arm", "seeds", "mean", "ci_low", "ci_high", "baseline", "pairs", "diff", "diff_low", "diff_high", "p",
+            "p_holm", "significant"]
+    with (out_dir / "points.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    o, base = study.objective, study.search.baseline_arm
+    lines = ["", f"## Points: {o.metric} over seeds", "",
+             f"Mean and {LEVEL:.0%} Student-t interval over each point's completed seeds"
+             + (f"; `diff` = the point minus the `{base}` arm at equal seeds and equal searched params the arm fixes, "
+                f"with its {LEVEL:.0%} interval and paired t-test p-value; `significant` is Holm-corrected over the "
+                f"points compared ({'lower' if o.mode == 'min' else 'higher'} is better)." if base else
+                "; no baseline arm (search.arms) to pair with."), "", *markdown_table(rows, cols)]
+    if rows and max(r["seeds"] for r in rows) < 2:
+        lines += ["", "Every point ran at one seed: no interval, and no difference between points can be told from "
+                  "seed noise (search.repeats)."]
+    return lines
 
 
 def write_report(study: Study, state: Any, out: str | None = None, *, storage: str) -> str:
@@ -157,10 +189,12 @@ def _write_report_files(study: Study, state: Any, out_dir: Path) -> None:
     o = study.objective
     done = [t for t in trials if t["status"] == "completed" and isinstance(t.get(o.metric), (int, float))]
     board = leaderboard.rank(study, list(trials))
-    cols = ["trial", "status", *(["pareto"] if study.multi_objective else []), *study.search.params,
-            *(x.metric for x in study.objectives), "params_active", "compute"]
+    tagged = study.search.repeats > 1 or bool(study.search.arms)
+    cols = ["trial", "status", *(["pareto"] if study.multi_objective else []), *(["point", "arm"] if tagged else []),
+            *study.search.params, *(["train.seed"] if tagged else []), *(x.metric for x in study.objectives), "params_active", "compute"]
     lines = [f"# Study {study.name}", "", f"{len(trials)} trials, {len(done)} completed; objective {o.metric} ({o.mode}).", "",
              f"Order: {leaderboard.title(study)}.", "", *markdown_table(board, cols)]
+    lines += point_lines(study, trials, out_dir)
     import csv
 
     with (out_dir / "leaderboard.csv").open("w", newline="") as f:
@@ -172,8 +206,10 @@ def _write_report_files(study: Study, state: Any, out_dir: Path) -> None:
     params = list(study.search.params)
     fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.3), squeeze=False)
     for ax, p in zip(axes[0], params):
-        xs = [t[p] for t in done]
-        ax.scatter(xs, [t[o.metric] for t in done], c=[t["num_experts"] for t in done], cmap="viridis")
+        have = [t for t in done if p in t]  # a fixed arm's trials may not set it
+        categorical = study.search.params[p].type == "categorical"
+        xs = [str(t[p]) if categorical else t[p] for t in have]
+        ax.scatter(xs, [t[o.metric] for t in have], c=[t["num_experts"] for t in have], cmap="viridis")
         ax.set_xlabel(p)
         ax.set_ylabel(o.metric)
     fig.tight_layout()
@@ -185,7 +221,7 @@ def _write_report_files(study: Study, state: Any, out_dir: Path) -> None:
     for group_key, label in (("num_experts", "experts"), ("alpha", "alpha")):
         groups: dict[Any, list[dict]] = {}
         for t in done:
-            if t["compute"] > 0:
+            if t["compute"] > 0 and t[group_key] is not None:  # trials without ERC have no alpha
                 groups.setdefault(t[group_key], []).append(t)
         for value, ts in sorted(groups.items()):
             name = f"{label}={value:g}"
@@ -209,19 +245,20 @@ def _write_report_files(study: Study, state: Any, out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "loss_vs_compute.png", dpi=110)
     plt.close(fig)
-    by_n: dict[int, list[dict]] = {}
-    for t in done:
-        by_n.setdefault(t["num_experts"], []).append(t)
-    for n, ts in sorted(by_n.items()):
+    for group in alpha_groups(study, done):  # ERC-on trials only, at equal other params where the study has them
+        ts = group.trials
         a, err = best_alpha([t["alpha"] for t in ts], [t[o.metric] for t in ts], mode=o.mode)
-        fits["best_alpha"][f"experts={n}"] = {"alpha": a, "stderr": err, "n": len(ts)}
+        fits["best_alpha"][group.label] = {"alpha": a, "stderr": err, "n": len(ts), "confounded_by": group.confounded}
     (out_dir / "fits.json").write_text(json.dumps(fits, indent=2))
     lines += ["", "## Scaling fits: L(C) = E + A C^-b", ""]
     for name, f in fits["loss_vs_compute"].items():
         lines.append(f"- {name}: " + (f"skipped ({f['skipped']})" if "skipped" in f else
                                       f"b = {f['b']:.3f} ± {f['b_err']:.3f}, E = {f['E']:.3f} ± {f['E_err']:.3f} ({f['n']} trials)"))
-    lines += ["", "## Best alpha per expert count", ""]
+    lines += ["", "## Best alpha per expert count", "", "ERC-on trials only (a trial without ERC has no alpha), "
+              "grouped by the other searched params where every group has 3 alphas.", ""]
     for name, f in fits["best_alpha"].items():
-        lines.append(f"- {name}: alpha = {f['alpha']:.3g}" + (f" ± {f['stderr']:.2g}" if math.isfinite(f["stderr"]) else " (best trial; too few alphas for a fit)") + f" ({f['n']} trials)")
+        lines.append(f"- {name}: alpha = {f['alpha']:.3g}" + (f" ± {f['stderr']:.2g}" if math.isfinite(f["stderr"]) else " (best trial; too few alphas for a fit)") + f" ({f['n']} trials)"
+                     + (f"; CONFOUNDED: {', '.join(f['confounded_by'])} differ between these trials, so this is not alpha "
+                        "at equal other params" if f["confounded_by"] else ""))
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
 

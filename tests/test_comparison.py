@@ -1,0 +1,77 @@
+"""The report's comparisons (platform/comparison.py) against scipy: t intervals, paired t-tests at equal
+seeds, Holm's correction; best-alpha groups hold ERC-on trials only and say when they are confounded."""
+
+import math
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+
+from ercstudy.platform.comparison import alpha_groups, holm, point_rows, t_interval
+from ercstudy.platform.study import load_study, parse_study
+
+
+def trial(point, arm, seed, value, params, status="completed", alpha=None, n=16):
+    return {"point": point, "arm": arm, "seed": seed, "eval/loss": value, "status": status, "params": params,
+            "alpha": alpha, "num_experts": n, **params}
+
+
+def test_t_interval_and_its_p_value_match_scipy():
+    rng = np.random.default_rng(0)
+    x = list(rng.normal(0.3, 1.0, size=5))
+    ci = t_interval(x)
+    low, high = stats.t.interval(0.95, 4, loc=np.mean(x), scale=stats.sem(x))
+    assert (ci.low, ci.high) == pytest.approx((low, high)) and ci.p == pytest.approx(stats.ttest_1samp(x, 0).pvalue)
+    one = t_interval([2.0])
+    assert one.mean == 2.0 and math.isnan(one.low) and math.isnan(one.p)
+
+
+def test_holm_matches_the_step_down_procedure():
+    assert holm([0.01, 0.04, math.nan, 0.03]) == pytest.approx([0.03, 0.06, math.nan, 0.06], nan_ok=True)
+
+
+def test_points_pair_with_the_baseline_at_equal_seeds_and_expert_count():
+    study = load_study("search_spaces/alpha_epsilon.yaml")
+    rng = np.random.default_rng(1)
+    trials = []
+    base = {16: [3.0, 3.2, 3.1], 64: [2.5, 2.8, 2.6]}
+    for n, values in base.items():
+        for s, v in enumerate(values):
+            trials.append(trial(f"baseline:erc.enabled=False, moe.num_experts={n}", "baseline", s, v,
+                                {"erc.enabled": False, "moe.num_experts": n, "train.seed": s}, n=n))
+    for k, (n, shift) in enumerate([(16, -0.2), (64, 0.01)]):
+        for s in range(3):
+            params = {"erc.alpha": 1.0, "erc.epsilon": "auto", "moe.num_experts": n, "train.seed": s}
+            trials.append(trial(f"p{k}", "search", s, base[n][s] + shift + rng.normal(0, 0.01), params, alpha=1.0, n=n))
+    trials.append(trial("p0", "search", 3, 0.1, {"erc.alpha": 1.0, "moe.num_experts": 16, "train.seed": 3}, status="failed", alpha=1.0))
+    rows = {r["point"]: r for r in point_rows(study, trials)}
+    p0, p1 = rows["p0"], rows["p1"]
+    assert p0["baseline"].endswith("moe.num_experts=16") and p1["baseline"].endswith("moe.num_experts=64")
+    assert p0["seeds"] == p0["pairs"] == 3  # the failed seed counts nowhere
+    ours = [t["eval/loss"] for t in trials if t["point"] == "p0" and t["status"] == "completed"]
+    diffs = [a - b for a, b in zip(ours, base[16])]
+    assert p0["diff"] == pytest.approx(np.mean(diffs)) and p0["p"] == pytest.approx(stats.ttest_rel(ours, base[16]).pvalue)
+    assert p0["significant"] == "better" and p1["significant"] == "no"
+    assert p0["p_holm"] == pytest.approx(min(1.0, 2 * min(p0["p"], p1["p"]))) or p0["p_holm"] >= p0["p"]
+    assert "diff" not in rows["baseline:erc.enabled=False, moe.num_experts=16"]  # the baseline is not compared with itself
+
+
+def test_best_alpha_groups_hold_erc_trials_at_equal_other_params_or_say_they_are_confounded():
+    study = load_study("search_spaces/alpha_epsilon.yaml")
+    trials = [trial("b", "baseline", 0, 3.0, {"erc.enabled": False, "moe.num_experts": 16})]
+    for a in (0.4, 1.0, 3.0):
+        for eps in ("auto", 0.0):
+            trials.append(trial("p", "search", 0, 3.0, {"erc.alpha": a, "erc.epsilon": eps, "moe.num_experts": 16}, alpha=a))
+    groups = alpha_groups(study, trials)
+    assert [g.label for g in groups] == ["experts=16, erc.epsilon=auto", "experts=16, erc.epsilon=0.0"]
+    assert all(len(g.trials) == 3 and not g.confounded for g in groups)
+    quick = parse_study(yaml.safe_load(open("search_spaces/quickstart.yaml")))
+    rng = np.random.default_rng(2)
+    sampled = [trial(f"p{i}", "search", 0, 3.0, {"erc.alpha": float(rng.uniform(0.5, 1.2)), "moe.num_experts": 8,
+                                                 "moe.top_k": 2, "train.lr": float(rng.uniform(1e-4, 3e-3))}, alpha=0.7, n=8)
+               for i in range(4)]
+    for t in sampled:
+        t["alpha"] = t["params"]["erc.alpha"]
+    (group,) = alpha_groups(quick, sampled)
+    assert group.label == "experts=8" and group.confounded == ["train.lr"] and len(group.trials) == 4
