@@ -102,8 +102,10 @@ def fake_ray(monkeypatch):
         events.append(("disconnect", None))
 
     def run_trial(cfg, *, name, storage_path, callbacks=None):
-        # reports at 10 .. 40; the workers die and resume from the checkpoint at 30; then 40 .. 60
-        history = [report(s) for s in (10, 20, 30, 40, 40, 50)] + [report(60, **{"eval/loss": 3.5})]
+        # reports at 10 .. 40; the workers die and resume from the checkpoint at 30 (the restored worker's
+        # first report says so); then 40 .. 60
+        history = ([report(s) for s in (10, 20, 30, 40)] + [report(40, resumed_from_step=30), report(50)]
+                   + [report(60, **{"eval/loss": 3.5})])
         for m in history:
             for cb in callbacks:
                 cb.after_report(None, [m], None)
@@ -139,17 +141,6 @@ def test_train_prints_a_line_per_report_then_the_summary_last(tmp_path, monkeypa
     assert out[-1].startswith("MLflow UI: mlflow ui --backend-store-uri sqlite:///")
     assert out[-2] == "Ray's logs: /tmp/ercstudy-ray-x/session_1/logs"
 
-
-def test_progress_knows_a_resume_from_the_steps_alone():
-    from ercstudy.platform.progress import reporting_steps, resumed_from
-
-    cfg = load_trial_config("search_spaces/quickstart.yaml")  # 60 steps, a report every 10, a checkpoint every 30
-    assert reporting_steps(cfg) == [10, 20, 30, 40, 50, 60]
-    assert resumed_from(cfg, 10, None) is None and resumed_from(cfg, 20, 10) is None
-    assert resumed_from(cfg, 40, None) == 30  # `ercstudy train --resume`: the first report seen is past the first step
-    assert resumed_from(cfg, 40, 40) == 30  # Ray Train restarted the workers from the checkpoint before step 40
-    assert resumed_from(cfg, 60, None) == 60  # no checkpoint at 50 (every 30 steps): resumed after the end
-    assert resumed_from(cfg, 10, 20) == 0  # restarted before the first checkpoint: from scratch
 
 def test_driver_logs_of_ray_and_deepspeed_go_to_the_file_not_the_terminal(tmp_path):
     """In a fresh process (the routing changes its logging for good): Ray's loggers, DeepSpeed's (whose

@@ -56,6 +56,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     from ercstudy.trainables import checkpoint as checkpoint_lib
+    from ercstudy.trainables.checkpoint_writer import HostSnapshotEngine, wait_written
     from ercstudy.trainables.worker import make_trial, restore, train
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -65,10 +66,16 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     def no_report(trial, metrics, *, checkpoint: bool) -> None:
         pass
 
+    writes = []
+
     def save_checkpoints(trial, metrics, *, checkpoint: bool) -> None:
         if checkpoint:  # a collective: every rank writes its experts
             directory = os.path.join(out_dir, "grouped_ep2", f"step{trial.step}")
+            if not isinstance(trial.engine.checkpoint_engine, HostSnapshotEngine):
+                trial.engine.checkpoint_engine = HostSnapshotEngine()
             checkpoint_lib.save(directory, trial.engine, trial.cfg, step=trial.step, history=trial.history, rank=rank)
+            # written behind the training that follows: the files must still hold this step's state
+            writes.extend(trial.engine.checkpoint_engine.take_pending())
 
     for name, (backend, ep) in RUNS.items():
         trial = make_trial(config(backend, ep), rank=rank, world=world, device=cpu)
@@ -80,12 +87,15 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 logits = trial.model(batch[:, :-1]).logits
             torch.save({"tokens": batch, "logits": logits}, os.path.join(out_dir, f"logits_rank{rank}.pt"))
 
+    wait_written(writes)
+    dist.barrier()
     resumed = make_trial(config("grouped", 2), rank=rank, world=world, device=cpu)
     restore(resumed, os.path.join(out_dir, "grouped_ep2", "step4"))
     train(resumed, no_report)
     histories["grouped_ep2_resumed"] = resumed.history
     histories["bf16_norms"] = {backend: bf16_clip_norm(backend, rank, world, cpu) for backend in ("grouped", "deepspeed")}
     histories["ep_syncs"] = dict(expert_parallel_syncs(rank, world, cpu))
+    histories["schedule"] = timed_schedule(rank, world, cpu)
     if rank == 0:
         torch.save(histories, os.path.join(out_dir, "histories.pt"))
     dist.barrier()
@@ -95,6 +105,26 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def timed_schedule(rank: int, world: int, device) -> list[bool]:
+    """A time-based checkpoint schedule whose clocks disagree: rank 0's is past the interval, rank 1's is not.
+    Rank 0 decides for both (the save is a collective): both save, then neither until the interval passes again."""
+    import time
+
+    from ercstudy.trainables.checkpoint_writer import CheckpointSchedule
+
+    cfg = config("grouped", 2).train
+    timed = type(cfg)(**{**cfg.__dict__, "checkpoint_every": None, "checkpoint_minutes": 1.0})
+    schedule = CheckpointSchedule(timed, last_step=100, device=device, world=world)
+    if rank == 0:
+        schedule.since = time.monotonic() - 120.0
+    first = schedule.due(10)
+    schedule.saved()
+    mine = [first, schedule.due(20), schedule.due(100)]
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone
 
 
 def bf16_clip_norm(backend: str, rank: int, world: int, device) -> tuple[float, float, float]:
@@ -163,7 +193,7 @@ def runs(tmp_path_factory):
 def test_two_worker_runs_complete_and_report_every_metric_finite(runs):
     _, histories = runs
     for name, history in histories.items():
-        if name in ("bf16_norms", "ep_syncs"):
+        if name in ("bf16_norms", "ep_syncs", "schedule"):
             continue
         assert [m["step"] for m in history] == list(range(2, STEPS + 1, 2)), name
         for m in history:
@@ -198,6 +228,11 @@ def test_expert_parallel_checkpoint_resumes_exactly(runs):
     for a, b in zip(uninterrupted[2:], resumed[2:]):  # the steps trained again after the step-4 checkpoint
         for key in ("lm_loss", "erc_loss", "grad_norm", "alpha_star"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_a_timed_checkpoint_schedule_follows_rank_0s_clock(runs):
+    _, histories = runs
+    assert histories["schedule"] == [[True, False, True]] * 2  # rank 0's decision on both; the last step always saves
 
 
 def test_expert_parallel_checkpoint_loads_as_one_model(runs):

@@ -41,32 +41,6 @@ def progress_line(cfg: TrialConfig, m: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def reporting_steps(cfg: TrialConfig) -> list[int]:
-    """The steps a trial reports at (every train.report_every steps, and the last); its checkpoints are among them."""
-    every = cfg.train.report_every
-    return sorted({*range(every, cfg.steps + 1, every), cfg.steps})
-
-
-def resumed_from(cfg: TrialConfig, step: int, previous: int | None) -> int | None:
-    """The checkpoint step that a report at `step` shows the trial resumed from (0: from scratch), or
-    None when it simply follows the report at `previous` (None: the first report seen).
-
-    A first report after the first reporting step, or a report at or before the last one seen (Ray
-    Train restarted the workers), comes from a trial restored from a checkpoint: the one at the
-    reporting step before it (checkpoints are taken at reporting steps, every
-    train.checkpoint_every and at the end), or, when no checkpoint was taken there, the final one
-    (a trial resumed after its end reports its final result again). A resume that repeats no step
-    does not show in the steps; a worker that reports `resumed_from_step` says so itself.
-    """
-    steps = reporting_steps(cfg)
-    if not ((previous is None and step > steps[0]) or (previous is not None and step <= previous)):
-        return None
-    before = max((s for s in steps if s < step), default=0)
-    if before and before % cfg.train.checkpoint_every and step == cfg.steps:
-        return step
-    return before
-
-
 def report_queue() -> Any:
     """The queue the Train controller puts reports into: a Ray actor that holds no CPU."""
     from ray.util.queue import Queue
@@ -84,7 +58,6 @@ class TrainProgress:
 
     def __init__(self, cfg: TrialConfig, reports: Any, *, out: TextIO | None = None):
         self.cfg, self.reports, self.out = cfg, reports, out or sys.stdout
-        self.last_step: int | None = None
         self.resumed: int | None = None  # the last resumed_from_step a report carried
         self._thread = threading.Thread(target=self._read, name="ercstudy-train-progress", daemon=True)
 
@@ -113,14 +86,11 @@ class TrainProgress:
         if "message" in item:  # a note from the controller's callbacks (e.g. MLflow logging failed)
             print(item["message"], file=self.out, flush=True)
             return
-        step = int(item["step"])
-        if "resumed_from_step" in item:  # the worker says where it started (0 or None: from scratch)
+        resumed = None
+        if "resumed_from_step" in item:  # the worker's first report after a restore says where it started
             resumed = item["resumed_from_step"] if item["resumed_from_step"] != self.resumed else None
             self.resumed = item["resumed_from_step"]
-        else:
-            resumed = resumed_from(self.cfg, step, self.last_step)
         if resumed:
             print(f"resumed from checkpoint at step {resumed}", file=self.out, flush=True)
         line = f"stopping: {item['stop_reason']}" if item.get("stop_reason") else progress_line(self.cfg, item)
         print(line, file=self.out, flush=True)
-        self.last_step = step

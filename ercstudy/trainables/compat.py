@@ -58,3 +58,13 @@ def ray_train_report_logger() -> logging.Logger | None:
     except ImportError:
         return None
     return logging.getLogger(context.__file__)
+
+
+def persist_checkpoint(checkpoint: Any, dir_name: str) -> Any:
+    """Ray Train's own copy of a local checkpoint directory into the run's storage (local, NFS, S3), as
+    `ray.train.report` does when given no `checkpoint_upload_fn`; for an upload function that first waits
+    for its files (checkpoint_writer.py). The StorageContext is a DeveloperAPI of ray 2.60
+    (`TrainContext.get_storage()`, "may change without notice between minor versions")."""
+    import ray.train
+
+    return ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)

@@ -37,14 +37,19 @@ class TrainConfig:
     zero_stage: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     report_every: int = 10  # steps between ray.train.report calls (metrics)
-    checkpoint_every: int = 50  # steps between checkpoints (a multiple of report_every)
+    checkpoint_every: int | None = None  # steps between checkpoints (a multiple of report_every); None: by time
+    checkpoint_minutes: float = 20.0  # without checkpoint_every: minutes of training between checkpoints
+    async_checkpoint: bool = True  # save into host memory and write + upload behind the training step
     max_failures: int = 2  # worker-group restarts Ray Train may do (resuming from the last checkpoint)
     crash_at_step: int | None = None  # fault injection (tests): kill worker 0's process once, at this step
     nan_at_step: int | None = None  # fault injection (tests): make the loss NaN at this step
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "global_batch_size", "micro_batch_size", "report_every", "checkpoint_every"):
+        for name in ("tokens", "global_batch_size", "micro_batch_size", "report_every"):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        require(self.checkpoint_every is None or self.checkpoint_every >= 1, "checkpoint_every",
+                f"must be >= 1 (or unset: every checkpoint_minutes), got {self.checkpoint_every}")
+        require(self.checkpoint_minutes >= 0, "checkpoint_minutes", f"must be >= 0, got {self.checkpoint_minutes}")
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
@@ -54,7 +59,7 @@ class TrainConfig:
         require(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
         require(self.zero_stage in (0, 1, 2), "zero_stage", f"must be 0, 1 or 2 (DeepSpeed MoE refuses 3), got {self.zero_stage}")
         require(
-            self.checkpoint_every % self.report_every == 0,
+            self.checkpoint_every is None or self.checkpoint_every % self.report_every == 0,
             "checkpoint_every",
             f"must be a multiple of report_every ({self.report_every}), got {self.checkpoint_every}",
         )
@@ -136,9 +141,9 @@ class TrialConfig:
                 f"must be >= the synthetic corpus vocabulary ({self.data.synthetic_vocab}), got {model.vocab_size}",
             )
         require(
-            train.crash_at_step is None or train.crash_at_step > train.checkpoint_every,
+            train.crash_at_step is None or (train.checkpoint_every is not None and train.crash_at_step > train.checkpoint_every),
             "train.crash_at_step",
-            f"must come after the first checkpoint (step {train.checkpoint_every}) so that the trial can resume",
+            f"must come after the first checkpoint (train.checkpoint_every set, now {train.checkpoint_every}) so that the trial can resume",
         )
         ev = self.eval
         scored = ("sequences", "mc_items") if self.data.kind == "synthetic" else ("sequences",)

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import signal
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import torch.distributed as dist
 from . import compat
 from .checkpoint import CHECKPOINT_TAG
 from .checkpoint import save as save_checkpoint
+from .checkpoint_writer import CheckpointSchedule, CheckpointWriter
 from .config import TrialConfig
 from .data import GlobalBatchStream, build_train_data
 from .devices import device_peak_flops
@@ -51,7 +51,9 @@ def make_trial(cfg: TrialConfig, *, rank: int, world: int, device: torch.device,
         data = build_train_data(cfg.data, seq_len=cfg.model.seq_len, seed=t.seed, global_batch=t.global_batch_size,
                                 micro_batch=t.micro_batch_size, rank=rank, world=world)
     evaluator = build_evaluator(cfg.eval, cfg.data, seq_len=cfg.model.seq_len, seed=t.seed, rank=rank, world=world, device=device)
-    return Trial(cfg, built.engine, built.model, data, device, rank, world, built.ep_group, torch.Generator(device=device), evaluator)
+    trial = Trial(cfg, built.engine, built.model, data, device, rank, world, built.ep_group, torch.Generator(device=device), evaluator)
+    trial.checkpoints = CheckpointSchedule(t, cfg.steps, device=device, world=world)
+    return trial
 
 
 def restore(trial: Trial, checkpoint_dir: str) -> None:
@@ -125,15 +127,13 @@ def window_metrics(trial: Trial, window: Window) -> dict[str, Any]:
 
 
 def save_and_report(trial: Trial, metrics: dict[str, Any], *, checkpoint: bool) -> None:
-    """ray.train.report on every rank (a barrier); with a DeepSpeed checkpoint every rank writes its shard."""
-    import ray.train
-
+    """ray.train.report on every rank (a barrier); with a DeepSpeed checkpoint every rank writes its shard,
+    behind the training step when train.async_checkpoint (checkpoint_writer.py)."""
     if not checkpoint:
-        ray.train.report(metrics)
+        trial.writer.report_metrics(metrics)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, trial.engine, trial.cfg, step=trial.step, history=trial.history, rank=trial.rank)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    trial.writer.report(metrics, lambda directory: save_checkpoint(directory, trial.engine, trial.cfg, step=trial.step,
+                                                             history=trial.history, rank=trial.rank))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +161,10 @@ def train(trial: Trial, report: Callable[..., None]) -> None:
         if trial.evaluator is not None and not stop and ((every and trial.step % every == 0) or trial.step == cfg.steps):
             metrics.update(trial.evaluator(trial.model))  # collective: every rank evaluates its share
         trial.history.append(metrics)
-        report(trial, metrics, checkpoint=not stop and (trial.step % cfg.train.checkpoint_every == 0 or trial.step == cfg.steps))
+        save = not stop and trial.checkpoints.due(trial.step)
+        report(trial, metrics, checkpoint=save)
+        if save:
+            trial.checkpoints.saved()
         if stop:
             break
         window = Window.empty(cfg, trial.device, trial.data.num_domains)
@@ -197,6 +200,7 @@ def setup_trial(cfg: TrialConfig) -> Trial:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.resources.gpus_per_worker > 0 else torch.device("cpu")
     trial = make_trial(cfg, rank=rank, world=world, device=device)
+    trial.writer = CheckpointWriter(trial.engine, asynchronous=cfg.train.async_checkpoint)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -217,6 +221,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     trial = setup_trial(cfg)
     if trial.step >= cfg.steps and trial.history:
         # resumed after the end (the driver died before it saw the last report): say the final result again
-        save_and_report(trial, trial.history[-1], checkpoint=False)
+        save_and_report(trial, {**trial.history[-1], "resumed_from_step": trial.step}, checkpoint=False)
     train(trial, save_and_report)
     return trial.history if trial.rank == 0 else []
