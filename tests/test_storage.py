@@ -122,6 +122,7 @@ def test_bad_storage_is_one_line_and_exit_2_before_any_trial_or_parent_run(bucke
     assert "does not exist" in refused(["report", "quickstart", "--storage", f"{missing}/studies"], capsys)
     assert "no study 'quickstart'" in refused(["resume", "quickstart", "--storage", f"{bucket}/studies"], capsys)
     assert "does not exist" in refused(["eval", f"{missing}/s/train/train-x", "--tasks", "t"], capsys)
+    assert "does not exist" in refused(["train", str(spec), "--storage", f"{missing}/runs"], capsys)
     # the study's own storage: key, when --storage is not given
     assert f"bucket '{missing[5:]}' does not exist" in refused(["run", str(tiny_study(tmp_path, storage=f"{missing}/x"))], capsys)
     # a relative path on a cluster (--address; submit always): it would be a different directory on every node
