@@ -83,10 +83,12 @@ def flops_per_token(model: ModelConfig, moe: MoEConfig) -> float:
     """Training FLOPs per token (forward + backward): 6 x the active matmul parameters + attention.
 
     Matmul parameters exclude the embedding lookup but include the LM head (computed even when
-    tied); attention scores and values add 12 * layers * d * T (the PaLM convention, no causal saving).
+    tied). Causal attention adds 6 * layers * d * T: the scores (QK^T) and the weighted values (PV) are
+    2 * 2 * d * T FLOPs per token and layer forward, x3 with backward, halved because a token attends
+    to the positions up to its own only (PaLM's 12 * layers * d * T counts the full T x T square).
     """
     matmul = num_active_params(model, moe) - model.vocab_size * model.d_model * (0 if model.tie_embeddings else 1)
-    return 6.0 * matmul + 12.0 * model.n_layers * model.d_model * model.seq_len
+    return 6.0 * matmul + 6.0 * model.n_layers * model.d_model * model.seq_len
 
 
 # ---------------------------------------------------------------------------------------------
