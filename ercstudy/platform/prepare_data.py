@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ from ercstudy.trainables.shards import (
     first_line,
     is_uri,
     join,
+    shard_files,
 )
 
 DOCS_PER_BATCH = 256
@@ -377,3 +379,28 @@ def prepare_data(
         f"vocab {meta.vocab_size}, domains: {', '.join(names)}"
     )
     return meta
+
+
+def check_cluster_data(path: str | None, *, working_dir: str) -> None:
+    """Shards that every node of a cluster sees (a URI such as s3://..., or a path every node mounts), and for a
+    URI that they are there; otherwise a DataError that says why. A job's working_dir carries code, never data."""
+    if not path:
+        return
+    why = ("a Ray job's working_dir carries code, never data (Ray caps it at 512 MiB): put the shards on shared "
+           "storage (`ercstudy prepare-data ... --out s3://BUCKET/PREFIX`, or a path every node mounts)")
+    if path.startswith("file://"):
+        raise DataError(f"data.path: {path} is a file on this machine, which the cluster's nodes do not see; {why}")
+    if not is_uri(path):
+        local = os.path.expanduser(path)
+        if not os.path.isabs(local):
+            raise DataError(f"data.path: {path} is a relative path, which the cluster's nodes do not see; {why}")
+        real, here, tmp = os.path.realpath(local), os.path.realpath(working_dir), os.path.realpath(tempfile.gettempdir())
+        for root, where in ((here, "inside the directory being submitted"), (tmp, "in this machine's temporary directory")):
+            if os.path.commonpath([real, root]) == root:
+                raise DataError(f"data.path: {path} is {where}, which the cluster's nodes do not see; {why}")
+        if not os.path.exists(local):
+            return  # a mount of the cluster's that this machine lacks: the driver checks it there, before any trial
+    ShardMeta.read(path)
+    for split in SPLITS:
+        if not shard_files(join(path, split))[1]:
+            raise DataError(f"data.path: {path} holds no Parquet shards in {split}/; make them with `ercstudy prepare-data`")

@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .shards import DataError, ShardMeta
+from .shards import DataError, ShardMeta, join, shard_files
 from .validation import require
 
 SPLITS = {"train": 0, "eval": 1}
@@ -32,7 +32,7 @@ class DataConfig:
     """The `data:` section: the built-in synthetic corpus, or Parquet token shards from `ercstudy prepare-data`."""
 
     kind: Literal["synthetic", "parquet"] = "synthetic"
-    path: str | None = None  # parquet: the directory prepare-data wrote (relative paths: to the working directory)
+    path: str | None = None  # parquet: what prepare-data wrote: a directory (relative: to the working directory) or a URI (s3://...)
     # synthetic: several Markov-chain "languages" over partly shared vocabularies
     num_domains: int = 4
     tokens_per_domain: int = 48  # private tokens of each domain
@@ -182,10 +182,13 @@ class ShardIndex:
     def __init__(self, directory: str | Path):
         import pyarrow.parquet as pq
 
-        self.files = sorted(str(p) for p in Path(directory).glob("*.parquet"))
+        self.fs, self.files = shard_files(directory)  # a local directory or a URI (s3://...): pyarrow's filesystems
         if not self.files:
             raise DataError(f"{directory}: no Parquet shards")
-        self.footers = {f: pq.read_metadata(f) for f in self.files}  # read once: every row-group read reuses them
+        # read once (in parallel: on object storage each footer is a round trip); every row-group read reuses them
+        with ThreadPoolExecutor(max_workers=min(16, len(self.files))) as pool:
+            footers = pool.map(lambda f: pq.read_metadata(f, filesystem=self.fs), self.files)
+            self.footers = dict(zip(self.files, footers))
         self.groups: list[tuple[str, int]] = []  # (file, row group)
         starts = [0]
         for f, meta in self.footers.items():
@@ -196,13 +199,16 @@ class ShardIndex:
         self.num_rows = int(self.starts[-1])
         self.groups_read: list[int] = []  # indices into self.groups, in the order decoded
         self._last: tuple[int, dict[str, np.ndarray]] | None = None
+        self._open: tuple[str, object] | None = None  # the file read last, kept open: consecutive groups share it
 
     def _group(self, g: int) -> dict[str, np.ndarray]:
         if self._last is None or self._last[0] != g:
             import pyarrow.parquet as pq
 
             file, group = self.groups[g]
-            table = pq.ParquetFile(file, metadata=self.footers[file]).read_row_group(group, columns=["tokens", "domain"])
+            if self._open is None or self._open[0] != file:
+                self._open = (file, pq.ParquetFile(file, metadata=self.footers[file], filesystem=self.fs))
+            table = self._open[1].read_row_group(group, columns=["tokens", "domain"])
             tokens = table.column("tokens").combine_chunks()
             flat = tokens.flatten().to_numpy()  # fixed-size rows: one flat buffer
             rows = {"tokens": flat.reshape(len(tokens), -1) if len(tokens) else flat.reshape(0, 0),
@@ -230,14 +236,15 @@ class ParquetStream(GlobalBatchStream):
 
     Global batch s is rows (s - 1) % batches_per_epoch * global_batch ... + global_batch of the
     split in file order (prepare-data shuffled the sequences once; every epoch reads them in that
-    order, the last partial batch dropped). A worker reads only its own share of each step, and a
+    order, the last partial batch dropped). `directory` is a local path or a URI (s3://...): the
+    worker reads from where the shards live. A worker reads only its own share of each step, and a
     resumed worker starts at its step's rows: nothing before them is read. The next step's share
     is read in a background thread while the current step trains.
     """
 
     def __init__(self, directory: str | Path, *, num_domains: int, seq_len: int, **kwargs: int):
         super().__init__(**kwargs)
-        self.index = ShardIndex(Path(directory) / "train")
+        self.index = ShardIndex(join(directory, "train"))
         self.seq_len, self.num_domains = seq_len, num_domains
         self.batches_per_epoch = self.index.num_rows // self.global_batch
         if self.batches_per_epoch == 0:

@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import DataConfig, SyntheticCorpus
-from .shards import ShardMeta
+from .data import DataConfig, ShardIndex, SyntheticCorpus
+from .shards import ShardMeta, join
 from .validation import require
 
 
@@ -257,12 +257,11 @@ def build_evaluator(ec: EvalConfig, data: DataConfig, *, seq_len: int, seed: int
         names = [f"domain{d}" for d in range(data.num_domains)]
         items = synthetic_mc_task(corpus, ec, seed=seed) if ec.mc_items else []
     else:
-        import pyarrow.parquet as pq
-
         meta = ShardMeta.read(data.path)
-        table = pq.read_table(Path(data.path) / "eval").slice(0, ec.sequences)
-        tokens = torch.from_numpy(np.stack(table.column("tokens").to_numpy(zero_copy_only=False))[:, : seq_len + 1].astype(np.int64))
-        domains = torch.from_numpy(table.column("domain").to_numpy().astype(np.int64))
+        held_out = ShardIndex(join(data.path, "eval"))  # only the row groups of the first `sequences` rows are read
+        rows, doms = held_out.read(0, min(ec.sequences, held_out.num_rows)) if ec.sequences else (np.zeros((0, seq_len + 1)), np.zeros(0))
+        tokens = torch.from_numpy(np.ascontiguousarray(rows[:, : seq_len + 1], dtype=np.int64))
+        domains = torch.from_numpy(doms.astype(np.int64))
         names, items = meta.domains, []
     return TrialEvaluator(ec, seq_len=seq_len, tokens=tokens, domains=domains, domain_names=names, mc_items=items,
                           rank=rank, world=world, device=device)
