@@ -213,6 +213,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = os.path.relpath(os.path.abspath(args.spec), os.getcwd())
     if spec.startswith(".."):
         return _fail(f"{args.spec}: submit from the directory that holds the study (it is shipped as the job's working_dir)")
+    from ercstudy.platform.prepare_data import check_cluster_data
+    from ercstudy.trainables.shards import DataError
+
+    try:  # the data stays where it lives: the workers read it there
+        check_cluster_data((study.base.get("data") or {}).get("path"), working_dir=os.getcwd())
+    except DataError as err:
+        return _fail(str(err))
     from ercstudy.platform import storage as store
 
     storage = study_storage(study, args)
@@ -226,7 +233,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         job_id = client.submit_job(
             entrypoint=entrypoint,
             submission_id=args.job_id,
-            runtime_env={"working_dir": ".", "excludes": [".git", ".venv*", "ercstudy_results", "mlflow.db", "*.egg-info"]},
+            runtime_env={"working_dir": ".", "excludes": [".git", ".venv*", "ercstudy_results", "mlflow.db", "*.egg-info", "/data"]},
             metadata={"ercstudy.study": study.name},
         )
     except Exception as err:  # connection refused, bad address, duplicate id

@@ -15,7 +15,6 @@ files are merged into its state dict (expert_keys.py maps their names).
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 
 from .config import TrialConfig, load_trial_config
-from .shards import TOKENIZER_FILE
+from .shards import TOKENIZER_FILE, read_file
 from .validation import ConfigError
 
 CHECKPOINT_TAG = "ds"
@@ -49,9 +48,9 @@ def write_extras(directory: str | Path, cfg: TrialConfig) -> None:
     directory = Path(directory)
     (directory / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if cfg.data.kind == "parquet":
-        tokenizer = Path(cfg.data.path) / TOKENIZER_FILE
-        if tokenizer.is_file():
-            shutil.copyfile(tokenizer, directory / TOKENIZER_FILE)
+        tokenizer = read_file(cfg.data.path, TOKENIZER_FILE)  # beside the shards: a directory or a URI (s3://...)
+        if tokenizer is not None:
+            (directory / TOKENIZER_FILE).write_bytes(tokenizer)
 
 
 def newest(names: Iterable[str]) -> str | None:
