@@ -102,6 +102,7 @@ def start_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIM
         sys.executable, "-c", RAY_START, "start", "--head", "--block", "--disable-usage-stats",
         "--node-ip-address=127.0.0.1", f"--port={gcs_port}", f"--temp-dir={temp_dir}", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        "--ray-client-server-port=0",  # no Ray Client server (ercstudy never uses it; it binds the machine's address)
         *(f"{flag}={ports[name]}" for name, flag in agent_flags.items()),
     ]
     if num_cpus is not None:
@@ -166,6 +167,22 @@ def new_token_file() -> str:
     return path
 
 
+def use_token_if_available() -> bool:
+    """As a client of a cluster (`ercstudy submit`, `run --address`): when RAY_AUTH_MODE is unset and the user
+    has a Ray token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, made by `ray get-auth-token
+    --generate`, the file cluster.yaml copies to every node), send it: token mode for this process's clients.
+    An explicit RAY_AUTH_MODE is respected. Returns whether the token is used."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        return mode.lower() == "token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or os.path.isfile(os.path.expanduser("~/.ray/auth_token"))):
+        return False
+    os.environ["RAY_AUTH_MODE"] = "token"
+    compat.reload_ray_config()
+    return True
+
+
 def enable_token_auth(token_path: str) -> None:
     """Token authentication for the Ray this process starts and for this process's clients of it."""
     os.environ["RAY_AUTH_MODE"] = "token"
@@ -194,6 +211,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbo
         return _logs or RayLogs(None, local=False)
     pending = None if verbose else quiet_driver_logs()
     address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        use_token_if_available()
     if not address:
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
