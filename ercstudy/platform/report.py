@@ -21,6 +21,8 @@ import yaml
 
 from . import leaderboard, tracking
 from .comparison import LEVEL, alpha_groups, point_rows
+from .importance import importance_lines
+from .optuna_store import OptunaStore, read_study
 from .study import Study, point_label
 from .tables import markdown_table
 
@@ -171,7 +173,7 @@ def write_report(study: Study, state: Any, out: str | None = None, *, storage: s
 
         raise StudyError(str(err)) from None
     with tempfile.TemporaryDirectory(prefix="ercstudy-report-") as tmp:
-        _write_report_files(study, state, Path(tmp))
+        _write_report_files(study, state, Path(tmp), directory=str(study_path(storage, study.name)))
         target.upload(tmp)
         c = tracking.client(state.tracking_uri)
         for path in sorted(Path(tmp).iterdir()):
@@ -179,7 +181,16 @@ def write_report(study: Study, state: Any, out: str | None = None, *, storage: s
     return str(target)
 
 
-def _write_report_files(study: Study, state: Any, out_dir: Path) -> None:
+def dashboard_line(directory: str) -> str:
+    """How to open the study's Optuna store in optuna-dashboard (`pip install optuna-dashboard`)."""
+    s = OptunaStore(directory)
+    if s.remote:
+        return (f"The Optuna study: `{s.location}`; copy it to this machine, then "
+                "`optuna-dashboard sqlite:////ABSOLUTE/PATH/optuna.db` (`pip install optuna-dashboard`).")
+    return f"The Optuna study: `optuna-dashboard {s.url}` (`pip install optuna-dashboard`)."
+
+
+def _write_report_files(study: Study, state: Any, out_dir: Path, *, directory: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,6 +206,11 @@ def _write_report_files(study: Study, state: Any, out_dir: Path) -> None:
     lines = [f"# Study {study.name}", "", f"{len(trials)} trials, {len(done)} completed; objective {o.metric} ({o.mode}).", "",
              f"Order: {leaderboard.title(study)}.", "", *markdown_table(board, cols)]
     lines += point_lines(study, trials, out_dir)
+    importances: dict[str, Any] = {}
+    if directory is not None:  # the study's Optuna store (optuna_store.py)
+        with read_study(directory, study.name) as optuna_study:
+            more, importances = importance_lines(study, optuna_study, where=str(OptunaStore(directory).location))
+        lines += [*more, "", dashboard_line(directory)]
     import csv
 
     with (out_dir / "leaderboard.csv").open("w", newline="") as f:
@@ -216,7 +232,7 @@ def _write_report_files(study: Study, state: Any, out_dir: Path) -> None:
     fig.savefig(out_dir / "objective_vs_params.png", dpi=110)
     plt.close(fig)
 
-    fits: dict[str, Any] = {"loss_vs_compute": {}, "best_alpha": {}}
+    fits: dict[str, Any] = {"loss_vs_compute": {}, "best_alpha": {}, "importances": importances}
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for group_key, label in (("num_experts", "experts"), ("alpha", "alpha")):
         groups: dict[Any, list[dict]] = {}

@@ -248,7 +248,7 @@ def fit(study: Study, directory: store.Location, state: StudyState, *, resume: b
             trainable,
             param_space={"base": study.base, "train_storage": str(directory / "train")},
             tune_config=tune.TuneConfig(
-                search_alg=build_search(study), scheduler=build_scheduler(study), num_samples=num_trials(study),
+                search_alg=build_search(study, str(directory)), scheduler=build_scheduler(study), num_samples=num_trials(study),
                 max_concurrent_trials=max_concurrent, metric=study.objective.metric, mode=study.objective.mode,
                 trial_dirname_creator=lambda t: t.trial_id,
             ),

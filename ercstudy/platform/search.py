@@ -19,6 +19,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from .optuna_store import OptunaStore
 from .study import Study, arm_points, corner_points, is_empty, point_label, seeds
 
 logger = logging.getLogger(__name__)
@@ -98,18 +99,27 @@ class StudySearch(Searcher):
     intermediate values (several seeds would report one step). The fixed arms' trials come first, at the
     same seeds, and are never told. Each such trial's config carries `point`: {id, arm, repeat}, the
     MLflow tags that group a point's trials (`point_tags`).
+
+    With a store (optuna_store.py) the Optuna study lives in the study's optuna.db, for optuna-dashboard and
+    the report's importances; each told point carries the mean final `alpha_star` and `eps_mean` of its
+    seeds as user attrs (RECORDED).
     """
 
-    def __init__(self, space: DefineByRun, *, metric: str | list[str], mode: str | list[str], sampler: Any, study_name: str):
+    def __init__(self, space: DefineByRun, *, metric: str | list[str], mode: str | list[str], sampler: Any, study_name: str,
+                 store: OptunaStore | None = None):
         import optuna
 
         super().__init__(metric=metric, mode=mode)
         modes = mode if isinstance(mode, list) else [mode]
+        directions = ["minimize" if m == "min" else "maximize" for m in modes]
         self.space = space
-        self.study = optuna.create_study(
-            sampler=sampler, pruner=optuna.pruners.NopPruner(), study_name=study_name,
-            directions=["minimize" if m == "min" else "maximize" for m in modes],
-        )
+        self.store = store  # the study's optuna.db (optuna_store.py); None: in memory only (tests)
+        if store is None:
+            self.study = optuna.create_study(sampler=sampler, pruner=optuna.pruners.NopPruner(), study_name=study_name,
+                                             directions=directions)
+        else:
+            store.reset()
+            self.study = store.create(study_name, directions, sampler)
         study = space.study
         self.seeds = seeds(study)
         self.tagged = study.search.repeats > 1 or bool(study.search.arms)  # plain studies keep plain configs
@@ -119,6 +129,7 @@ class StudySearch(Searcher):
                                             for arm, params in arm_points(study) for r in range(len(self.seeds))]
         self.ended: dict[int, dict[str, tuple[Any, list[float] | None]]] = {}  # Optuna number -> Tune id -> (state, values)
         self.told: set[str] = set()
+        self.results: dict[int, dict[str, dict[str, float]]] = {}  # Optuna number -> Tune id -> its final RECORDED metrics
 
     def _config(self, params: dict[str, Any], point_id: str, arm: str, repeat: int) -> dict[str, Any]:
         if not self.tagged:
@@ -166,6 +177,8 @@ class StudySearch(Searcher):
         optuna_trial = self.trials[trial_id]
         ended = self.ended.setdefault(optuna_trial.number, {})
         ended[trial_id] = (state, values)
+        ended_results = self.results.setdefault(optuna_trial.number, {})
+        ended_results[trial_id] = {k: result[k] for k in RECORDED if isinstance((result or {}).get(k), (int, float))}
         if len(ended) < len(self.seeds):
             return  # the point's other seeds are still running
         states = [st for st, _ in ended.values()]
@@ -174,19 +187,55 @@ class StudySearch(Searcher):
             values = [sum(v[i] for _, v in ended.values()) / len(ended) for i in range(len(metrics))]
         else:
             state, values = (TrialState.FAIL if TrialState.FAIL in states else TrialState.PRUNED), None
+        for key, value in recorded(ended_results.values()).items():
+            optuna_trial.set_user_attr(key, value)
         try:
             self.study.tell(optuna_trial, values if values is None or len(values) > 1 else values[0], state=state)
         except RuntimeError as err:  # the grid sampler stops the study after its last point: nothing to do
             logger.info("optuna: %s", err)
+        if self.store is not None:
+            self.store.save()
 
-    # Tune saves the searcher with its experiment state (`ercstudy resume` restores it)
+    # Tune saves the searcher with its experiment state (`ercstudy resume` restores it). With a store, the Optuna
+    # study itself is in optuna.db (saved to the study's storage here): the pickle holds trial ids, not the study.
     def save(self, checkpoint_path: str) -> None:
+        state = dict(self.__dict__)
+        if self.store is not None:
+            self.store.save()
+            state["study"] = (self.study.study_name, self.study.sampler)
+            state["trials"] = {tid: t._trial_id for tid, t in self.trials.items()}
+            state["queue"] = [{**c, "optuna": c["optuna"]._trial_id} if "optuna" in c else c for c in self.queue]
         with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
+            pickle.dump(state, f)
 
     def restore(self, checkpoint_path: str) -> None:
+        import optuna
+
         with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+            state = pickle.load(f)
+        store = state.get("store")
+        if store is not None:
+            if not store.fetch():
+                raise RuntimeError(f"the study's Optuna store {store.location} is missing: the searcher cannot resume")
+            name, sampler = state["study"]
+            study = store.load(name, sampler)
+            state["study"] = study
+            state["trials"] = {tid: optuna.Trial(study, i) for tid, i in state["trials"].items()}
+            state["queue"] = [{**c, "optuna": optuna.Trial(study, c["optuna"])} if "optuna" in c else c for c in state["queue"]]
+        self.__dict__.update(state)
+
+
+RECORDED = ("alpha_star", "eps_mean")  # kept per Optuna trial (user attrs, the mean over its seeds) for importances
+
+
+def recorded(results: Any) -> dict[str, float]:
+    """The mean of each RECORDED metric over the final results of one point's trials that have it."""
+    out = {}
+    for key in RECORDED:
+        values = [r[key] for r in results if key in r and math.isfinite(r[key])]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
 
 
 def point_tags(config: dict[str, Any]) -> dict[str, str]:
@@ -196,7 +245,8 @@ def point_tags(config: dict[str, Any]) -> dict[str, str]:
     return {f"ercstudy.{'point' if k == 'id' else k}": str(v) for k, v in point.items()}
 
 
-def build_search(study: Study) -> StudySearch:
+def build_search(study: Study, directory: str | None = None) -> StudySearch:
+    """The study's searcher; with `directory` (STORAGE/NAME) its Optuna study persists in DIRECTORY/optuna.db."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -209,6 +259,7 @@ def build_search(study: Study) -> StudySearch:
         mode=modes if study.multi_objective else modes[0],
         sampler=optuna_sampler(study),
         study_name=study.name,
+        store=OptunaStore(directory) if directory is not None else None,
     )
 
 

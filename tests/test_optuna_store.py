@@ -1,0 +1,123 @@
+"""The study's Optuna study in an RDB store (platform/optuna_store.py): optuna.db in the study's directory
+(local) or a cached SQLite file copied to an object store (a real S3-compatible server) and fetched back on
+resume; what optuna.load_study and optuna.importance read from it (platform/importance.py). No Ray: Tune's
+calls are made by hand, as in test_search.py."""
+
+import math
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from ercstudy.platform.importance import MIN_TRIALS, importance_lines, param_importances
+from ercstudy.platform.optuna_store import OptunaStore, read_study
+from ercstudy.platform.search import build_search
+from ercstudy.platform.study import parse_study
+
+QUICKSTART = yaml.safe_load(open("search_spaces/quickstart.yaml"))
+
+
+def study_spec(num_trials=24, sampler="random"):
+    data = yaml.safe_load(yaml.safe_dump(QUICKSTART))
+    data["scheduler"] = {"type": "none"}
+    data["search"].update(sampler=sampler, num_trials=num_trials)
+    return parse_study(data)
+
+
+def loss(params):
+    """A synthetic objective that the learning rate decides (alpha and top_k barely matter)."""
+    return 2.0 + 3.0 * (math.log10(params["train.lr"]) + 2.6) ** 2 + 0.001 * params["erc.alpha"]
+
+
+def run_points(search, n, start=0):
+    rng = np.random.default_rng(start)
+    for i in range(start, start + n):
+        config = search.suggest(f"t{i}")
+        p = config["params"]
+        search.on_trial_complete(f"t{i}", {"step": 60, "total_steps": 60, "eval/loss": loss(p),
+                                           "alpha_star": 5.0 - 4.0 * p["erc.alpha"] + float(rng.normal(0, 0.01)),
+                                           "eps_mean": 0.1 * p["moe.num_experts"]})
+
+
+def test_local_storage_keeps_optuna_db_in_the_study_directory_and_resumes(tmp_path):
+    study = study_spec()
+    directory = tmp_path / "results" / study.name
+    search = build_search(study, str(directory))
+    run_points(search, 3)
+    assert (directory / "optuna.db").is_file()
+    loaded = optuna.load_study(study_name=study.name, storage=f"sqlite:///{directory}/optuna.db")  # what the dashboard reads
+    assert [t.state for t in loaded.trials] == [TrialState.COMPLETE] * 3
+    assert set(loaded.trials[0].user_attrs) == {"alpha_star", "eps_mean"}
+    search.suggest("t3")  # asked, still running when the driver stops
+    search.save(str(tmp_path / "searcher.pkl"))
+    restored = build_search(study, str(directory))
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_complete("t3", {"step": 60, "total_steps": 60, "eval/loss": 2.5})  # the running trial is told
+    run_points(restored, 2, start=4)
+    states = [t.state for t in optuna.load_study(study_name=study.name, storage=f"sqlite:///{directory}/optuna.db").trials]
+    assert states == [TrialState.COMPLETE] * 6
+
+
+def test_remote_storage_copies_the_cache_to_the_bucket_and_fetches_it_on_resume(bucket, tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-a"))
+    study = study_spec()
+    directory = f"{bucket}/studies/{study.name}"
+    search = build_search(study, directory)
+    run_points(search, 2)
+    fs, path = pafs.FileSystem.from_uri(f"{directory}/optuna.db")
+    assert fs.get_file_info(path).type == pafs.FileType.File  # copied at each point told
+    assert str(OptunaStore(directory).local).startswith(str(tmp_path / "cache-a"))
+    search.save(str(tmp_path / "searcher.pkl"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-b"))  # resumed on another machine: an empty cache
+    restored = build_search(study, directory)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert [t.number for t in restored.study.get_trials()] == [0, 1]
+    run_points(restored, 1, start=2)
+    with read_study(directory, study.name) as s:
+        assert [t.state for t in s.trials] == [TrialState.COMPLETE] * 3
+    with read_study(f"{bucket}/studies/none", study.name) as s:
+        assert s is None
+
+
+def test_importances_find_the_param_that_matters_and_refuse_too_few_points(tmp_path):
+    study = study_spec(num_trials=40)
+    directory = tmp_path / study.name
+    search = build_search(study, str(directory))
+    run_points(search, MIN_TRIALS - 1)
+    with read_study(str(directory), study.name) as s:
+        lines, _ = importance_lines(study, s, where="x")
+    assert len([line for line in lines if line]) == 2 and "Too few completed points" in lines[-1], lines
+    run_points(search, 40 - MIN_TRIALS + 1, start=MIN_TRIALS - 1)
+    with read_study(str(directory), study.name) as s:
+        imp = param_importances(study, s.get_trials())
+        lines, _ = importance_lines(study, s, where="sqlite:///x")
+    objective, alpha_star, eps = imp["eval/loss (low)"], imp["alpha* (low)"], imp["eps (high)"]
+    # moe.top_k is asked under narrowed names (moe.top_k|1..4): here it is one param
+    assert set(objective) == {"erc.alpha", "moe.num_experts", "moe.top_k", "train.lr"}
+    assert max(objective, key=objective.get) == "train.lr"
+    assert max(alpha_star, key=alpha_star.get) == "erc.alpha" and max(eps, key=eps.get) == "moe.num_experts"
+    assert "| param | eval/loss (low) | alpha* (low) | eps (high) |" in lines
+    assert param_importances(study, s.get_trials()) == imp  # deterministic
+
+
+def test_without_a_store_there_is_one_line():
+    lines, _ = importance_lines(study_spec(), None, where="/nowhere/optuna.db")
+    assert [line for line in lines if line][-1].startswith("No Optuna store")
+
+
+def test_a_point_with_seeds_records_the_mean_of_alpha_star(tmp_path):
+    data = yaml.safe_load(yaml.safe_dump(QUICKSTART))
+    data["scheduler"] = {"type": "none"}
+    data["search"] = {**data["search"], "params": {"erc.alpha": [0.5]}, "sampler": "grid", "num_trials": 1, "repeats": 2,
+                      "constraints": []}
+    study = parse_study(data)
+    search = build_search(study, str(tmp_path / "s"))
+    for tid, a in (("a", 1.0), ("b", 2.0)):
+        search.suggest(tid)
+        search.on_trial_complete(tid, {"step": 60, "total_steps": 60, "eval/loss": 3.0, "alpha_star": a})
+    (t,) = search.study.get_trials()
+    assert t.user_attrs == {"alpha_star": pytest.approx(1.5)} and t.state == TrialState.COMPLETE
