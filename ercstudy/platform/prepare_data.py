@@ -213,7 +213,9 @@ class Spill:
         for path in self.paths:
             rows = np.fromfile(path, dtype=np.int32).reshape(-1, self.width)
             path.unlink()
-            yield rows[rng.permutation(len(rows))]
+            rng.shuffle(rows)  # in place: one bucket in memory, no permuted copy
+            yield rows
+            del rows  # before the next bucket is read
 
 
 class ShardWriter:
@@ -234,8 +236,8 @@ class ShardWriter:
         return min(ROW_GROUP_ROWS, self.rows_per_shard - self.in_file)
 
     def add(self, rows: np.ndarray) -> None:
-        """Rows [n, width + 1]: tokens, then the domain."""
-        self.pending.append(rows)
+        """Rows [n, width + 1]: tokens, then the domain (copied: no view of the caller's array is kept)."""
+        self.pending.append(rows.copy())
         self.buffered += len(rows)
         while self.buffered >= self._room():
             self._flush(self._room())
@@ -361,6 +363,7 @@ def prepare_data(
             for rows in spills[split].shuffled(np.random.default_rng([seed, 2, i])):
                 for j in range(0, len(rows), ROW_GROUP_ROWS):  # a row group at a time: no copy of the bucket
                     writer.add(rows[j : j + ROW_GROUP_ROWS])
+                del rows  # the writer holds no view of it: ShardWriter copies what it keeps
             writer.close()
             shard_counts[split] = writer.files
     meta = ShardMeta(
