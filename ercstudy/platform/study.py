@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ercstudy.trainables.config import ResourcesConfig, TrialConfig, read_yaml
+from ercstudy.trainables.harness import check as harness_check
+from ercstudy.trainables.harness import with_absolute_paths
 from ercstudy.trainables.validation import ConfigError, from_dict, require
 
 SECTIONS = ("name", "base", "search", "objective", "scheduler", "resources", "tracking", "storage")
@@ -320,6 +322,7 @@ def parse_study(data: Any, *, source: str = "") -> Study:
     if resources:
         from_dict(ResourcesConfig, {**(base.get("resources") or {}), **resources}, prefix="resources")
         base["resources"] = {**(base.get("resources") or {}), **resources}
+    base = with_absolute_paths(base)  # eval.harness's directories, read from here: the trials run elsewhere
     base_cfg = from_dict(TrialConfig, base, prefix="base")
 
     search_raw = dict(_section(data, "search"))
@@ -387,7 +390,14 @@ def parse_study(data: Any, *, source: str = "") -> Study:
             f"must be a path every node mounts or a URI such as s3://bucket/prefix, got {storage!r}")
     study = Study(name, base, search, objectives, scheduler, tracking, constraints, source, storage)
     check_space(study)
-    known = reported_metrics(base_cfg)
+    if any(o.metric.startswith("harness/") for o in objectives):
+        require(scheduler.type == "none" or base_cfg.eval.harness.at != "final", "scheduler.type",
+                "asha compares trials on the objective at every rung, and with base.eval.harness.at: final a harness "
+                "metric exists at the last step only: set eval.harness.at to a number of steps, or scheduler type none")
+    try:  # tasks, data files and tokenizer before anything starts (lm-eval indexes its tasks: a few seconds)
+        known = reported_metrics(base_cfg) | harness_check(base_cfg)
+    except ConfigError as err:
+        raise err.under("base") from None
     for i, obj in enumerate(objectives):
         where = "objective.metric" if len(objectives) == 1 else f"objective[{i}].metric"
         if obj.metric not in known:

@@ -95,6 +95,10 @@ class MLflowStudyCallback(tune.Callback):
         final = trial.last_result or {}
         status = tracking.trial_status(final, final.get("total_steps"))
         note = final.get("stop_reason") or ("stopped by ASHA at step {}".format(final.get("step")) if status == "stopped_early" else "")
+        if status == "stopped_early" and self.study.trial_config(trial.config["params"]).eval.harness.enabled:
+            # the workers were stopped with the trial: no evaluation at its last checkpoint (README: a study's lm-eval tasks)
+            self.client.set_tag(self.run_id(trial), tracking.HARNESS_TAG, f"not evaluated at the end: stopped by ASHA at step "
+                                f"{final.get('step')} (harness/ metrics exist for the eval.harness.at steps before it, if any)")
         tracking.finish_trial_run(self.client, self.run_id(trial), status, final, note=note)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

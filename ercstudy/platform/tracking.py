@@ -23,6 +23,7 @@ STATUS_TAG = "ercstudy.status"  # completed | stopped_early | stopped_nonfinite 
 TRIAL_TAG = "ercstudy.trial_id"
 STUDY_TAG = "ercstudy.study"
 PARENT_TAG = "mlflow.parentRunId"
+HARNESS_TAG = "ercstudy.harness"  # a trial run's lm-eval state: evaluated at step N | failed at step N: why | not evaluated: why
 LIVE_SKIP = ("coupling_matrix", "stop_reason", "checkpoint_path", "resumed_from_step")
 
 
@@ -163,6 +164,20 @@ def log_result(c: Any, run_id: str, result: dict[str, Any]) -> None:
     metrics = [Metric(k.replace("@", "_"), v, now, step) for k, v in numeric_metrics(result).items() if k != "step"]
     for i in range(0, len(metrics), 900):  # MLflow's batch limit is 1000 metrics
         c.log_batch(run_id, metrics=metrics[i : i + 900], synchronous=True)
+    log_harness(c, run_id, result)
+
+
+def log_harness(c: Any, run_id: str, result: dict[str, Any]) -> None:
+    """A report's eval.harness evaluation beside its metrics: lm-eval's results JSON as the artifact
+    harness/results_step<N>.json, and the tag HARNESS_TAG (a failure's reason in it)."""
+    from ercstudy.trainables.harness import ERROR_KEY, RESULTS_KEY
+
+    step = int(result.get("step", 0))
+    if isinstance(result.get(RESULTS_KEY), str):
+        c.log_text(run_id, result[RESULTS_KEY], f"harness/results_step{step}.json")
+        c.set_tag(run_id, HARNESS_TAG, f"evaluated at step {step}")
+    elif isinstance(result.get(ERROR_KEY), str):
+        c.set_tag(run_id, HARNESS_TAG, f"failed at step {step}: {result[ERROR_KEY]}"[:4000])
 
 
 def start_trial_run(c: Any, exp_id: str, *, name: str, config: dict[str, Any], params: dict[str, Any] | None = None,

@@ -156,6 +156,12 @@ class TrialConfig:
             "eval.every",
             f"must be a multiple of train.report_every ({train.report_every}), got {ev.every}",
         )
+        if ev.harness.enabled:  # what needs no files; harness.check reads the tasks and their data before a run
+            require(self.data.kind != "synthetic", "eval.harness.tasks",
+                    "lm-eval tasks need a model with a text tokenizer, and the synthetic corpus has none: "
+                    "train on text shards (data: {kind: parquet, path: ...} from `ercstudy prepare-data`)")
+            require(ev.harness.at == "final" or ev.harness.at % train.report_every == 0, "eval.harness.at",
+                    f"must be 'final' or a multiple of train.report_every ({train.report_every}), got {ev.harness.at}")
         if self.data.kind == "synthetic" and ev.mc_items:
             require(
                 ev.mc_choices <= self.data.num_domains,

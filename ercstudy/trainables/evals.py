@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import DataConfig, ShardIndex, SyntheticCorpus
+from .harness_config import HarnessConfig
 from .shards import ShardMeta, join
 from .validation import require
 
@@ -41,6 +42,7 @@ class EvalConfig:
     mc_context: int = 16  # context tokens of an item
     mc_continuation: int = 8  # tokens of each choice
     batch_size: int = 16  # rows per forward
+    harness: HarnessConfig = field(default_factory=HarnessConfig)  # lm-eval tasks on the trial's model (harness.py)
 
     def __post_init__(self) -> None:
         for name in ("every", "sequences", "mc_items"):

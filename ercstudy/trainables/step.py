@@ -37,6 +37,7 @@ class Trial:
     ep_group: Any
     erc_generator: torch.Generator
     evaluator: TrialEvaluator | None = None
+    harness: Any = None  # harness.TrialHarness: lm-eval tasks at eval.harness.at steps (worker.make_trial)
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None  # the step a checkpoint restored, until the next report says so

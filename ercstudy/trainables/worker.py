@@ -29,6 +29,7 @@ from .data import GlobalBatchStream, build_train_data
 from .devices import device_peak_flops
 from .engine import build_engine
 from .evals import build_evaluator
+from .harness import RESULTS_KEY, TrialHarness
 from .specialization import layer_metric_tensors, to_host
 from .step import Trial, Window, coupling, train_step
 
@@ -53,6 +54,8 @@ def make_trial(cfg: TrialConfig, *, rank: int, world: int, device: torch.device,
     evaluator = build_evaluator(cfg.eval, cfg.data, seq_len=cfg.model.seq_len, seed=t.seed, rank=rank, world=world, device=device)
     trial = Trial(cfg, built.engine, built.model, data, device, rank, world, built.ep_group, torch.Generator(device=device), evaluator)
     trial.checkpoints = CheckpointSchedule(t, cfg.steps, device=device, world=world)
+    if cfg.eval.harness.enabled:
+        trial.harness = TrialHarness(cfg, rank=rank, device=device)
     return trial
 
 
@@ -160,7 +163,9 @@ def train(trial: Trial, report: Callable[..., None]) -> None:
         every = cfg.eval.every
         if trial.evaluator is not None and not stop and ((every and trial.step % every == 0) or trial.step == cfg.steps):
             metrics.update(trial.evaluator(trial.model))  # collective: every rank evaluates its share
-        trial.history.append(metrics)
+        if trial.harness is not None and not stop and trial.harness.due(trial.step):
+            metrics.update(trial.harness(trial.model, trial.step))  # lm-eval tasks; a failure is the evaluation's only
+        trial.history.append({k: v for k, v in metrics.items() if k != RESULTS_KEY})  # checkpoints carry the history
         save = not stop and trial.checkpoints.due(trial.step)
         report(trial, metrics, checkpoint=save)
         if save:
