@@ -102,7 +102,6 @@ def start_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIM
         sys.executable, "-c", RAY_START, "start", "--head", "--block", "--disable-usage-stats",
         "--node-ip-address=127.0.0.1", f"--port={gcs_port}", f"--temp-dir={temp_dir}", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-        "--ray-client-server-port=0",  # no Ray Client server (ercstudy never uses it; it binds the machine's address)
         *(f"{flag}={ports[name]}" for name, flag in agent_flags.items()),
     ]
     if num_cpus is not None:
