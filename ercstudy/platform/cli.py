@@ -233,9 +233,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except store.StorageError as err:
         return _fail(str(err))
     entrypoint = f"ercstudy run {shlex.quote(spec)} --storage {shlex.quote(storage)}"
-    from ercstudy.platform.ray_runtime import use_token_if_available
-
-    use_token_if_available()  # a token-authenticated cluster (cluster.yaml) refuses the Jobs API without it
     try:
         client = JobSubmissionClient(args.address)
         job_id = client.submit_job(
@@ -261,7 +258,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     try:
         study, state = load_saved_study(args.storage, args.name)
-        out = write_report(study, state, args.out or None, storage=args.storage, budget=args.budget)
+        out = write_report(study, state, args.out or None, storage=args.storage)
     except (StudyError, ConfigError) as err:
         return _fail(str(err))
     print(f"report written to {out}")
@@ -329,10 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = sub.add_parser("prepare-data", help="tokenize text files (or a Parquet text column) into Parquet token shards")
     prep.add_argument("inputs", nargs="+", help="text files (documents separated by blank lines) or Parquet files; each file is one domain")
-    prep.add_argument("--out", required=True, help="output directory or URI (s3://BUCKET/PREFIX, ...); must be new or empty")
+    prep.add_argument("--out", required=True, help="output directory (must be new or empty)")
     prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size, trained on the inputs (default: 4096)")
     prep.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default: 256)")
-    prep.add_argument("--eval-fraction", type=float, default=0.05, help="share of each file's documents held out, whole, for evaluation (default: 0.05)")
+    prep.add_argument("--eval-fraction", type=float, default=0.05, help="share of sequences held out for evaluation (default: 0.05)")
     prep.add_argument("--column", help="text column of Parquet inputs (default: text)")
     prep.add_argument("--rows-per-shard", type=int, default=8192, help="sequences per Parquet file (default: 8192)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the train/eval split (default: 0)")
@@ -370,9 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("name", help="the study's name")
     report.add_argument("--storage", default=default_storage(), help=storage)
     report.add_argument("--out", help="output directory (default: STORAGE/NAME/report)")
-    report.add_argument("--budget", type=float, metavar="FLOPS",
-                        help="a compute budget (e.g. 1e21 FLOPs): the scaling fits predict the loss there (Chinchilla: "
-                             "the compute-optimal N/D split)")
     report.set_defaults(func=cmd_report)
     ev = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a checkpoint (extra `evals`), optionally logged to MLflow")
     ev.add_argument("checkpoint", help="a checkpoint directory or URI (checkpoint_*/), a run directory or URI (its newest "
