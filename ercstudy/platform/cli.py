@@ -326,10 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = sub.add_parser("prepare-data", help="tokenize text files (or a Parquet text column) into Parquet token shards")
     prep.add_argument("inputs", nargs="+", help="text files (documents separated by blank lines) or Parquet files; each file is one domain")
-    prep.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    prep.add_argument("--out", required=True, help="output directory or URI (s3://BUCKET/PREFIX, ...); must be new or empty")
     prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size, trained on the inputs (default: 4096)")
     prep.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default: 256)")
-    prep.add_argument("--eval-fraction", type=float, default=0.05, help="share of sequences held out for evaluation (default: 0.05)")
+    prep.add_argument("--eval-fraction", type=float, default=0.05, help="share of each file's documents held out, whole, for evaluation (default: 0.05)")
     prep.add_argument("--column", help="text column of Parquet inputs (default: text)")
     prep.add_argument("--rows-per-shard", type=int, default=8192, help="sequences per Parquet file (default: 8192)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the train/eval split (default: 0)")
