@@ -20,6 +20,13 @@ def _value(row: dict[str, Any], metric: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+def metric_columns(study: Study, final: dict[str, Any]) -> dict[str, Any]:
+    """A trial's leaderboard metrics: the objectives, then its lm-eval results (`harness/<task>/<metric>`, eval.harness)."""
+    row = {o.metric: final.get(o.metric) for o in study.objectives}
+    row.update({k: v for k, v in sorted(final.items()) if k.startswith("harness/") and k not in row and _value(final, k) is not None})
+    return row
+
+
 def pareto_front(study: Study, rows: list[dict[str, Any]]) -> set[int]:
     """Indices of the completed rows that no other completed row dominates on every objective."""
     points = {}

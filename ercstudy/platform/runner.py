@@ -267,7 +267,7 @@ def leaderboard(study: Study, results: list[tuple]) -> list[dict[str, Any]]:
         status = tracking.trial_status(metrics, metrics.get("total_steps"), error=error is not None)
         row = {"trial": metrics.get("trial_id") or (Path(path[0]).name if path else ""), "status": status,
                "step": metrics.get("step"), **config.get("params", {})}
-        row.update({o.metric: metrics.get(o.metric) for o in study.objectives})
+        row.update(ranking.metric_columns(study, metrics))  # the objectives, then any harness/ metrics
         rows.append(row)
     return ranking.rank(study, rows)
 

@@ -1,0 +1,185 @@
+"""lm-eval tasks inside a study (`eval.harness`): every trial runs them on its own worker at its last step.
+
+A 2-trial study on Parquet shards of real text (conftest's `shards`) with the two tiny local tasks of
+tests/fixtures/harness (a multiple-choice task and a loglikelihood_rolling one, read from JSONL),
+on the shared local Ray with a real MLflow SQLite store; its objective is a harness metric. And the
+refusals before anything starts, and a failed evaluation that the trial survives.
+"""
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import FIXTURES, own_stderr
+
+pytest.importorskip("lm_eval", reason="the `evals` extra (lm-evaluation-harness) is not installed")
+
+TASKS = FIXTURES / "harness" / "tasks"
+DATA_DIR = FIXTURES / "harness"
+STEPS = 8
+OBJECTIVE = "harness/tiny_passages/bits_per_byte"
+HARNESS_METRICS = ["harness/tiny_next_line/acc", "harness/tiny_next_line/acc_norm", "harness/tiny_passages/word_perplexity", OBJECTIVE]
+
+
+def spec(shards, name: str = "harness_tiny") -> dict:
+    return {
+        "name": name,
+        "base": {
+            "model": {"vocab_size": 320, "d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 32},
+            "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 32},
+            "erc": {"enabled": True, "alpha": 1.0},
+            "train": {"seed": 3, "tokens": STEPS * 8 * 32, "global_batch_size": 8, "micro_batch_size": 8, "lr": 0.01,
+                      "warmup_steps": 2, "report_every": 4, "checkpoint_every": 8},
+            "data": {"kind": "parquet", "path": str(shards)},
+            "eval": {"sequences": 8, "harness": {"tasks": ["tiny_next_line", "tiny_passages"], "include_path": str(TASKS),
+                                                 "data_dir": str(DATA_DIR), "at": "final", "limit": 4, "batch_size": 16}},
+        },
+        "search": {"sampler": "grid", "num_trials": 2, "seed": 0, "params": {"train.lr": [0.01, 0.0003]}},
+        "objective": {"metric": OBJECTIVE, "mode": "min"},
+        "scheduler": {"type": "none"},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Before anything starts
+
+
+def refused(tmp_path, capsys, data: dict) -> str:
+    from ercstudy.platform.cli import main
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["run", str(path), "--storage", str(tmp_path / "results")]) == 2
+    err = own_stderr(capsys.readouterr().err)
+    assert err.startswith("ercstudy: error:") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "results").exists()  # refused before any storage, tracking or Ray
+    return err
+
+
+def test_a_missing_task_file_a_synthetic_corpus_and_a_bad_objective_are_refused_up_front(shards, tmp_path, capsys):
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    data = spec(shards)
+    data["base"]["eval"]["harness"]["data_dir"] = str(empty)
+    err = refused(tmp_path, capsys, data)
+    assert "base.eval.harness.tasks: tiny_next_line: its data file" in err and str(empty / "data" / "next_line.jsonl") in err, err
+
+    data = spec(shards)
+    data["base"]["data"] = {"kind": "synthetic"}
+    assert "base.eval.harness.tasks: lm-eval tasks need a model with a text tokenizer" in refused(tmp_path, capsys, data)
+
+    data = spec(shards)
+    data["base"]["eval"]["harness"]["include_path"] = str(tmp_path / "nowhere")
+    assert "base.eval.harness.include_path" in refused(tmp_path, capsys, data)
+
+    data = spec(shards)
+    data["objective"] = {"metric": "harness/tiny_passages/bit_per_byte", "mode": "min"}
+    assert f"did you mean {OBJECTIVE!r}" in refused(tmp_path, capsys, data)
+
+    data = spec(shards)
+    data["scheduler"] = {"type": "asha", "grace_period": 4}
+    assert "scheduler.type: asha compares trials" in refused(tmp_path, capsys, data)
+
+    data = spec(shards)
+    data["base"]["eval"]["harness"]["at"] = 6
+    assert "base.eval.harness.at: must be 'final' or a multiple of train.report_every (4), got 6" in refused(tmp_path, capsys, data)
+
+
+def test_relative_harness_paths_are_read_from_where_the_study_starts(shards, tmp_path, monkeypatch):
+    from ercstudy.platform.study import parse_study
+
+    data = spec(shards)
+    data["base"]["eval"]["harness"].update(include_path="tasks", data_dir=None)
+    monkeypatch.chdir(DATA_DIR)
+    harness = parse_study(copy.deepcopy(data)).base_config.eval.harness
+    assert harness.include_path == str(TASKS) and harness.data_dir == str(DATA_DIR)
+
+
+def test_a_failed_evaluation_is_the_evaluations_reason_on_the_run_not_the_trials(shards, tmp_path):
+    """Files gone after validation: the evaluation reports why; the trial's report goes on."""
+    import shutil
+
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from ercstudy.platform import tracking
+    from ercstudy.trainables.config import TrialConfig
+    from ercstudy.trainables.harness import ERROR_KEY, FAILED_METRIC, TrialHarness
+    from ercstudy.trainables.model import MoELM
+
+    moved = tmp_path / "harness"
+    shutil.copytree(DATA_DIR, moved)
+    base = spec(shards)["base"]
+    base["eval"]["harness"].update(include_path=str(moved / "tasks"), data_dir=str(moved))
+    cfg = TrialConfig.from_dict(base)
+    shutil.rmtree(moved / "data")
+    model = MoELM(cfg.model, cfg.moe, seed=0)
+    out = TrialHarness(cfg, rank=0, device=torch.device("cpu"))(model, STEPS)
+    assert out[FAILED_METRIC] == 1.0 and "next_line.jsonl" in out[ERROR_KEY] and model.training
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = c.create_run(c.create_experiment("failed")).info.run_id
+    tracking.log_result(c, run_id, {"step": STEPS, "lm_loss": 5.0, **out})
+    run = c.get_run(run_id)
+    assert run.data.tags[tracking.HARNESS_TAG].startswith(f"failed at step {STEPS}: ") and run.data.metrics[FAILED_METRIC] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# A study
+
+
+@pytest.fixture(scope="module")
+def study_run(ray_session, shards, tmp_path_factory):
+    from ercstudy.platform.runner import run_study
+    from ercstudy.platform.study import load_study
+
+    tmp = tmp_path_factory.mktemp("harness_study")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump({**spec(shards), "tracking": {"uri": uri, "experiment": "harness_tiny"}}))
+    board = run_study(load_study(path), storage=str(tmp / "results"), progress_every_s=1e9)
+    return {"board": board, "uri": uri, "dir": tmp / "results" / "harness_tiny"}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_every_trial_runs_the_tasks_at_its_end_and_the_study_ranks_by_a_harness_metric(study_run):
+    board = study_run["board"]
+    assert len(board) == 2 and all(r["status"] == "completed" for r in board), board
+    for row in board:
+        assert all(isinstance(row.get(m), float) and math.isfinite(row[m]) for m in HARNESS_METRICS), row
+        assert 0 <= row["harness/tiny_next_line/acc"] <= 1 and row["harness/failed"] == 0.0
+    assert board[0][OBJECTIVE] <= board[1][OBJECTIVE]  # the leaderboard's order is the harness objective's
+    header = (study_run["dir"] / "leaderboard.csv").read_text().splitlines()[0].split(",")
+    assert set(HARNESS_METRICS) <= set(header), header
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_harness_results_are_in_every_child_run_at_the_last_step_and_the_best_in_the_parent(study_run):
+    from mlflow.tracking import MlflowClient
+
+    from ercstudy.platform.tracking import HARNESS_TAG
+
+    c = MlflowClient(study_run["uri"])
+    exp = c.get_experiment_by_name("harness_tiny")
+    runs = c.search_runs([exp.experiment_id], max_results=100)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2
+    for run in children:
+        rid = run.info.run_id
+        assert set(HARNESS_METRICS) <= run.data.metrics.keys(), run.data.metrics.keys()
+        assert [m.step for m in c.get_metric_history(rid, OBJECTIVE)] == [STEPS]
+        assert run.data.tags[HARNESS_TAG] == f"evaluated at step {STEPS}"
+        results = json.loads(Path(c.download_artifacts(rid, f"harness/results_step{STEPS}.json")).read_text())
+        assert results["results"]["tiny_passages"]["bits_per_byte,none"] == pytest.approx(run.data.metrics[OBJECTIVE])
+        assert results["config"]["step"] == STEPS and results["n-samples"]["tiny_next_line"]["effective"] == 4  # limit: 4
+    best = min(children, key=lambda r: r.data.metrics[OBJECTIVE])
+    assert parent.data.metrics[f"best/{OBJECTIVE}"] == pytest.approx(best.data.metrics[OBJECTIVE])
+    assert OBJECTIVE in Path(c.download_artifacts(parent.info.run_id, "leaderboard.csv")).read_text().splitlines()[0]
