@@ -53,7 +53,7 @@ def test_schedule_by_steps_and_by_time():
     assert by_time.due(15)
     by_time.saved()
     assert not by_time.due(20)
-    assert TrainConfig().checkpoint_every is None and TrainConfig().checkpoint_minutes == 20.0  # by time unless set
+    assert TrainConfig().checkpoint_every is None and TrainConfig().checkpoint_minutes == 10.0  # by time unless set
 
 
 def test_config_refuses_a_crash_without_a_step_checkpoint_before_it():
