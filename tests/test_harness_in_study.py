@@ -183,3 +183,29 @@ def test_the_harness_results_are_in_every_child_run_at_the_last_step_and_the_bes
     best = min(children, key=lambda r: r.data.metrics[OBJECTIVE])
     assert parent.data.metrics[f"best/{OBJECTIVE}"] == pytest.approx(best.data.metrics[OBJECTIVE])
     assert OBJECTIVE in Path(c.download_artifacts(parent.info.run_id, "leaderboard.csv")).read_text().splitlines()[0]
+
+
+def test_the_paper_suite_preset_validates_once_its_ten_local_copies_exist_and_names_the_missing_one(shards, tmp_path):
+    from ercstudy.platform.study import parse_study
+    from ercstudy.trainables.harness import data_files, leaf_configs, task_manager
+    from ercstudy.trainables.validation import ConfigError
+
+    repo = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((repo / "search_spaces" / "paper_suite.yaml").read_text())
+    harness = data["base"]["eval"]["harness"]
+    assert len(harness["tasks"]) == 10
+    manager = task_manager(harness["tasks"], str(repo / "evals" / "tasks"))
+    files = [f for t in harness["tasks"] for cfg in leaf_configs(manager, t) for f in data_files(cfg)]
+    assert len(files) == 11 and all(f.startswith("data/") for f in files)  # MMLU: test and dev
+    for task in harness["tasks"]:  # each says how its copy is made
+        assert "load_dataset(" in (repo / "evals" / "tasks" / f"{task}.yaml").read_text(), task
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("")
+    data["base"]["data"]["path"] = str(shards)
+    harness.update(include_path=str(repo / "evals" / "tasks"), data_dir=str(tmp_path))
+    study = parse_study(copy.deepcopy(data))
+    assert study.objective.metric == "harness/hellaswag_local/acc_norm"
+    (tmp_path / "data" / "winogrande" / "validation.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"base\.eval\.harness\.tasks: winogrande_local: its data file .*validation\.jsonl"):
+        parse_study(copy.deepcopy(data))
