@@ -258,7 +258,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     try:
         study, state = load_saved_study(args.storage, args.name)
-        out = write_report(study, state, args.out or None, storage=args.storage)
+        out = write_report(study, state, args.out or None, storage=args.storage, budget=args.budget)
     except (StudyError, ConfigError) as err:
         return _fail(str(err))
     print(f"report written to {out}")
@@ -367,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("name", help="the study's name")
     report.add_argument("--storage", default=default_storage(), help=storage)
     report.add_argument("--out", help="output directory (default: STORAGE/NAME/report)")
+    report.add_argument("--budget", type=float, metavar="FLOPS",
+                        help="a compute budget (e.g. 1e21 FLOPs): the scaling fits predict the loss there (Chinchilla: "
+                             "the compute-optimal N/D split)")
     report.set_defaults(func=cmd_report)
     ev = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a checkpoint (extra `evals`), optionally logged to MLflow")
     ev.add_argument("checkpoint", help="a checkpoint directory or URI (checkpoint_*/), a run directory or URI (its newest "

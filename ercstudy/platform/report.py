@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from . import leaderboard, tracking
+from . import figures, leaderboard, tracking
 from .comparison import LEVEL, alpha_groups, point_rows
 from .importance import importance_lines
 from .optuna_store import OptunaStore, read_study
+from .scaling import scaling_section
 from .study import Study, point_label
 from .tables import markdown_table
 
@@ -122,10 +123,12 @@ def study_trials(study: Study, state: Any) -> list[dict[str, Any]]:
             "step": m.get("step", m.get("tokens", 0) and None),
             "params_total": cfg.num_params(),
             "params_active": cfg.num_active_params(),
+            "tokens": tokens,
             "compute": cfg.flops_per_token() * tokens,
             "num_experts": cfg.moe.num_experts,
             "top_k": cfg.moe.top_k,
             "alpha": cfg.erc.alpha if cfg.erc.enabled else None,  # no ERC, no alpha: never in an alpha fit
+            **{k: m.get(k) for k in ("alpha_star", "eps_mean", "lb_loss", "load_max_over_mean")},  # the paper's figures
         })
     return out
 
@@ -155,8 +158,9 @@ def point_lines(study: Study, trials: list[dict[str, Any]], out_dir: Path) -> li
     return lines
 
 
-def write_report(study: Study, state: Any, out: str | None = None, *, storage: str) -> str:
+def write_report(study: Study, state: Any, out: str | None = None, *, storage: str, budget: float | None = None) -> str:
     """The report to `out` (default STORAGE/NAME/report; a path or a URI) and the parent run; returns where it went.
+    budget: a compute budget in FLOPs at which the scaling fits predict the loss (scaling.py).
 
     It is made in a temporary directory, then copied to its place and logged to MLflow from there.
     """
@@ -165,6 +169,10 @@ def write_report(study: Study, state: Any, out: str | None = None, *, storage: s
     from . import storage as store
     from .runner import study_path
 
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        from .runner import StudyError
+
+        raise StudyError(f"--budget {budget:g}: a compute budget is a positive number of FLOPs, e.g. 1e21")
     try:
         target = store.resolve(out) if out else study_path(storage, study.name) / "report"
         store.check(target)
@@ -173,7 +181,7 @@ def write_report(study: Study, state: Any, out: str | None = None, *, storage: s
 
         raise StudyError(str(err)) from None
     with tempfile.TemporaryDirectory(prefix="ercstudy-report-") as tmp:
-        _write_report_files(study, state, Path(tmp), directory=str(study_path(storage, study.name)))
+        _write_report_files(study, state, Path(tmp), directory=str(study_path(storage, study.name)), budget=budget)
         target.upload(tmp)
         c = tracking.client(state.tracking_uri)
         for path in sorted(Path(tmp).iterdir()):
@@ -190,12 +198,8 @@ def dashboard_line(directory: str) -> str:
     return f"The Optuna study: `optuna-dashboard {s.url}` (`pip install optuna-dashboard`)."
 
 
-def _write_report_files(study: Study, state: Any, out_dir: Path, *, directory: str | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _write_report_files(study: Study, state: Any, out_dir: Path, *, directory: str | None = None,
+                        budget: float | None = None) -> None:
     trials = study_trials(study, state)
     o = study.objective
     done = [t for t in trials if t["status"] == "completed" and isinstance(t.get(o.metric), (int, float))]
@@ -218,22 +222,7 @@ def _write_report_files(study: Study, state: Any, out_dir: Path, *, directory: s
         w.writeheader()
         w.writerows(board)
 
-    # objective against each searched param
-    params = list(study.search.params)
-    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.3), squeeze=False)
-    for ax, p in zip(axes[0], params):
-        have = [t for t in done if p in t]  # a fixed arm's trials may not set it
-        categorical = study.search.params[p].type == "categorical"
-        xs = [str(t[p]) if categorical else t[p] for t in have]
-        ax.scatter(xs, [t[o.metric] for t in have], c=[t["num_experts"] for t in have], cmap="viridis")
-        ax.set_xlabel(p)
-        ax.set_ylabel(o.metric)
-    fig.tight_layout()
-    fig.savefig(out_dir / "objective_vs_params.png", dpi=110)
-    plt.close(fig)
-
     fits: dict[str, Any] = {"loss_vs_compute": {}, "best_alpha": {}, "importances": importances}
-    fig, ax = plt.subplots(figsize=(5.5, 4))
     for group_key, label in (("num_experts", "experts"), ("alpha", "alpha")):
         groups: dict[Any, list[dict]] = {}
         for t in done:
@@ -247,34 +236,29 @@ def _write_report_files(study: Study, state: Any, out_dir: Path, *, directory: s
                 fits["loss_vs_compute"][name] = {"skipped": str(err), "n": len(ts)}
                 continue
             fits["loss_vs_compute"][name] = asdict(fit)
-            if group_key == "num_experts":
-                cs = np.geomspace(min(t["compute"] for t in ts), max(t["compute"] for t in ts), 50)
-                ax.plot(cs, fit(cs), label=f"{name}: b={fit.b:.2f}")
-    for t in done:
-        if t["compute"] > 0:
-            ax.scatter(t["compute"], t[o.metric], s=12, color="k")
-    ax.set_xscale("log")
-    ax.set_xlabel("training compute (FLOPs)")
-    ax.set_ylabel(o.metric)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss_vs_compute.png", dpi=110)
-    plt.close(fig)
     for group in alpha_groups(study, done):  # ERC-on trials only, at equal other params where the study has them
         ts = group.trials
         a, err = best_alpha([t["alpha"] for t in ts], [t[o.metric] for t in ts], mode=o.mode)
         fits["best_alpha"][group.label] = {"alpha": a, "stderr": err, "n": len(ts), "confounded_by": group.confounded}
-    (out_dir / "fits.json").write_text(json.dumps(fits, indent=2))
     lines += ["", "## Scaling fits: L(C) = E + A C^-b", ""]
     for name, f in fits["loss_vs_compute"].items():
+        at = f" ; at C = {budget:.3g} FLOPs: {f['E'] + f['A'] * budget ** -f['b']:.4g}" if budget and "skipped" not in f else ""
         lines.append(f"- {name}: " + (f"skipped ({f['skipped']})" if "skipped" in f else
-                                      f"b = {f['b']:.3f} ± {f['b_err']:.3f}, E = {f['E']:.3f} ± {f['E_err']:.3f} ({f['n']} trials)"))
+                                      f"b = {f['b']:.3f} ± {f['b_err']:.3f}, E = {f['E']:.3f} ± {f['E_err']:.3f} ({f['n']} trials){at}"))
+    if o.mode == "min":
+        more, fits["scaling"] = scaling_section(done, o.metric, budget=budget, seed=study.search.seed)
+        lines += more
+    else:
+        lines += ["", "## Scaling laws across trials", "", f"Not fitted: the objective {o.metric} is maximized, not a loss."]
     lines += ["", "## Best alpha per expert count", "", "ERC-on trials only (a trial without ERC has no alpha), "
               "grouped by the other searched params where every group has 3 alphas.", ""]
     for name, f in fits["best_alpha"].items():
         lines.append(f"- {name}: alpha = {f['alpha']:.3g}" + (f" ± {f['stderr']:.2g}" if math.isfinite(f["stderr"]) else " (best trial; too few alphas for a fit)") + f" ({f['n']} trials)"
                      + (f"; CONFOUNDED: {', '.join(f['confounded_by'])} differ between these trials, so this is not alpha "
                         "at equal other params" if f["confounded_by"] else ""))
+    (out_dir / "fits.json").write_text(json.dumps(fits, indent=2))
+    drawn = figures.draw_all(study, trials, fits["loss_vs_compute"], tracking.client(state.tracking_uri), out_dir)
+    lines += ["", "## Figures", "", "Also on the study's MLflow parent run (artifacts, report/).", ""]
+    lines += [f"![{name}]({name})" for name in drawn] or ["No trial has reported yet: no figures."]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
 
