@@ -337,7 +337,11 @@ class TrialHarness:
         """The step's harness metrics (rank 0's reach Tune); {} on ranks that do not run it. Never raises."""
         if not self.runs_here:
             return {}
+        import os
+
         from .checkpoint import LoadedCheckpoint
+
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local task files only (as `ercstudy eval`): never wait on the network
 
         was_training = model.training
         model.eval()
