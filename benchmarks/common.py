@@ -62,12 +62,29 @@ def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got - ref).abs().max() / ref.abs().max()).item()
 
 
-def verify(what: str, err: float, tolerance: float) -> dict[str, Any]:
+def norm_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref|| (Frobenius), in float64: for bf16 results, where a handful of discrete flips (a relu,
+    a top-k) move single elements far while the tensor as a whole is right."""
+    got, ref = got.detach().double(), ref.detach().double()
+    return (torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)).item()
+
+
+MEASURES = {"max_rel_err": "max relative error", "norm_rel_err": "relative error in norm"}
+
+
+def verify(what: str, err: float, tolerance: float, *, measure: str = "max_rel_err") -> dict[str, Any]:
     """The record of a correctness check for the JSON; a failed one (or a NaN error) stops the script."""
     passed = err <= tolerance
     if not passed:
-        raise SystemExit(f"check failed: {what}: max relative error {err:.2e} > {tolerance:.0e}")
-    return {"check": what, "max_rel_err": err, "tolerance": tolerance, "passed": passed}
+        raise SystemExit(f"check failed: {what}: {MEASURES[measure]} {err:.2e} > {tolerance:.0e}")
+    return {"check": what, measure: err, "tolerance": tolerance, "passed": passed}
+
+
+def verify_that(what: str, passed: bool, **facts: Any) -> dict[str, Any]:
+    """The record of a yes/no check (with the facts it rests on) for the JSON; a failed one stops the script."""
+    if not passed:
+        raise SystemExit(f"check failed: {what}: {facts}")
+    return {"check": what, "passed": True, **facts}
 
 
 def sync(device: torch.device) -> None:
@@ -75,27 +92,46 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_once_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall time of one fn() call in milliseconds, synchronised (CUDA events on GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def spread(values: Sequence[float], unit: str = "_ms") -> dict[str, float]:
+    """Median, 10th and 90th percentile (nearest rank) of `values`, keyed median/p10/p90 + unit."""
+    ordered = sorted(values)
+    pick = lambda q: ordered[round(q * (len(ordered) - 1))]  # noqa: E731
+    return {f"median{unit}": statistics.median(values), f"p10{unit}": pick(0.1), f"p90{unit}": pick(0.9)}
+
+
 def time_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int) -> dict[str, float]:
     """Median, p10 and p90 wall time of fn() in milliseconds."""
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+    return spread([time_once_ms(fn, device) for _ in range(repeats)])
+
+
+def time_paired(fns: dict[str, Callable[[], Any]], device: torch.device, *, warmup: int,
+                repeats: int) -> tuple[dict[str, dict[str, float]], list[dict[str, float]]]:
+    """Time several variants interleaved (a, b, a, b, ...), so that drift (clocks, temperature, a neighbour's
+    load) falls on all of them alike. Returns each variant's time_ms-style spread and, per repeat, every
+    variant's time (for paired ratios)."""
+    for _ in range(warmup):
+        for fn in fns.values():
             fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    ordered = sorted(times)
-    pick = lambda q: ordered[round(q * (len(ordered) - 1))]  # noqa: E731 (nearest-rank percentile)
-    return {"median_ms": statistics.median(times), "p10_ms": pick(0.1), "p90_ms": pick(0.9)}
+    sync(device)
+    pairs = [{name: time_once_ms(fn, device) for name, fn in fns.items()} for _ in range(repeats)]
+    return {name: spread([p[name] for p in pairs]) for name in fns}, pairs
 
 
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
@@ -114,7 +150,8 @@ def report(script: str, args: argparse.Namespace, device: torch.device, rows: li
            *, checks: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """Print the checks that passed and a table of `rows`; write them with the columns and the device facts to JSON."""
     for c in checks:
-        print(f"check passed: {c['check']}: max relative error {c['max_rel_err']:.1e} <= {c['tolerance']:.0e}")
+        what = "".join(f": {text} {c[key]:.1e} <= {c['tolerance']:.0e}" for key, text in MEASURES.items() if key in c)
+        print(f"check passed: {c['check']}{what}")
     print("\n".join(text_table(rows, columns, left=columns[:1])))
     result = {"script": script, "args": vars(args), **device_info(device), "checks": list(checks), "columns": columns,
               "rows": rows}

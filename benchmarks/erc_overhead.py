@@ -8,9 +8,11 @@ Variants (same inputs, same noise):
                [n, d] x [n, d, D] products and their norms (a Python loop over layers)
   erc_loss     ercstudy.trainables.erc.erc_loss, the one implementation training calls (its own
                noise draw from a seeded generator included)
-Before timing, both variants' loss and gradients are checked against the pseudocode in float64
-(max relative error within 1e-5); the JSON records each check. When the pseudocode does not fit
-in memory its row says so and no speedup is claimed.
+Before timing, both variants' loss and gradients are checked in fp32 against the pseudocode in float64
+(max relative error within 1e-5), and when the timing runs in bf16, erc_loss on bf16 operands too
+(loss within 1e-2, each gradient within 5e-2 in norm); a failed check stops the script, and the JSON
+records each check. When the pseudocode does not fit in memory its row says so and no speedup is
+claimed (the baseline is never swapped for another).
 """
 
 from __future__ import annotations
@@ -21,7 +23,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import max_rel_err, parser, peak_memory_mb, report, resolve, sync, time_ms, verify  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    max_rel_err,
+    norm_rel_err,
+    parser,
+    peak_memory_mb,
+    report,
+    resolve,
+    sync,
+    time_ms,
+    verify,
+)
 from ercstudy.trainables.erc import erc_from_activations, erc_loss, noise_bound  # noqa: E402
 
 SHAPES = [  # (layers, n, d, D)
@@ -31,6 +43,10 @@ SHAPES = [  # (layers, n, d, D)
 TINY = [(2, 8, 32, 16), (3, 16, 24, 8)]
 CHECK_SHAPE = (2, 16, 64, 32)  # the correctness check's shape on GPU runs (float64 at the benchmark shapes is slow)
 FP32_TOLERANCE = 1e-5  # float32 against float64: about 6e-7 observed at (12, 64, 256, 128)
+BF16_CHECK_SHAPE = (12, 64, 256, 128)  # the bf16 check's shape on GPU runs
+# bf16 operands against float64 on the same (bf16) values, CPU: loss 1e-4 to 3e-4; gradients 0.9e-2 to 1.5e-2 in
+# norm, up to 6e-2 in their largest element (a relu that flips moves single entries: hence the norm)
+BF16_LOSS_TOLERANCE, BF16_GRAD_TOLERANCE = 1e-2, 5e-2
 NOISE_SEED = 1234
 COLUMNS = ["shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedup_vs_pseudocode", "tflops", "peak_mb"]
 
@@ -93,11 +109,30 @@ def check(shape, device) -> list[dict]:
     return checks
 
 
+def check_bf16(shape, device) -> list[dict]:
+    """erc_loss with bf16 router and gates (as a bf16 trial holds them) against the float64 pseudocode on the
+    same values: the loss (max relative error) and each gradient (relative error in norm)."""
+    router, gate, noise = make_inputs(shape, device, torch.bfloat16)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (router, gate)]
+    ref = pseudocode(*ref_inputs, noise, 1.0, torch.float64).sum()
+    ref_grads = torch.autograd.grad(ref, ref_inputs)
+    got = ercstudy(router, gate, noise, 1.0).sum()
+    grads = torch.autograd.grad(got, (router, gate))
+    checks = [verify(f"{label(shape)}: erc_loss in bf16 vs float64: loss", max_rel_err(got, ref), BF16_LOSS_TOLERANCE)]
+    for name, g, want in zip(("router", "gate"), grads, ref_grads):
+        assert g.dtype == torch.bfloat16  # the gradient a bf16 parameter receives
+        checks.append(verify(f"{label(shape)}: erc_loss in bf16 vs float64: {name} gradient", norm_rel_err(g, want),
+                             BF16_GRAD_TOLERANCE, measure="norm_rel_err"))
+    return checks
+
+
 def main(argv=None):
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
     device, dtype = resolve(args)
     shapes = TINY if args.tiny else SHAPES
     rows, checks = [], [c for shape in (shapes if args.tiny else [CHECK_SHAPE]) for c in check(shape, device)]
+    if dtype == torch.bfloat16:  # the timed variants run on bf16 operands: their error is gated too
+        checks += check_bf16(shapes[0] if args.tiny else BF16_CHECK_SHAPE, device)
     for shape in shapes:
         inputs = make_inputs(shape, device, dtype)
         L, n, d, D = shape
