@@ -39,6 +39,31 @@ def test_autoscaler_max_resources_is_asked_as_before():
     assert params == ["self"], f"GlobalState.get_max_resources_from_cluster_config now takes {params}; compat.py calls it without arguments"
 
 
+def test_autoscaler_status_is_read_as_before():
+    from ray._private import ray_constants
+    from ray.autoscaler._private import monitor, util
+
+    _require(ray_constants, "DEBUG_AUTOSCALING_STATUS", "ray._private.ray_constants")
+    _require(util, "format_readonly_node_type", "ray.autoscaler._private.util")
+    source = inspect.getsource(monitor)
+    assert 'status["autoscaler_report"]' in source and "DEBUG_AUTOSCALING_STATUS" in source, \
+        "Ray's monitor no longer publishes its autoscaler report under DEBUG_AUTOSCALING_STATUS (compat.autoscaler_running)"
+
+
+@pytest.mark.ray
+def test_a_head_without_an_autoscaling_config_has_no_autoscaler(ray_session):
+    """The private Ray's head runs Ray's read-only monitor: no autoscaler that could add nodes (the study's resource
+    check then refuses what does not fit; tests/test_autoscaling.py has a real autoscaler)."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while compat.autoscaler_running() is False and time.monotonic() < deadline:
+        time.sleep(1)  # give the monitor a chance to publish a report: it must never look like an autoscaler
+        if time.monotonic() > deadline - 25:
+            break
+    assert compat.autoscaler_running() is False
+
+
 def test_the_node_id_override_is_still_read_by_ray():
     import ray._private.node as node
 

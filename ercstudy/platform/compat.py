@@ -6,6 +6,7 @@ them moves or changes its signature: update this module (and the version above) 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 CHECKED_RAY = "2.60.0"
@@ -21,6 +22,29 @@ def autoscaler_max_resources() -> dict[str, float]:
     from ray._private.state import state
 
     return dict(state.get_max_resources_from_cluster_config() or {})
+
+
+def autoscaler_running() -> bool:
+    """Whether an autoscaler runs on the connected cluster, known or not its largest size: Ray's v1 autoscaler
+    (the cluster launcher's default) publishes its status in the GCS's internal KV every update
+    (ray/autoscaler/_private/monitor.py, DEBUG_AUTOSCALING_STATUS), but not the cluster config that
+    `autoscaler_max_resources` reads (only autoscaler v2 and KubeRay do)."""
+    import ray
+    from ray._private import ray_constants
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    if not _internal_kv_initialized():
+        return False
+    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    report = json.loads(status).get("autoscaler_report") if status else None
+    if not report:
+        return False
+    # a head started without an autoscaling config runs a read-only "autoscaler" that lists every live node as
+    # active under a type of its own (format_readonly_node_type); a real one reports its config's node types
+    readonly = {format_readonly_node_type(n["NodeID"]) for n in ray.nodes()}
+    active = report.get("active_nodes") or {}
+    return not (active and all(node_type in readonly for node_type in active))
 
 
 # `ray start` starts a node under a random node id unless this variable fixes it; Ray names it for its

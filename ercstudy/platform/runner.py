@@ -21,6 +21,7 @@ import csv
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,11 @@ def cluster_capacity() -> Capacity:
     cpus, gpus = now.get("CPU", 0.0), now.get("GPU", 0.0)
     try:
         most = compat.autoscaler_max_resources()
+        unknown_largest = not most and compat.autoscaler_running()
     except Exception:  # a Ray whose internals moved (tests/test_compat_platform.py names it): today's resources only
-        most = {}
+        most, unknown_largest = {}, False
+    if unknown_largest:  # Ray's v1 autoscaler: it adds nodes, but does not say how many it may (Ray Train checks nothing then either)
+        return Capacity(float("inf"), float("inf"), True)
     return Capacity(max(cpus, most.get("CPU", 0)), max(gpus, most.get("GPU", 0)), bool(most))
 
 
@@ -103,7 +107,11 @@ def concurrency(study: Study, cap: Capacity) -> int:
                          f"{where} has {cap.gpus:g}; lower resources.gpus_per_worker / num_workers, or run on a GPU cluster (--address)")
     if cpus > cap.cpus:
         raise StudyError(f"resources: a trial needs {cpus:g} CPU(s), {where} has {cap.cpus:g}; lower resources.num_workers / cpus_per_worker")
-    fit = int(cap.cpus // max(cpus, 1))
+    if cap.cpus == float("inf"):
+        print("ercstudy: the cluster's autoscaler does not publish its largest size (Ray's v1 autoscaler): trial resources "
+              "are not checked against it, and search.max_concurrent (else every trial) bounds the trials at once", file=sys.stderr)
+        return max(1, min(study.search.max_concurrent or num_trials(study), num_trials(study)))
+    fit = int(cap.cpus // cpus)  # cpus > 0 (resources.cpus_per_worker may be a fraction)
     if gpus:
         fit = min(fit, int(cap.gpus // gpus))
     wanted = study.search.max_concurrent or fit
