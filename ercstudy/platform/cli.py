@@ -233,6 +233,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except store.StorageError as err:
         return _fail(str(err))
     entrypoint = f"ercstudy run {shlex.quote(spec)} --storage {shlex.quote(storage)}"
+    from ercstudy.platform.ray_runtime import use_token_if_available
+
+    use_token_if_available()  # a token-authenticated cluster (cluster.yaml) refuses the Jobs API without it
     try:
         client = JobSubmissionClient(args.address)
         job_id = client.submit_job(
