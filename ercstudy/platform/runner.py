@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 from ray import tune
 
-from . import compat, tracking
+from . import compat, outbox, tracking
 from . import leaderboard as ranking
 from . import storage as store
 from .search import build_scheduler, build_search
@@ -167,11 +167,14 @@ def spec_text(study: Study) -> str:
     return yaml.safe_dump({"name": study.name})
 
 
-def open_tracking(study: Study, *, state: StudyState | None) -> tuple[str, Any]:
-    """The tracking URI and a client, after checking that the store answers (no run is made here)."""
+def open_tracking(study: Study, *, state: StudyState | None, directory: store.Location) -> tuple[str, Any]:
+    """The tracking URI and the study's tracker (outbox.py), after checking that the store answers (no run is made
+    here); what a previous driver buffered in the study's outbox is written first."""
     uri = state.tracking_uri if state else tracking.resolve_uri(study.tracking.uri)
     tracking.check_reachable(uri)
-    return uri, tracking.client(uri)
+    c = outbox.tracker(uri, directory / outbox.OUTBOX)
+    c.drain()
+    return uri, c
 
 
 def create_parent_run(study: Study, uri: str, c: Any) -> StudyState:
@@ -208,7 +211,7 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
     if exists:
         raise StudyError(f"study {study.name!r} already exists in {directory}: `ercstudy resume {study.name}` continues it, "
                          f"or rename the study (name:) for a new one")
-    uri, c = open_tracking(study, state=state)  # before any Ray resource: an unreachable server fails here
+    uri, c = open_tracking(study, state=state, directory=directory)  # before any Ray resource: an unreachable server fails here
     with ray_session(address, verbose=verbose) as logs:
         cap = cluster_capacity()
         max_concurrent = concurrency(study, cap)
@@ -226,6 +229,7 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
     # out of Ray now: no line that Ray streams can follow the leaderboard
     board = leaderboard(study, results)
     write_leaderboard(study, board, directory, c, state, logs=logs)
+    c.close()  # what the outbox still holds, if the server went away near the end
     return board
 
 
@@ -239,7 +243,8 @@ def fit(study: Study, directory: store.Location, state: StudyState, *, resume: b
         # its legacy engine, which this variable selects, prints nothing at 0.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(study_trial, TRIAL_ACTOR)
-    callbacks = [MLflowStudyCallback(study, state.tracking_uri, state.experiment_id, state.parent_run_id),
+    callbacks = [MLflowStudyCallback(study, state.tracking_uri, state.experiment_id, state.parent_run_id,
+                                     outbox=str(directory / outbox.OUTBOX)),
                  ProgressCallback(study, every_s=progress_every_s)]
     run_config = tune.RunConfig(
         name=study.name, storage_path=str(directory.parent), callbacks=callbacks, verbose=0,

@@ -15,17 +15,20 @@ from typing import Any
 
 from ray import tune
 
-from . import tracking
+from . import outbox, tracking
 from .search import point_tags
 from .study import Study, num_trials
 from .tables import cell
 
 
 class MLflowStudyCallback(tune.Callback):
-    """One nested MLflow child run per trial, written from the driver (one writer for a SQLite store)."""
+    """One nested MLflow child run per trial, written from the driver (one writer for a SQLite store).
 
-    def __init__(self, study: Study, uri: str, experiment_id: str, parent_run_id: str):
+    outbox: where the writes wait while the server does not answer (outbox.py; the runner shares it)."""
+
+    def __init__(self, study: Study, uri: str, experiment_id: str, parent_run_id: str, outbox: str | None = None):
         self.study, self.uri, self.experiment_id, self.parent_run_id = study, uri, experiment_id, parent_run_id
+        self.outbox = outbox
         self.runs: dict[str, str] = {}
         # per trial: reports held until a checkpoint covers them (each step once in MLflow, see tracking.StepBuffer);
         # a resumed study starts each buffer at the last step its run already holds
@@ -39,28 +42,22 @@ class MLflowStudyCallback(tune.Callback):
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = tracking.client(self.uri)
+            # an older study's pickled callback has no outbox: a tracker that does not buffer
+            self._client = outbox.tracker(self.uri, getattr(self, "outbox", None))
         return self._client
 
     def run_id(self, trial: Any) -> str:
         if trial.trial_id in self.runs:
             return self.runs[trial.trial_id]
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=tracking.tag_filter(**{tracking.TRIAL_TAG: trial.trial_id, tracking.PARENT_TAG: self.parent_run_id}),
-            max_results=1,
+        params = trial.config["params"]
+        # found by its tags in a resumed study (its buffer then starts at the last step the run holds), else made;
+        # while the server does not answer, a pending run made when the outbox is written back
+        run_id, logged = self.client.trial_run(
+            experiment_id=self.experiment_id, parent_run_id=self.parent_run_id, trial_id=trial.trial_id,
+            name=f"{self.study.name}-{trial.trial_id}", config=self.study.trial_config(params).to_dict(), params=params,
+            tags={tracking.TRIAL_TAG: trial.trial_id, tracking.STUDY_TAG: self.study.name, **point_tags(trial.config)},
         )
-        if found:  # a resumed study: the trial's run exists already
-            run_id = found[0].info.run_id
-            self.buffers[trial.trial_id] = tracking.StepBuffer(tracking.last_logged_step(self.client, run_id))
-        else:
-            params = trial.config["params"]
-            cfg = self.study.trial_config(params)
-            run_id = tracking.start_trial_run(
-                self.client, self.experiment_id, name=f"{self.study.name}-{trial.trial_id}", config=cfg.to_dict(), params=params,
-                parent_run_id=self.parent_run_id,
-                tags={tracking.TRIAL_TAG: trial.trial_id, tracking.STUDY_TAG: self.study.name, **point_tags(trial.config)},
-            )
+        self.buffers.setdefault(trial.trial_id, tracking.StepBuffer(logged))
         self.runs[trial.trial_id] = run_id
         return run_id
 
@@ -68,13 +65,21 @@ class MLflowStudyCallback(tune.Callback):
         self.run_id(trial)
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
-        """On resume: finish the MLflow runs of trials that ended while the previous driver was dying."""
-        if self._reconciled:
+        """While the server does not answer: try again when due. On resume: finish the MLflow runs of trials that
+        ended while the previous driver was dying (once the server answers)."""
+        self.client.tick()
+        if self._reconciled or self.client.buffering:
             return
+        try:
+            ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")
+                     and self.client.get_run(self.client.resolve(self.run_id(t))).info.status == "RUNNING"]
+        except Exception as err:
+            if self.client.is_outage(err):
+                return  # at a later step
+            raise
         self._reconciled = True
-        for trial in trials:
-            if trial.status in ("TERMINATED", "ERROR") and self.client.get_run(self.run_id(trial)).info.status == "RUNNING":
-                (self.on_trial_error if trial.status == "ERROR" else self.on_trial_complete)(iteration, trials, trial)
+        for trial in ended:
+            (self.on_trial_error if trial.status == "ERROR" else self.on_trial_complete)(iteration, trials, trial)
 
     def _buffer(self, trial: Any) -> tuple[tracking.StepBuffer, str]:
         run_id = self.run_id(trial)  # first: a resumed trial's buffer starts from its run's history
@@ -83,12 +88,12 @@ class MLflowStudyCallback(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         buffer, run_id = self._buffer(trial)
         for held in buffer.add(result, checkpointed=bool(result.get("checkpoint_path"))):
-            tracking.log_result(self.client, run_id, held)
+            self.client.log_result(run_id, held)
 
     def _flush(self, trial: Any) -> None:
         buffer, run_id = self._buffer(trial)
         for held in buffer.flush():  # the trial is over: nothing will report these steps again
-            tracking.log_result(self.client, run_id, held)
+            self.client.log_result(run_id, held)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._flush(trial)
@@ -99,14 +104,14 @@ class MLflowStudyCallback(tune.Callback):
             # the workers were stopped with the trial: no evaluation at its last checkpoint (README: a study's lm-eval tasks)
             self.client.set_tag(self.run_id(trial), tracking.HARNESS_TAG, f"not evaluated at the end: stopped by ASHA at step "
                                 f"{final.get('step')} (harness/ metrics exist for the eval.harness.at steps before it, if any)")
-        tracking.finish_trial_run(self.client, self.run_id(trial), status, final, note=note)
+        self.client.finish_trial_run(self.run_id(trial), status, final, note=note)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._flush(trial)
         error = ""
         if trial.error_file and os.path.exists(trial.error_file):
             error = Path(trial.error_file).read_text(errors="replace").strip().splitlines()[-1]
-        tracking.finish_trial_run(self.client, self.run_id(trial), "failed", trial.last_result or {}, note=error)
+        self.client.finish_trial_run(self.run_id(trial), "failed", trial.last_result or {}, note=error)
 
 
 class ProgressCallback(tune.Callback):

@@ -58,9 +58,44 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             raise TrackingError(f"tracking URI {uri}: directory {parent} does not exist")
 
 
+# MLflow's HTTP client retries a failing call for about four minutes by default (7 retries, backoff 2 s x 2^n), for
+# servers that rate-limit; ercstudy's own server is either there or not, and the study driver buffers what it
+# cannot write (outbox.py): a failed call should cost seconds. Names and types: mlflow/environment_variables.py.
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+def fail_fast() -> None:
+    """Short MLflow HTTP retries in this process (about 2 s for a refused connection, at most ~17 s for a server that
+    hangs), unless the user set them."""
+    for key, value in FAIL_FAST.items():
+        os.environ.setdefault(key, value)
+    # urllib3 warns at each retry; the driver says it once (outbox.py)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
+def unavailable(err: BaseException) -> bool:
+    """Whether `err` says the tracking server is not answering (refused, timed out, 5xx): worth buffering and
+    retrying later, unlike a request the server refuses (4xx), which would be refused again."""
+    import requests
+
+    if isinstance(err, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout)):
+        return True
+    if isinstance(err, requests.HTTPError):
+        return err.response is not None and err.response.status_code >= 500
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(err, RestException):
+        return err.get_http_status_code() >= 500
+    # what MLflow's http_request raises once its retries are spent (refused, timeout, too many 5xx answers)
+    return isinstance(err, MlflowException) and str(err).startswith("API request to ") and " failed with " in str(err)
+
+
 def client(uri: str) -> Any:
     # a resumed trial's eval table is read back before it is appended to: no download progress bar on the terminal
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # nor a "View run ... at: URL" line on stdout for each run a tracking server's client ends
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow.tracking import MlflowClient
 
     # a new SQLite store announces its schema migration at INFO ("Creating initial MLflow database tables"):
@@ -155,12 +190,15 @@ class StepBuffer:
         return out
 
 
-def log_result(c: Any, run_id: str, result: dict[str, Any]) -> None:
-    """One reported result as metrics at its training step (one batch call)."""
+def log_result(c: Any, run_id: str, result: dict[str, Any], *, timestamp_ms: int | None = None) -> None:
+    """One reported result as metrics at its training step (one batch call).
+
+    timestamp_ms: the metrics' time (default now); a call written again with the same one adds nothing twice
+    (MLflow drops a metric identical in key, value, step and time)."""
     from mlflow.entities import Metric
 
     step = int(result.get("step", 0))
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
     metrics = [Metric(k.replace("@", "_"), v, now, step) for k, v in numeric_metrics(result).items() if k != "step"]
     for i in range(0, len(metrics), 900):  # MLflow's batch limit is 1000 metrics
         c.log_batch(run_id, metrics=metrics[i : i + 900], synchronous=True)
@@ -183,13 +221,17 @@ def log_harness(c: Any, run_id: str, result: dict[str, Any]) -> None:
 def start_trial_run(c: Any, exp_id: str, *, name: str, config: dict[str, Any], params: dict[str, Any] | None = None,
                     parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
     """A run for one trial: the resolved config as params (and the searched ones as `search.*`), config YAML artifact."""
-    import yaml
-
     all_tags = {STATUS_TAG: "running", **(tags or {})}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     run = c.create_run(exp_id, run_name=name, tags=all_tags)
-    run_id = run.info.run_id
+    log_trial_config(c, run.info.run_id, config, params)
+    return run.info.run_id
+
+
+def log_trial_config(c: Any, run_id: str, config: dict[str, Any], params: dict[str, Any] | None = None) -> None:
+    """A trial run's params and its trial_config.yaml (again: the same values, nothing twice)."""
+    import yaml
     from mlflow.entities import Param
 
     flat = flat_params(config)
@@ -198,7 +240,6 @@ def start_trial_run(c: Any, exp_id: str, *, name: str, config: dict[str, Any], p
     for i in range(0, len(items), 90):
         c.log_batch(run_id, params=items[i : i + 90], synchronous=True)
     c.log_text(run_id, yaml.safe_dump(config, sort_keys=False), "trial_config.yaml")
-    return run_id
 
 
 def trial_status(final: dict[str, Any] | None, total_steps: int | None, *, error: bool = False) -> str:
@@ -218,6 +259,8 @@ def finish_trial_run(c: Any, run_id: str, status: str, final: dict[str, Any] | N
     try:
         log_trial_artifacts(c, run_id, final or {})
     except Exception as err:  # plots are a convenience: never fail a study on them
+        if unavailable(err):  # the server, not the plots: the caller buffers the whole call (outbox.py)
+            raise
         c.set_tag(run_id, "ercstudy.artifact_error", f"{type(err).__name__}: {err}"[:500])
     c.set_terminated(run_id, status={"completed": "FINISHED", "failed": "FAILED"}.get(status, "KILLED"))
     c.set_tag(run_id, STATUS_TAG, status)

@@ -77,13 +77,13 @@ class ResourcesConfig:
     """The `resources:` section: the Ray Train worker group of one trial."""
 
     num_workers: int = 1
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = 1  # fractions share a core (tiny CPU trials, several at once)
     gpus_per_worker: int = 0
     ep_size: int = 1  # expert-parallel size: experts split over this many workers
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
-        require(self.cpus_per_worker >= 1, "cpus_per_worker", f"must be >= 1, got {self.cpus_per_worker}")
+        require(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         require(self.gpus_per_worker >= 0, "gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
         require(self.ep_size >= 1, "ep_size", f"must be >= 1, got {self.ep_size}")
         require(

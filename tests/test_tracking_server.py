@@ -1,0 +1,332 @@
+"""A tracking server that may fail: the study driver's MLflow writes wait in the study's outbox while it does not
+answer, and reach it once each when it is back.
+
+Units (no server: a closed port, and a SQLite store to write the outbox back to): a failed call costs seconds and
+says so in one line, what could not be written is on disk (also in a bucket), a new driver writes it back in
+order (runs made then, found by their tags, every step once), a call written twice adds nothing twice.
+End to end (a real `mlflow server` on loopback: SQLite backend, served artifacts, once for the module): a study
+of 3 trials at once gets every metric and artifact through it; the server stopped mid-study for longer than the
+driver's retries and started again on the same port: the study trains on, says so, and MLflow ends with every
+trial's every step once and its artifacts.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ercstudy.netutil import free_port
+from ercstudy.platform import outbox, tracking
+from ercstudy.platform import storage as store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The outbox, without a server
+
+
+def report(step, total=30):
+    return {"step": step, "total_steps": total, "lm_loss": 5.0 - step / 10, "eval/loss": 5.2 - step / 10, "date": "today",
+            "config": {"params": {"erc.alpha": 0.8}}}
+
+
+@pytest.fixture()
+def sqlite_store(tmp_path):
+    """A SQLite store with an experiment and a study's parent run: where a later driver writes the outbox back."""
+    uri = tracking.resolve_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    c = tracking.client(uri)
+    exp = tracking.experiment_id(c, "outbox")
+    parent = c.create_run(exp, run_name="study").info.run_id
+    return uri, c, exp, parent
+
+
+def buffered_trial(t: outbox.Tracker, exp: str, parent: str, trial_id: str = "abc_00000") -> str:
+    """What the study callback writes for one trial (outbox.Tracker's write calls)."""
+    run, logged = t.trial_run(experiment_id=exp, parent_run_id=parent, trial_id=trial_id, name=f"s-{trial_id}",
+                              config={"erc": {"alpha": 0.8}, "moe": {"num_experts": 4}}, params={"erc.alpha": 0.8},
+                              tags={tracking.TRIAL_TAG: trial_id, tracking.STUDY_TAG: "s"})
+    assert logged == -1
+    for step in (10, 20, 30):
+        t.log_result(run, report(step))
+    final = {**report(30), "coupling_matrix": [[[0.5, 0.1], [0.2, 0.4]]]}
+    t.finish_trial_run(run, "completed", final)
+    return run
+
+
+def test_a_failed_call_costs_seconds_and_what_it_could_not_write_waits_on_disk(sqlite_store, tmp_path, capsys):
+    from mlflow.entities import Param
+
+    uri, c, exp, parent = sqlite_store
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    box = store.resolve(str(tmp_path / "study")) / outbox.OUTBOX
+    t = outbox.Tracker(down, box)
+    tracking.fail_fast()
+    started = time.monotonic()
+    run = buffered_trial(t, exp, parent)
+    t.log_text(parent, "trial,status\nabc_00000,completed\n", "leaderboard.csv")
+    t.set_tag(parent, tracking.STATUS_TAG, "completed")
+    t.log_batch(parent, params=[Param("sampler", "random")], synchronous=True)
+    elapsed = time.monotonic() - started
+    assert run == f"pending:{exp}/{parent}/abc_00000" and t.buffering
+    assert elapsed < 6, elapsed  # the first call's short retries (a refused connection: ~2 s); the rest: no network
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ercstudy:")]
+    assert len(lines) == 1 and lines[0].startswith(f"ercstudy: MLflow at {down} is not answering; buffering to {box}/ (1 calls"), lines
+    names = box.children()
+    assert len([n for n in names if n.endswith(".json")]) == 8 and "000000006.file" in names, names  # the csv, as a file
+    t.drain()  # still down: nothing is lost, nothing said
+    assert len(t.outbox) == 8 and capsys.readouterr().err == ""
+    print(f"\na failed MLflow call with ercstudy's retries: {elapsed:.1f} s for all 8 calls")
+
+    # the driver dies; the next one (a resumed study) writes the outbox back first, in order
+    later = outbox.Tracker(uri, box)
+    assert later.buffering and later.drain()
+    assert "answers again; wrote the 8 buffered calls" in capsys.readouterr().err
+    assert not box.exists()
+    runs = c.search_runs([exp], filter_string=tracking.tag_filter(**{tracking.TRIAL_TAG: "abc_00000"}))
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.data.tags[tracking.PARENT_TAG] == parent and r.data.tags[tracking.STATUS_TAG] == "completed"
+    assert r.info.status == "FINISHED" and r.data.params["search.erc.alpha"] == "0.8"
+    assert [(m.step, m.value) for m in c.get_metric_history(r.info.run_id, "lm_loss")] == [(10, 4.0), (20, 3.0), (30, 2.0)]
+    paths = {a.path for a in c.list_artifacts(r.info.run_id)} | {a.path for a in c.list_artifacts(r.info.run_id, "plots")}
+    assert {"trial_config.yaml", "coupling_matrices.json", "eval_table.json", "plots/specialization.png"} <= paths, paths
+    assert c.get_run(parent).data.tags[tracking.STATUS_TAG] == "completed" and c.get_run(parent).data.params["sampler"] == "random"
+    assert "leaderboard.csv" in {a.path for a in c.list_artifacts(parent)}
+
+
+def test_an_outbox_written_back_twice_adds_nothing_twice(sqlite_store, tmp_path, capsys):
+    """A driver may die after MLflow took a call and before the call left the outbox: it is written again."""
+    import shutil
+
+    uri, c, exp, parent = sqlite_store
+    box = store.resolve(str(tmp_path / "box"))
+    buffered_trial(outbox.Tracker(f"http://127.0.0.1:{free_port()}", box), exp, parent)
+    shutil.copytree(box.path, tmp_path / "copy")
+    assert outbox.Tracker(uri, box).drain()
+    shutil.copytree(tmp_path / "copy", box.path)  # as if none of it had been removed
+    again = outbox.Tracker(uri, box)
+    again.log_result(f"pending:{exp}/{parent}/abc_00000", report(40, total=40))  # a call after the old ones: after them
+    assert again.drain()
+    runs = c.search_runs([exp], filter_string=tracking.tag_filter(**{tracking.TRIAL_TAG: "abc_00000"}))
+    assert len(runs) == 1  # found by its tags, not made again
+    assert [m.step for m in c.get_metric_history(runs[0].info.run_id, "lm_loss")] == [10, 20, 30, 40]
+    assert [m.step for m in c.get_metric_history(runs[0].info.run_id, "eval/loss")] == [10, 20, 30, 40]
+
+
+def test_a_call_the_server_refuses_is_dropped_and_the_rest_written(sqlite_store, tmp_path, capsys):
+    uri, c, exp, parent = sqlite_store
+    box = store.resolve(str(tmp_path / "box"))
+    t = outbox.Tracker(f"http://127.0.0.1:{free_port()}", box)
+    t.set_tag("0" * 32, "k", "v")  # a run that does not exist: refused (404) once written back
+    t.set_tag(parent, "k", "v")
+    assert outbox.Tracker(uri, box).drain()
+    assert "refused a buffered set_tag call" in capsys.readouterr().err
+    assert c.get_run(parent).data.tags["k"] == "v"
+
+
+def test_what_counts_as_the_server_not_answering():
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    assert tracking.unavailable(MlflowException("API request to http://h/api/2.0/mlflow/runs/get failed with exception "
+                                                "HTTPConnectionPool(...): Max retries exceeded"))
+    assert tracking.unavailable(RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "x"}))
+    assert tracking.unavailable(ConnectionRefusedError()) and tracking.unavailable(requests.ConnectionError())
+    assert not tracking.unavailable(RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no run"}))
+    assert not tracking.unavailable(MlflowException("Changing param values is not allowed"))
+    assert not tracking.unavailable(ValueError("a bug"))
+
+
+def test_an_outbox_in_a_bucket(bucket):
+    box = outbox.Outbox(store.resolve(bucket) / "s" / outbox.OUTBOX)
+    box.append("set_tag", "r1", {"key": "k", "value": "v"})
+    box.append("log_text", "r1", {"artifact_file": "a.txt"}, text="hello")
+    again = outbox.Outbox(box.loc)  # another driver: the order continues
+    again.append("set_terminated", "r1", {"status": "FINISHED"})
+    names = again.entries()
+    assert names == ["000000001.json", "000000002.json", "000000003.json"]
+    entries = [again.read(n) for n in names]
+    assert [e["op"] for e in entries] == ["set_tag", "log_text", "set_terminated"] and entries[1]["args"]["text"] == "hello"
+    for n, e in zip(names, entries):
+        again.remove(n, e)
+    assert again.loc.children() == []
+    again.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: a real `mlflow server` on loopback
+
+TRIALS = 3
+
+
+class Server:
+    """`mlflow server` on one loopback port (SQLite backend, artifacts served from a tmp directory): stopped and
+    started again on the same port, over the same store."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.log = root / "server.log"
+
+    def start(self, timeout_s: float = 120) -> None:
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner (GenAI jobs): 8 fewer processes
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+                 "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", "1"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"mlflow server did not start on {self.uri}:\n{self.log.read_text()[-2000:]}", pytrace=False)
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("mlflow-server"))
+    s.start()
+    yield s
+    s.stop()
+
+
+def spec(name: str, uri: str, steps: int) -> dict:
+    """3 tiny trials at once: half a CPU each (the shared test Ray has 2)."""
+    return {
+        "name": name,
+        "base": {"model": {"vocab_size": 96, "d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 32},
+                 "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 32},
+                 "train": {"tokens": steps * 8 * 32, "global_batch_size": 8, "micro_batch_size": 8, "lr": 0.005,
+                           "warmup_steps": 2, "report_every": 5, "checkpoint_every": 10, "seed": 3},
+                 "data": {"num_domains": 4, "tokens_per_domain": 16, "shared_tokens": 16},
+                 "eval": {"every": 10, "sequences": 8, "mc_items": 0}},
+        "search": {"sampler": "random", "num_trials": TRIALS, "seed": 1,
+                   "params": {"erc.alpha": {"type": "float", "low": 0.5, "high": 1.2}}},
+        "objective": {"metric": "eval/loss", "mode": "min"},
+        "scheduler": {"type": "none"},
+        "resources": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "tracking": {"uri": uri, "experiment": name},
+    }
+
+
+def start_study(name: str, server: Server, ray_session, tmp_path: Path, steps: int) -> tuple[subprocess.Popen, Path]:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec(name, server.uri, steps)))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    log = tmp_path / f"{name}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ercstudy", "run", str(path), "--storage", str(tmp_path / "results")],
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log
+
+
+def finished(proc: subprocess.Popen, log: Path, timeout_s: float = 400) -> str:
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    return text
+
+
+def check_mlflow(server: Server, name: str, driver_log: str, steps: int) -> None:
+    """Every trial's every step once (each metric), its artifacts, the parent's; no 'database is locked'."""
+    from conftest import TRIAL_METRICS
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(server.uri)
+    runs = c.search_runs([c.get_experiment_by_name(name).experiment_id], max_results=100)
+    parents = [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
+    children = [r for r in runs if tracking.PARENT_TAG in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == TRIALS and len({r.data.tags[tracking.TRIAL_TAG] for r in children}) == TRIALS
+    assert {"study.yaml", "leaderboard.csv"} <= {a.path for a in c.list_artifacts(parents[0].info.run_id)}
+    for r in children:
+        assert r.data.tags[tracking.STATUS_TAG] == "completed" and r.info.status == "FINISHED", r.data.tags
+        for key in [*TRIAL_METRICS, "eval/loss"]:
+            logged = [m.step for m in c.get_metric_history(r.info.run_id, key)]
+            want = list(range(10, steps + 1, 10)) if key == "eval/loss" else list(range(5, steps + 1, 5))
+            assert sorted(logged) == want, (r.data.tags[tracking.TRIAL_TAG], key, logged)
+        paths = {a.path for a in c.list_artifacts(r.info.run_id)} | {a.path for a in c.list_artifacts(r.info.run_id, "plots")}
+        assert {"trial_config.yaml", "coupling_matrices.json", "eval_table.json", "plots/specialization.png",
+                "plots/coupling_matrices.png"} <= paths, paths
+    assert "database is locked" not in server.log.read_text() + driver_log
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_three_trials_at_once_log_everything_through_a_tracking_server(server, ray_session, tmp_path):
+    started = time.monotonic()
+    proc, log = start_study("served", server, ray_session, tmp_path, steps=20)
+    text = finished(proc, log)
+    assert f"study served: {TRIALS} trials, up to {TRIALS} at once" in text, text[-3000:]
+    check_mlflow(server, "served", text, steps=20)
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(server.uri)
+    children = [r for r in c.search_runs([c.get_experiment_by_name("served").experiment_id]) if tracking.PARENT_TAG in r.data.tags]
+    assert max(r.info.start_time for r in children) < min(r.info.end_time for r in children)  # all three ran at once
+    assert "not answering" not in text and "View run" not in text  # the terminal: ercstudy's lines
+    print(f"\n3 trials at once through an MLflow server: {time.monotonic() - started:.0f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_the_study_trains_through_a_tracking_server_outage(server, ray_session, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    started = time.monotonic()
+    proc, log = start_study("outage", server, ray_session, tmp_path, steps=30)
+    # stop the server once the study's parent run exists, as its trials start (their runs are made once it is back),
+    # for longer than the driver's retries (~2 s)
+    c = MlflowClient(server.uri)
+    while proc.poll() is None and time.monotonic() - started < 300:
+        exp = c.get_experiment_by_name("outage")
+        if exp and c.search_runs([exp.experiment_id]):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    server.stop()
+    stopped = time.monotonic()
+    time.sleep(10)  # 5x the driver's retries for one call; its next try comes up to 15 s later
+    server.start()
+    back = time.monotonic()
+    text = finished(proc, log)
+    down = [ln for ln in text.splitlines() if "is not answering; buffering to" in ln]
+    again = [ln for ln in text.splitlines() if "answers again; wrote the" in ln]
+    assert len(down) == 1 and len(again) == 1, text[-4000:]
+    lines = text.splitlines()
+    assert lines.index(again[0]) < next(i for i, ln in enumerate(lines) if ln.startswith("leaderboard (")), text[-4000:]  # in Tune's loop
+    assert down[0].startswith(f"ercstudy: MLflow at {server.uri} is not answering; buffering to {tmp_path}/results/outage/mlflow-outbox/")
+    check_mlflow(server, "outage", text, steps=30)
+    assert not (tmp_path / "results" / "outage" / "mlflow-outbox").exists()
+    print(f"\noutage study: server stopped at {stopped - started:.0f} s for {back - stopped:.0f} s, "
+          f"study done at {time.monotonic() - started:.0f} s; {down[0]}\n{again[0]}")
