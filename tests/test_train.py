@@ -76,6 +76,8 @@ def test_trials_complete_and_report_every_metric_finite(runs):
         for m in result.history:
             for key in TRIAL_METRICS + [f"alpha_star/layer{i}" for i in range(2)]:
                 assert math.isfinite(m[key]), (name, m["step"], key, m[key])
+            # the noise the ERC loss used: epsilon auto (scale 1) draws at the paper's bound
+            assert m["eps_used"] == pytest.approx(m["eps_mean"], rel=1e-5), (name, m["step"])
         assert result.checkpoint_path is not None
 
 

@@ -187,6 +187,10 @@ class StudySearch(Searcher):
             values = [sum(v[i] for _, v in ended.values()) / len(ended) for i in range(len(metrics))]
         else:
             state, values = (TrialState.FAIL if TrialState.FAIL in states else TrialState.PRUNED), None
+        stored = next((t for t in self.study.get_trials(deepcopy=False) if t.number == optuna_trial.number), None)
+        if stored is not None and stored.state.is_finished():
+            # told before a driver kill that came before Tune saved this searcher: optuna.db has it already
+            return
         for key, value in recorded(ended_results.values()).items():
             optuna_trial.set_user_attr(key, value)
         try:

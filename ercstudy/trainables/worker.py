@@ -28,6 +28,7 @@ from .config import TrialConfig
 from .data import GlobalBatchStream, build_train_data
 from .devices import device_peak_flops
 from .engine import build_engine
+from .erc import resolve_epsilon
 from .evals import build_evaluator
 from .harness import RESULTS_KEY, TrialHarness
 from .specialization import layer_metric_tensors, to_host
@@ -96,6 +97,9 @@ def window_metrics(trial: Trial, window: Window) -> dict[str, Any]:
             sums["dropped"] / (window.micro_batches * trial.world),
             sums.get("domain_counts"),
         )
+        if cfg.erc.enabled:  # the noise the loss drew its proxies with: eps_mean is the paper's bound, this is what was used
+            router = trial.model.router_weights()
+            per_layer["eps_used"] = resolve_epsilon(router, cfg.erc.epsilon, scale=cfg.erc.epsilon_scale).mean(-1)
         losses = sums["losses"] / (window.micro_batches * trial.world)
         scalars = dict(zip(("lm", "lb", "z", "erc", "nonfinite"), losses.unbind()), own_norm=window.grad_norm)
         ds_norm = trial.engine.get_global_grad_norm()  # the norm DeepSpeed clipped by (None under ZeRO-0 fp32)
