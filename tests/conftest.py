@@ -131,6 +131,28 @@ def shards(tmp_path_factory):
     return out
 
 
+def one_trial_study(name: str, steps: int, **train) -> dict:
+    """The cluster tests' study: one tiny trial of 2 one-CPU workers on the synthetic corpus, a checkpoint
+    every 10 steps, no evaluation, random search over alpha (one point), no early stopping."""
+    return {
+        "name": name,
+        "base": {
+            "model": {"vocab_size": 96, "d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 32},
+            "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 32},
+            "train": {"tokens": steps * 16 * 32, "global_batch_size": 16, "micro_batch_size": 4, "lr": 0.005,
+                      "warmup_steps": 5, "report_every": 5, "checkpoint_every": 10, "seed": 3, **train},
+            "data": {"num_domains": 4, "tokens_per_domain": 16, "shared_tokens": 16},
+            "eval": {"sequences": 0, "mc_items": 0},
+        },
+        "search": {"sampler": "random", "num_trials": 1, "seed": 1,
+                   "params": {"erc.alpha": {"type": "float", "low": 0.5, "high": 1.0}}},
+        "objective": {"metric": "lm_loss", "mode": "min"},
+        "scheduler": {"type": "none"},
+        "resources": {"num_workers": 2, "cpus_per_worker": 1},
+        "tracking": {"experiment": name},
+    }
+
+
 @functools.cache
 def train_plain(erc_weight: float, steps: int = 200):
     """A few hundred plain-PyTorch steps on the synthetic corpus (shared by the tests that need a trained model).

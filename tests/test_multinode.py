@@ -19,28 +19,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import one_trial_study
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40
 
-SPEC = {
-    "name": "multinode",
-    "base": {
-        "model": {"vocab_size": 96, "d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 32},
-        "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 32},
-        "erc": {"alpha": 0.8},
-        "train": {"tokens": STEPS * 16 * 32, "global_batch_size": 16, "micro_batch_size": 4, "lr": 0.005,
-                  "warmup_steps": 5, "report_every": 5, "checkpoint_every": 10, "seed": 3},
-        "data": {"num_domains": 4, "tokens_per_domain": 16, "shared_tokens": 16},
-        "eval": {"sequences": 0, "mc_items": 0},
-    },
-    "search": {"sampler": "random", "num_trials": 1, "seed": 1, "params": {"erc.alpha": {"type": "float", "low": 0.5, "high": 1.0}}},
-    "objective": {"metric": "lm_loss", "mode": "min"},
-    "scheduler": {"type": "none"},
-    "resources": {"num_workers": 2, "cpus_per_worker": 1},
-    "tracking": {"experiment": "multinode"},
-}
+SPEC = one_trial_study("multinode", STEPS)
 
 
 def last_logged_step(uri: str) -> int:
