@@ -167,7 +167,8 @@ def test_report_from_mlflow(study):
     out = study["storage"] / "quickstart" / "report"
     assert {"report.md", "leaderboard.csv", "fits.json", "objective_vs_params.png", "loss_vs_compute.png"} <= {p.name for p in out.iterdir()}
     fits = yaml.safe_load((out / "fits.json").read_text())
-    assert set(fits["best_alpha"]) <= {"experts=4", "experts=8"} and fits["best_alpha"]
+    # best alpha per expert count, at equal other searched params (a group per combination, report.py)
+    assert fits["best_alpha"] and {k.split(",")[0] for k in fits["best_alpha"]} <= {"experts=4", "experts=8"}
     print(f"study: {study['elapsed']:.0f} s including the kill and the resume")
 
 
