@@ -23,6 +23,68 @@ for _key, _value in {"AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "test
 
 import pytest  # noqa: E402
 
+# ---------------------------------------------------------------------------------------------
+# Background scenarios: the cluster tests' whole runs (a cluster of their own, a study on it, a fault), each in a
+# process of its own, started as soon as the session has collected them. Most of their minutes are waits on Ray
+# (nodes, worker processes, the autoscaler), not CPU: they overlap the rest of the suite instead of adding to it.
+# A test marked @pytest.mark.background("name") runs tests/scenarios/name.py; the `scenario` fixture waits for it
+# and returns the dict it wrote (its result.json), or fails with the tail of its log.
+
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+_background: dict[str, tuple] = {}
+
+
+def pytest_collection_finish(session):
+    import subprocess
+    import tempfile
+
+    names = sorted({m.args[0] for item in session.items for m in item.iter_markers("background")})
+    if not names or session.config.option.collectonly:
+        return
+    for name in names:
+        out = Path(tempfile.mkdtemp(prefix=f"ercstudy-{name}-"))
+        log = (out / "scenario.log").open("w")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "PYTEST_"))}
+        env["PYTHONPATH"] = os.pathsep.join([str(SCENARIOS.parents[1]), str(SCENARIOS.parent)])
+        proc = subprocess.Popen([sys.executable, str(SCENARIOS / f"{name}.py"), str(out)], env=env, cwd=out,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _background[name] = (proc, out, log)
+
+
+def pytest_sessionfinish(session):
+    import shutil
+    import signal
+
+    for proc, out, log in _background.values():
+        if proc.poll() is None:  # a test that never waited for it (deselected, -x): no process outlives the session
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture
+def scenario(request) -> dict:
+    """The result of the test's background scenario, once it has finished (see pytest_collection_finish)."""
+    import json
+    import subprocess
+
+    name = request.node.get_closest_marker("background").args[0]
+    proc, out, log = _background[name]
+    timeout = request.node.get_closest_marker("timeout")
+    try:
+        proc.wait(timeout=(timeout.args[0] if timeout else 1800) - 30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"scenario {name} still running:\n{(out / 'scenario.log').read_text()[-4000:]}", pytrace=False)
+    log.flush()
+    text = (out / "scenario.log").read_text()
+    if proc.returncode != 0 or not (out / "result.json").is_file():
+        pytest.fail(f"scenario {name} failed (exit {proc.returncode}):\n{text[-6000:]}", pytrace=False)
+    result = json.loads((out / "result.json").read_text())
+    print(text[-2000:])  # its own account (timings), in the test's captured output
+    return result
+
 
 @pytest.fixture(autouse=True)
 def _seeded():
