@@ -16,7 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # worker process inherits them as a cluster node inherits its environment.
 from ercstudy.netutil import free_port  # noqa: E402
 
-S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+S3_ENDPOINT = os.environ.get("ERCSTUDY_TEST_S3_ENDPOINT") or f"http://127.0.0.1:{free_port()}"  # a scenario: its session's
+os.environ["ERCSTUDY_TEST_S3_ENDPOINT"] = S3_ENDPOINT
 for _key, _value in {"AWS_ENDPOINT_URL": S3_ENDPOINT, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                      "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
     os.environ[_key] = _value
@@ -25,65 +26,91 @@ import pytest  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Background scenarios: the cluster tests' whole runs (a cluster of their own, a study on it, a fault), each in a
-# process of its own, started as soon as the session has collected them. Most of their minutes are waits on Ray
-# (nodes, worker processes, the autoscaler), not CPU: they overlap the rest of the suite instead of adding to it.
+# process of its own, one after another from as soon as the session has collected them. Most of their minutes are
+# waits on Ray (nodes, worker processes, the autoscaler), not CPU: they overlap the rest of the suite instead of
+# adding to it, and one at a time they leave the suite's own tests most of the machine.
 # A test marked @pytest.mark.background("name") runs tests/scenarios/name.py; the `scenario` fixture waits for it
 # and returns the dict it wrote (its result.json), or fails with the tail of its log.
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
-_background: dict[str, tuple] = {}
+
+
+class _Scenario:
+    def __init__(self, name: str):
+        import tempfile
+        import threading
+
+        self.name, self.proc, self.done = name, None, threading.Event()
+        self.out = Path(tempfile.mkdtemp(prefix=f"ercstudy-{name}-"))
+
+
+_background: dict[str, _Scenario] = {}
+_stopping: list = []
+
+
+def _run_in_turn(scenarios: list) -> None:
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "PYTEST_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(SCENARIOS.parents[1]), str(SCENARIOS.parent)])
+    for sc in scenarios:
+        if not _stopping:
+            with (sc.out / "scenario.log").open("w") as log:
+                sc.proc = subprocess.Popen([sys.executable, str(SCENARIOS / f"{sc.name}.py"), str(sc.out)], env=env,
+                                           cwd=sc.out, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                sc.proc.wait()
+        sc.done.set()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests of background scenarios run last: by then their scenarios have had the whole suite's time."""
+    items.sort(key=lambda item: item.get_closest_marker("background") is not None)  # stable: the order otherwise kept
 
 
 def pytest_collection_finish(session):
-    import subprocess
-    import tempfile
+    import threading
 
-    names = sorted({m.args[0] for item in session.items for m in item.iter_markers("background")})
-    if not names or session.config.option.collectonly:
+    marks = [m for item in session.items for m in item.iter_markers("background")]
+    if not marks or session.config.option.collectonly:
         return
-    for name in names:
-        out = Path(tempfile.mkdtemp(prefix=f"ercstudy-{name}-"))
-        log = (out / "scenario.log").open("w")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "PYTEST_"))}
-        env["PYTHONPATH"] = os.pathsep.join([str(SCENARIOS.parents[1]), str(SCENARIOS.parent)])
-        proc = subprocess.Popen([sys.executable, str(SCENARIOS / f"{name}.py"), str(out)], env=env, cwd=out,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        _background[name] = (proc, out, log)
+    if any(m.kwargs.get("s3") for m in marks):
+        start_s3_server()
+    for m in marks:  # in the order their tests run
+        _background.setdefault(m.args[0], _Scenario(m.args[0]))
+    threading.Thread(target=_run_in_turn, args=(list(_background.values()),), daemon=True, name="scenarios").start()
 
 
 def pytest_sessionfinish(session):
     import shutil
     import signal
 
-    for proc, out, log in _background.values():
-        if proc.poll() is None:  # a test that never waited for it (deselected, -x): no process outlives the session
+    for proc in _s3:
+        proc.terminate()
+        proc.wait(timeout=30)
+    _stopping.append(True)
+    for sc in _background.values():
+        if sc.proc is not None and sc.proc.poll() is None:  # a test that never waited for it (-x): nothing outlives the session
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-        shutil.rmtree(out, ignore_errors=True)
+                os.killpg(sc.proc.pid, signal.SIGKILL)
+        sc.done.wait(timeout=60)
+        shutil.rmtree(sc.out, ignore_errors=True)
 
 
 @pytest.fixture
 def scenario(request) -> dict:
     """The result of the test's background scenario, once it has finished (see pytest_collection_finish)."""
     import json
-    import subprocess
 
-    name = request.node.get_closest_marker("background").args[0]
-    proc, out, log = _background[name]
+    sc = _background[request.node.get_closest_marker("background").args[0]]
     timeout = request.node.get_closest_marker("timeout")
-    try:
-        proc.wait(timeout=(timeout.args[0] if timeout else 1800) - 30)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"scenario {name} still running:\n{(out / 'scenario.log').read_text()[-4000:]}", pytrace=False)
-    log.flush()
-    text = (out / "scenario.log").read_text()
-    if proc.returncode != 0 or not (out / "result.json").is_file():
-        pytest.fail(f"scenario {name} failed (exit {proc.returncode}):\n{text[-6000:]}", pytrace=False)
-    result = json.loads((out / "result.json").read_text())
+    log = sc.out / "scenario.log"
+    if not sc.done.wait(timeout=(timeout.args[0] if timeout else 1800) - 30):
+        pytest.fail(f"scenario {sc.name} still running:\n{log.read_text()[-4000:] if log.exists() else ''}", pytrace=False)
+    text = log.read_text() if log.exists() else ""
+    if sc.proc is None or sc.proc.returncode != 0 or not (sc.out / "result.json").is_file():
+        pytest.fail(f"scenario {sc.name} failed (exit {sc.proc and sc.proc.returncode}):\n{text[-6000:]}", pytrace=False)
     print(text[-2000:])  # its own account (timings), in the test's captured output
-    return result
+    return json.loads((sc.out / "result.json").read_text())
 
 
 @pytest.fixture(autouse=True)
@@ -111,14 +138,18 @@ def ray_session():
     stop_local_ray()
 
 
-@pytest.fixture(scope="session")
-def s3_server():
+_s3: list = []  # the S3 server's process, once started
+
+
+def start_s3_server() -> str:
     """A real S3-compatible server on loopback for the whole session: moto's standalone server (pure Python, from
-    PyPI, starts in about a second; MinIO would need a binary download). Yields its endpoint URL."""
+    PyPI, starts in about a second; MinIO would need a binary download). Started once; returns its endpoint URL."""
     import subprocess
     import time
     import urllib.request
 
+    if _s3:
+        return S3_ENDPOINT
     port = S3_ENDPOINT.rsplit(":", 1)[1]
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -132,9 +163,14 @@ def s3_server():
                 proc.kill()
                 pytest.fail(f"the moto S3 server did not start on {S3_ENDPOINT}", pytrace=False)
             time.sleep(0.2)
-    yield S3_ENDPOINT
-    proc.terminate()
-    proc.wait(timeout=30)
+    _s3.append(proc)
+    return S3_ENDPOINT
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The session's S3 server (start_s3_server): yields its endpoint URL."""
+    return start_s3_server()
 
 
 @pytest.fixture

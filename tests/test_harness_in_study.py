@@ -1,14 +1,9 @@
-"""lm-eval tasks inside a study (`eval.harness`): every trial runs them on its own worker at its last step.
-
-A 2-trial study on Parquet shards of real text (conftest's `shards`) with the two tiny local tasks of
-tests/fixtures/harness (a multiple-choice task and a loglikelihood_rolling one, read from JSONL),
-on the shared local Ray with a real MLflow SQLite store; its objective is a harness metric. And the
-refusals before anything starts, and a failed evaluation that the trial survives.
+"""lm-eval tasks inside a study (`eval.harness`): the refusals before anything starts, relative paths, a failed
+evaluation that the trial survives, the paper's suite preset. A study whose trials run the tasks end to end (and
+rank by a harness metric): tests/test_study_seeds_run.py, which shares its trials with the seeds and arms.
 """
 
 import copy
-import json
-import math
 from pathlib import Path
 
 import pytest
@@ -21,7 +16,6 @@ TASKS = FIXTURES / "harness" / "tasks"
 DATA_DIR = FIXTURES / "harness"
 STEPS = 8
 OBJECTIVE = "harness/tiny_passages/bits_per_byte"
-HARNESS_METRICS = ["harness/tiny_next_line/acc", "harness/tiny_next_line/acc_norm", "harness/tiny_passages/word_perplexity", OBJECTIVE]
 
 
 def spec(shards, name: str = "harness_tiny") -> dict:
@@ -125,64 +119,6 @@ def test_a_failed_evaluation_is_the_evaluations_reason_on_the_run_not_the_trials
     tracking.log_result(c, run_id, {"step": STEPS, "lm_loss": 5.0, **out})
     run = c.get_run(run_id)
     assert run.data.tags[tracking.HARNESS_TAG].startswith(f"failed at step {STEPS}: ") and run.data.metrics[FAILED_METRIC] == 1.0
-
-
-# ---------------------------------------------------------------------------------------------
-# A study
-
-
-@pytest.fixture(scope="module")
-def study_run(ray_session, shards, tmp_path_factory):
-    from ercstudy.platform.runner import run_study
-    from ercstudy.platform.study import load_study
-
-    tmp = tmp_path_factory.mktemp("harness_study")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    path = tmp / "study.yaml"
-    path.write_text(yaml.safe_dump({**spec(shards), "tracking": {"uri": uri, "experiment": "harness_tiny"}}))
-    board = run_study(load_study(path), storage=str(tmp / "results"), progress_every_s=1e9)
-    return {"board": board, "uri": uri, "dir": tmp / "results" / "harness_tiny"}
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_every_trial_runs_the_tasks_at_its_end_and_the_study_ranks_by_a_harness_metric(study_run):
-    board = study_run["board"]
-    assert len(board) == 2 and all(r["status"] == "completed" for r in board), board
-    for row in board:
-        assert all(isinstance(row.get(m), float) and math.isfinite(row[m]) for m in HARNESS_METRICS), row
-        assert 0 <= row["harness/tiny_next_line/acc"] <= 1 and row["harness/failed"] == 0.0
-    assert board[0][OBJECTIVE] <= board[1][OBJECTIVE]  # the leaderboard's order is the harness objective's
-    header = (study_run["dir"] / "leaderboard.csv").read_text().splitlines()[0].split(",")
-    assert set(HARNESS_METRICS) <= set(header), header
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_the_harness_results_are_in_every_child_run_at_the_last_step_and_the_best_in_the_parent(study_run):
-    from mlflow.tracking import MlflowClient
-
-    from ercstudy.platform.tracking import HARNESS_TAG
-
-    c = MlflowClient(study_run["uri"])
-    exp = c.get_experiment_by_name("harness_tiny")
-    runs = c.search_runs([exp.experiment_id], max_results=100)
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 2
-    for run in children:
-        rid = run.info.run_id
-        assert set(HARNESS_METRICS) <= run.data.metrics.keys(), run.data.metrics.keys()
-        assert [m.step for m in c.get_metric_history(rid, OBJECTIVE)] == [STEPS]
-        assert run.data.tags[HARNESS_TAG] == f"evaluated at step {STEPS}"
-        results = json.loads(Path(c.download_artifacts(rid, f"harness/results_step{STEPS}.json")).read_text())
-        assert results["results"]["tiny_passages"]["bits_per_byte,none"] == pytest.approx(run.data.metrics[OBJECTIVE])
-        assert results["config"]["step"] == STEPS and results["n-samples"]["tiny_next_line"]["effective"] == 4  # limit: 4
-    best = min(children, key=lambda r: r.data.metrics[OBJECTIVE])
-    assert parent.data.metrics[f"best/{OBJECTIVE}"] == pytest.approx(best.data.metrics[OBJECTIVE])
-    assert OBJECTIVE in Path(c.download_artifacts(parent.info.run_id, "leaderboard.csv")).read_text().splitlines()[0]
 
 
 def test_the_paper_suite_preset_validates_once_its_ten_local_copies_exist_and_names_the_missing_one(shards, tmp_path):

@@ -32,3 +32,15 @@ def test_steps_already_in_mlflow_are_not_released_again():
     assert [r["step"] for r in b.add(report(20, 0.9), checkpointed=True)] == []
     b.add(report(30, 0.8), checkpointed=False)
     assert [r["step"] for r in b.flush()] == [30]  # the trial ended (ASHA, an error): released at the end
+
+
+def test_a_restored_checkpoint_brings_the_reports_a_dead_driver_never_logged():
+    """The driver died after Ray Train had the step-30 checkpoint and before it logged steps 20 and 30: the new
+    driver's run holds up to step 10; the worker's first report after the restore carries the checkpoint's reports."""
+    b = StepBuffer(logged=10)
+    history = [report(10, 1.0), report(20, 0.9), report(30, 0.8)]
+    assert [r["step"] for r in b.restored(history, upto=30)] == [20, 30]
+    assert [r["step"] for r in b.add({**report(40, 0.7), "resumed_from_step": 30}, checkpointed=True)] == [40]
+    assert b.restored(history, upto=30) == []  # a second restore from the same checkpoint: nothing twice
+    fresh = StepBuffer(logged=30)  # a worker restart within the same driver: it logged them already
+    assert fresh.restored(history, upto=30) == []

@@ -2,23 +2,18 @@
 
 Units: platform/storage.py's locations (resolve, read, write, list, upload, temporary local copies,
 the checkpoint `ercstudy eval` finds). Refusals: a bad storage is one line on stderr and exit 2
-before Ray, MLflow or any trial. End to end: a study in a bucket, its driver killed, resumed from
-a fresh working directory, then `report` and `eval` from the bucket alone, with every working
-directory deleted.
+before Ray, MLflow or any trial. End to end (the quickstart study in a bucket, its driver killed, resumed from
+a fresh working directory, then `report` and `eval` from the bucket alone, with every working directory
+deleted): tests/test_study_run.py.
 """
 
-import os
-import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
 import yaml
-from conftest import SEQ, own_stderr, shakespeare_text
+from conftest import own_stderr
 
 from ercstudy.platform import storage as store
 from ercstudy.platform.cli import main
@@ -140,124 +135,3 @@ def test_bad_storage_is_one_line_and_exit_2_before_any_trial_or_parent_run(bucke
     # nothing was started: no MLflow store (so no parent run), nothing written to the bucket or here
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "results").exists()
     assert store.resolve(bucket).children() == []
-
-
-# ---------------------------------------------------------------------------------------------
-# End to end: a study in a bucket, killed, resumed elsewhere, reported and evaluated from the bucket alone
-
-STEPS = 30
-
-
-def ercstudy(*args, cwd, env, **kw):
-    return subprocess.run([sys.executable, "-m", "ercstudy", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=kw.pop("timeout", 600), **kw)
-
-
-def listing(loc: store.Location) -> list[str]:
-    return [i.path for i in loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))]
-
-
-def mc_task(root: Path) -> Path:
-    """One lm-eval multiple-choice task from a local JSONL file (next line of the Shakespeare text)."""
-    import json
-
-    lines = [ln for ln in shakespeare_text().splitlines() if len(ln) > 20][:40]
-    items = [{"context": lines[i], "choices": [lines[i + 1], lines[i + 7], lines[i + 13]], "gold": 0} for i in range(0, 24, 3)]
-    (root / "mc.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
-    tasks = root / "tasks"
-    tasks.mkdir()
-    (tasks / "next_line.yaml").write_text(
-        f"task: next_line\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'mc.jsonl'}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\n"
-        "doc_to_target: gold\nmetric_list:\n  - metric: acc\n")
-    return tasks
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-@pytest.mark.timeout(900)
-def test_a_study_in_a_bucket_survives_its_driver_and_its_working_directories(ray_session, bucket, shards, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    pytest.importorskip("lm_eval", reason="the `evals` extra (lm-evaluation-harness) is not installed")
-    started = time.monotonic()
-    outside = tmp_path / "outside"  # what a cluster keeps elsewhere: the MLflow store, the lm-eval task files
-    outside.mkdir()
-    uri = f"sqlite:///{outside}/mlflow.db"
-    # the experiment with its artifacts beside the store (MLflow's default would be ./mlruns of the driver's directory)
-    MlflowClient(uri).create_experiment("s3study", artifact_location=str(outside / "artifacts"))
-    storage = f"{bucket}/studies"
-    spec = {
-        "name": "s3study", "storage": storage,  # the study's own storage: key (no --storage on `run`)
-        "base": {"model": {"vocab_size": 320, "d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": SEQ},
-                 "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 32},
-                 "train": {"tokens": STEPS * 8 * SEQ, "global_batch_size": 8, "micro_batch_size": 8, "lr": 0.01, "warmup_steps": 2,
-                           "report_every": 5, "checkpoint_every": 10},
-                 "data": {"kind": "parquet", "path": str(shards)},
-                 "eval": {"every": 10, "sequences": 8, "mc_items": 0}},
-        "search": {"sampler": "random", "num_trials": 2, "seed": 1, "params": {"erc.alpha": {"type": "float", "low": 0.5, "high": 1.2}}},
-        "objective": {"metric": "eval/loss", "mode": "min"},
-        "scheduler": {"type": "none"},
-        "resources": {"num_workers": 1, "cpus_per_worker": 1},
-        "tracking": {"uri": uri, "experiment": "s3study"},
-    }
-    (outside / "s3study.yaml").write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
-    study = store.resolve(storage) / "s3study"
-    work = [tmp_path / f"work{i}" for i in range(3)]  # a fresh working directory for each command
-    for w in work:
-        w.mkdir()
-
-    # 1. the study, its driver killed (all of its process group) once a trial has a checkpoint in the bucket
-    log = (tmp_path / "run.log").open("w")
-    driver = subprocess.Popen([sys.executable, "-m", "ercstudy", "run", str(outside / "s3study.yaml")], cwd=work[0], env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    killed = None
-    while driver.poll() is None and time.monotonic() - started < 300:
-        files = listing(study)
-        if any("/checkpoint_" in f for f in files) and any(Path(f).name.startswith("experiment_state") for f in files):
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
-            killed = time.monotonic() - started
-            break
-        time.sleep(0.5)
-    log.close()
-    assert killed is not None, f"no checkpoint in the bucket before the driver ended ({driver.returncode}):\n" + \
-        (tmp_path / "run.log").read_text()[-3000:]
-    assert {"study.yaml", "study.json"} <= set(study.children())
-    assert list(work[0].iterdir()) == []  # nothing of the study on the local disk
-
-    # 2. resumed from another working directory: from the bucket (Tune's state, the trials' checkpoints)
-    resumed = ercstudy("resume", "s3study", "--storage", storage, cwd=work[1], env=env)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"results: {storage}/s3study" in resumed.stdout
-    assert list(work[1].iterdir()) == []
-    resumed_at = time.monotonic() - started
-    for w in work[:2]:
-        shutil.rmtree(w)
-
-    # 3. report and eval from the bucket alone
-    report = ercstudy("report", "s3study", "--storage", storage, cwd=work[2], env=env)
-    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
-    assert f"report written to {storage}/s3study/report" in report.stdout
-    assert {"report.md", "leaderboard.csv", "fits.json", "loss_vs_compute.png"} <= set((study / "report").children())
-    board = (study / "leaderboard.csv").read_text().splitlines()
-    assert len(board) == 3 and all(",completed," in row for row in board[1:]), board
-    trial = board[1].split(",")[0]
-    tasks = mc_task(outside)
-    evaluated = ercstudy("eval", f"s3study/{trial}", "--storage", storage, "--tasks", "next_line", "--include-path", str(tasks),
-                         "--batch-size", "8", cwd=work[2], env=env)
-    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
-    assert "next_line" in evaluated.stdout and "acc" in evaluated.stdout
-    assert list(work[2].iterdir()) == []
-
-    # every trial in MLflow once, each step once, to the end
-    c = MlflowClient(uri)
-    runs = c.search_runs([c.get_experiment_by_name("s3study").experiment_id])
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 2 and all(r.data.tags["ercstudy.status"] == "completed" for r in children)
-    for r in children:
-        steps = [m.step for m in c.get_metric_history(r.info.run_id, "lm_loss")]
-        assert steps == list(range(5, STEPS + 1, 5)), steps
-    print(f"\nstudy in a bucket: killed at {killed:.0f} s, resumed and finished at {resumed_at:.0f} s, "
-          f"report + eval done at {time.monotonic() - started:.0f} s")

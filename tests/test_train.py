@@ -2,7 +2,7 @@
 
 Every worker process imports torch and DeepSpeed (seconds on a laptop, longer on a small CI machine), so
 each TorchTrainer run here checks several properties at once, and the 1-worker runs go side
-by side (each in a Ray task, as Tune runs trials), one CPU each:
+by side with the 2-worker one (each in a Ray task, as Tune runs trials), half a CPU per worker:
   - `resumed`: 1 worker, grouped backend, ep_size 1, its process killed at step 32 (after the
     reports of steps 25 and 30) -> resumes from the step-20 checkpoint and finishes; contiguous
     history; learns; finite metrics; MI rises; its MLflow run (logged by the Train callback of
@@ -54,17 +54,18 @@ def runs(ray_session, shards, tmp_path_factory):
     from ercstudy.platform.trial import run_trial
 
     storage = str(tmp_path_factory.mktemp("trials"))
-    side_by_side = {"resumed": config(train={"crash_at_step": 32}), "shards": shards_config(shards)}
+    half = {"cpus_per_worker": 0.5}  # all three runs at once on the 2 CPUs of the shared Ray: 4 workers
+    side_by_side = {"resumed": config(train={"crash_at_step": 32}, resources=half),
+                    "shards": shards_config(shards, resources=half),
+                    "ep": config(resources={"num_workers": 2, "ep_size": 2, **half})}
     uri = f"sqlite:///{storage}/mlflow.db"
     c = tracking.client(uri)
     run_id = tracking.start_trial_run(c, tracking.experiment_id(c, "trials"), name="resumed", config=side_by_side["resumed"].to_dict())
-    callbacks = {"resumed": [MLflowTrainCallback(uri, run_id)], "shards": []}
+    callbacks = {"resumed": [MLflowTrainCallback(uri, run_id)], "shards": [], "ep": []}
     remote = ray_session.remote(num_cpus=0, max_retries=0)(run_trial)
     pending = {name: remote.remote(cfg, name=name, storage_path=storage, callbacks=callbacks[name]) for name, cfg in side_by_side.items()}
     results = {name: ray_session.get(ref) for name, ref in pending.items()}
     results["resumed_mlflow"] = {key: [(m.step, m.value) for m in c.get_metric_history(run_id, key)] for key in ("lm_loss", "erc_loss")}
-    ep = config(resources={"num_workers": 2, "ep_size": 2})
-    results["ep"] = run_trial(ep, name="ep", storage_path=storage)
     return results
 
 
@@ -115,11 +116,11 @@ def test_expert_parallel_matches_a_single_worker(runs):
             assert ep[key] == pytest.approx(one[key], rel=2e-3, abs=1e-5), (one["step"], key)
 
 
-def shards_config(shards) -> TrialConfig:
+def shards_config(shards, **sections) -> TrialConfig:
     """Parquet shards of real text (prepare-data), a NaN injected into the loss at step 18."""
     return config(
         model={"vocab_size": 320}, data={"kind": "parquet", "path": str(shards)},
-        train={"tokens": 20 * 16 * 32, "nan_at_step": 18, "checkpoint_every": 5}, eval={"every": 5, "sequences": 32},
+        train={"tokens": 20 * 16 * 32, "nan_at_step": 18, "checkpoint_every": 5}, eval={"every": 5, "sequences": 32}, **sections,
     )
 
 

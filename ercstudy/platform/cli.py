@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from ercstudy.trainables.validation import ConfigError
@@ -236,16 +237,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from ercstudy.platform.ray_runtime import use_token_if_available
 
     use_token_if_available()  # a token-authenticated cluster (cluster.yaml) refuses the Jobs API without it
-    try:
-        client = JobSubmissionClient(args.address)
-        job_id = client.submit_job(
-            entrypoint=entrypoint,
-            submission_id=args.job_id,
-            runtime_env={"working_dir": ".", "excludes": [".git", ".venv*", "ercstudy_results", "mlflow.db", "*.egg-info", "/data"]},
-            metadata={"ercstudy.study": study.name},
-        )
-    except Exception as err:  # connection refused, bad address, duplicate id
-        return _fail(f"could not submit to {args.address}: {str(err).splitlines()[0]}")
+    # A head that has just started serves the Jobs API a few seconds before its job agent is up, and answers
+    # "No available agent to submit job" meanwhile: wait for it (3 minutes at most), say so once.
+    deadline, said = time.monotonic() + 180, False
+    while True:
+        try:
+            client = JobSubmissionClient(args.address)
+            job_id = client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=args.job_id,
+                runtime_env={"working_dir": ".", "excludes": [".git", ".venv*", "ercstudy_results", "mlflow.db", "*.egg-info", "/data"]},
+                metadata={"ercstudy.study": study.name},
+            )
+            break
+        except Exception as err:  # connection refused, bad address, duplicate id
+            if "No available agent" in str(err) and time.monotonic() < deadline:
+                if not said:
+                    print(f"ercstudy: the job agent of {args.address} is not up yet; retrying for up to 3 minutes", file=sys.stderr, flush=True)
+                    said = True
+                time.sleep(2)
+                continue
+            return _fail(f"could not submit to {args.address}: {str(err).splitlines()[0]}")
     print(f"submitted study {study.name} as Ray job {job_id} to {args.address}\n"
           f"follow it:  ray job logs --follow --address {args.address} {job_id}\n"
           f"status:     ray job status --address {args.address} {job_id}\n"

@@ -124,7 +124,11 @@ def start_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIM
     # No Prometheus exporter on the node's agent: a private node has no Prometheus to feed, and the
     # exporter listens on every interface and answers without the token.
     env.setdefault("RAY_enable_metrics_collection", "0")
-    env.pop("RAY_ADDRESS", None)
+    # Ray's own processes find "their" Ray by RAY_ADDRESS, else by looking for one on this machine: with two on it
+    # (a second study, the tests' clusters) that lookup fails, e.g. in Ray Train's placement-group cleaner, whose
+    # thread then dies and leaves the placement groups of a killed driver's trials holding the CPUs for good.
+    # `ray start --head` itself does not read it; every process it starts inherits it.
+    env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
     log_path = os.path.join(temp_dir, "ray-start.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

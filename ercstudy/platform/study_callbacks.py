@@ -15,6 +15,8 @@ from typing import Any
 
 from ray import tune
 
+from ercstudy.trainables.config import RESTORED_KEY
+
 from . import outbox, tracking
 from .search import point_tags
 from .study import Study, num_trials
@@ -87,6 +89,9 @@ class MLflowStudyCallback(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         buffer, run_id = self._buffer(trial)
+        if result.get(RESTORED_KEY) and result.get("resumed_from_step") is not None:
+            for report in buffer.restored(result[RESTORED_KEY], int(result["resumed_from_step"])):
+                self.client.log_result(run_id, report)
         for held in buffer.add(result, checkpointed=bool(result.get("checkpoint_path"))):
             self.client.log_result(run_id, held)
 

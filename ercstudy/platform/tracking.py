@@ -182,6 +182,15 @@ class StepBuffer:
         last = step >= int(result.get("total_steps", step + 1)) or bool(result.get("stop_reason"))
         return self.flush() if checkpointed or last else []
 
+    def restored(self, reports: list[dict[str, Any]], upto: int) -> list[dict[str, Any]]:
+        """The reports a restored checkpoint holds (the worker's first report after a restore, up to step
+        `upto`): those MLflow does not have yet, e.g. when a driver died after Ray Train had the checkpoint and
+        before it logged the reports before it, to log now."""
+        out = [r for r in reports if self.logged < int(r.get("step", 0)) <= upto]
+        if out:
+            self.logged = int(out[-1].get("step", 0))
+        return out
+
     def flush(self) -> list[dict[str, Any]]:
         out = [r for r in self.pending if int(r.get("step", 0)) > self.logged]
         self.pending = []

@@ -18,6 +18,10 @@ from .model import ModelConfig, flops_per_token, moe_layer_ids, num_active_param
 from .moe import MoEConfig
 from .validation import ConfigError, from_dict, require, to_dict
 
+# A report key: the worker's first report after a restore carries the reports its checkpoint holds (a list of
+# them), so that a study driver that died before it logged them logs them once (platform/tracking.StepBuffer).
+RESTORED_KEY = "restored_history"
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:

@@ -24,7 +24,7 @@ from . import compat
 from .checkpoint import CHECKPOINT_TAG
 from .checkpoint import save as save_checkpoint
 from .checkpoint_writer import CheckpointSchedule, CheckpointWriter
-from .config import TrialConfig
+from .config import RESTORED_KEY, TrialConfig
 from .data import GlobalBatchStream, build_train_data
 from .devices import device_peak_flops
 from .engine import build_engine
@@ -163,13 +163,16 @@ def train(trial: Trial, report: Callable[..., None]) -> None:
         metrics = window_metrics(trial, window)
         if trial.resumed_from is not None:  # the first report after a restore says where it resumed
             metrics["resumed_from_step"], trial.resumed_from = trial.resumed_from, None
+            # and carries the reports up to that checkpoint: a study driver that died after Ray Train had the
+            # checkpoint but before it logged the reports before it logs them now (each step once in MLflow)
+            metrics[RESTORED_KEY] = list(trial.history)
         stop = "stop_reason" in metrics
         every = cfg.eval.every
         if trial.evaluator is not None and not stop and ((every and trial.step % every == 0) or trial.step == cfg.steps):
             metrics.update(trial.evaluator(trial.model))  # collective: every rank evaluates its share
         if trial.harness is not None and not stop and trial.harness.due(trial.step):
             metrics.update(trial.harness(trial.model, trial.step))  # lm-eval tasks; a failure is the evaluation's only
-        trial.history.append({k: v for k, v in metrics.items() if k != RESULTS_KEY})  # checkpoints carry the history
+        trial.history.append({k: v for k, v in metrics.items() if k not in (RESULTS_KEY, RESTORED_KEY)})  # checkpoints carry it
         save = not stop and trial.checkpoints.due(trial.step)
         report(trial, metrics, checkpoint=save)
         if save:
@@ -230,6 +233,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     trial = setup_trial(cfg)
     if trial.step >= cfg.steps and trial.history:
         # resumed after the end (the driver died before it saw the last report): say the final result again
-        save_and_report(trial, {**trial.history[-1], "resumed_from_step": trial.step}, checkpoint=False)
+        save_and_report(trial, {**trial.history[-1], "resumed_from_step": trial.step, RESTORED_KEY: list(trial.history)},
+                        checkpoint=False)
     train(trial, save_and_report)
     return trial.history if trial.rank == 0 else []

@@ -36,9 +36,15 @@ def main(out: Path) -> None:
 
     started = time.monotonic()
     # a cluster of its own, without a token (a plain `ray start` cluster, as cluster.yaml's nodes)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0}, connect=False)
+    from ercstudy.netutil import free_port
+
+    # RAY_ADDRESS in every node's processes: with other Rays on this machine (the rest of the suite), Ray's processes
+    # that look theirs up (Ray Train's placement-group cleaner) would find several (ray_runtime.start_local_ray)
+    gcs_port = free_port()
+    nodes = {"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "gcs_server_port": gcs_port, **nodes}, connect=False)
     try:
-        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        workers = [cluster.add_node(num_cpus=1, **nodes) for _ in range(2)]
         cluster.wait_for_nodes()
         print(f"cluster up in {time.monotonic() - started:.0f} s", flush=True)
         spec, storage, uri = out / "multinode.yaml", out / "results", f"sqlite:///{out}/mlflow.db"
@@ -59,7 +65,7 @@ def main(out: Path) -> None:
             raise SystemExit("no checkpoint before the driver ended:\n" + (out / "run.log").read_text()[-3000:])
         print(f"worker node lost {lost_at:.0f} s after the study started", flush=True)
         time.sleep(5)  # the trial now waits: one CPU left, it needs two on two nodes
-        cluster.add_node(num_cpus=1)  # a node joins back
+        cluster.add_node(num_cpus=1, **nodes)  # a node joins back
         driver.wait(timeout=900)
         log.close()
         ended = time.monotonic() - submitted
