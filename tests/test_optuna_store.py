@@ -60,6 +60,25 @@ def test_local_storage_keeps_optuna_db_in_the_study_directory_and_resumes(tmp_pa
     assert states == [TrialState.COMPLETE] * 6
 
 
+def test_a_trial_told_before_a_driver_kill_reports_again_after_resume_without_error(tmp_path):
+    """The driver was killed after optuna.db had the trial's end and before Tune saved the searcher: the resumed
+    trial says its last result again (a report, then its completion); optuna.db keeps the end it has."""
+    data = yaml.safe_load(yaml.safe_dump(QUICKSTART))
+    data["search"].update(sampler="random", num_trials=4)  # ASHA on: single-objective reports go to Optuna
+    study = parse_study(data)
+    directory = tmp_path / "results" / study.name
+    search = build_search(study, str(directory))
+    search.suggest("t0")
+    search.save(str(tmp_path / "searcher.pkl"))  # Tune's last save: t0 still running
+    search.on_trial_complete("t0", {"step": 60, "total_steps": 60, "eval/loss": 2.5})  # told; then the kill
+    restored = build_search(study, str(directory))
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_result("t0", {"step": 60, "total_steps": 60, "eval/loss": 2.5, "resumed_from_step": 60})
+    restored.on_trial_complete("t0", {"step": 60, "total_steps": 60, "eval/loss": 2.5})
+    trials = optuna.load_study(study_name=study.name, storage=f"sqlite:///{directory}/optuna.db").trials
+    assert [(t.state, t.value) for t in trials] == [(TrialState.COMPLETE, 2.5)]
+
+
 def test_remote_storage_copies_the_cache_to_the_bucket_and_fetches_it_on_resume(bucket, tmp_path, monkeypatch):
     import pyarrow.fs as pafs
 

@@ -157,7 +157,14 @@ class StudySearch(Searcher):
             return
         value = result[self.metric]
         if isinstance(value, (int, float)) and math.isfinite(value):
-            self.trials[trial_id].report(value, int(result.get("step", result.get("training_iteration", 0))))
+            from optuna.exceptions import UpdateFinishedTrialError
+
+            try:
+                self.trials[trial_id].report(value, int(result.get("step", result.get("training_iteration", 0))))
+            except UpdateFinishedTrialError:
+                # told before a driver kill that came before Tune saved this searcher (optuna.db has its end), and
+                # resumed: the restored trial says its last result again
+                self.told.add(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self.told or trial_id not in self.trials:  # told already, or a fixed arm's (never told)
