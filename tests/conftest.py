@@ -223,13 +223,24 @@ def shakespeare_text() -> str:
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory):
     """Token shards of real text, two domains (`early`, `late`): the Shakespeare excerpts of tests/fixtures."""
+    return prepare_shards(tmp_path_factory.mktemp("text") / "shards")
+
+
+def prepare_shards(out: Path) -> Path:
+    """`ercstudy prepare-data` of the Shakespeare excerpts into `out` (the `shards` fixture's; a scenario's own)."""
     from ercstudy.platform.cli import main
 
     texts = [str(fixture_file(name)) for name in SHAKESPEARE_EXCERPTS]
-    out = tmp_path_factory.mktemp("text") / "shards"
     assert main(["prepare-data", *texts, "--out", str(out),
                  "--vocab-size", "300", "--seq-len", str(SEQ), "--rows-per-shard", "200", "--eval-fraction", "0.1"]) == 0
     return out
+
+
+def own_line(study: str) -> re.Pattern:
+    """A line `ercstudy run` / `resume` of study `study` prints: the header, the trials' table, finished trials, the
+    summary (anything else on the terminal came from Ray, DeepSpeed or a warning)."""
+    name = re.escape(study)
+    return re.compile(rf"^(|study {name}: .*|MLflow: .*|Ray's logs.*|\[{name}\] .*|  \S.*|leaderboard \(.*|results: .*)$")
 
 
 def one_trial_study(name: str, steps: int, **train) -> dict:

@@ -9,12 +9,10 @@ alone with every earlier working directory deleted; nothing of the study on the 
 ercstudy's lines only, the summary last. Also: `ercstudy submit` to the shared local Ray's Jobs API.
 """
 
-import re
-from pathlib import Path
 
 import pytest
+from conftest import own_line
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.background("study_in_bucket", s3=True), pytest.mark.timeout(1800)]
 
 
@@ -40,8 +38,7 @@ def test_resume_from_another_directory_finishes_the_study_and_nothing_is_on_the_
     assert scenario["work0_after_kill"] == [] and scenario["work1_after_resume"] == [] and scenario["work2_after"] == []
 
 
-# every line `ercstudy run` / `resume` prints: the header, the trials' table, finished trials, the summary
-OWN_LINE = re.compile(r"^(|study quickstart: .*|MLflow: .*|Ray's logs.*|\[quickstart\] .*|  \S.*|leaderboard \(.*|results: .*)$")
+OWN_LINE = own_line("quickstart")  # every line `ercstudy run` / `resume` prints
 
 
 def test_the_terminal_shows_ercstudy_lines_only_and_the_summary_last(scenario):

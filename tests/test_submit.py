@@ -2,17 +2,16 @@
 autoscales from zero for the submitted study: tests/test_autoscaling.py."""
 
 import os
-import re
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import own_line
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1800)]
 REPO = Path(__file__).resolve().parents[1]
-# every line `ercstudy run` prints: the header, the trials' table, finished trials, the summary
-OWN_LINE = re.compile(r"^(|study submitted: .*|MLflow: .*|Ray's logs.*|\[submitted\] .*|  \S.*|leaderboard \(.*|results: .*)$")
+OWN_LINE = own_line("submitted")
 
 
 def test_submit_runs_a_study_as_a_ray_job(ray_session, tmp_path, monkeypatch, capsys):

@@ -21,7 +21,7 @@ from pathlib import Path
 import boto3
 import pyarrow.fs as pafs
 import yaml
-from conftest import SEQ, SHAKESPEARE_EXCERPTS, fixture_file, shakespeare_text
+from conftest import SEQ, prepare_shards, shakespeare_text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,15 +49,12 @@ def main(out: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     from ercstudy.platform import storage as store
-    from ercstudy.platform.cli import main as cli
     from ercstudy.platform.ray_runtime import enable_token_auth, new_token_file, start_local_ray
 
     started = time.monotonic()
     outside = out / "outside"  # what a cluster keeps elsewhere: the MLflow store, the shards, the lm-eval task files
     outside.mkdir()
-    shards = outside / "shards"
-    assert cli(["prepare-data", *(str(fixture_file(n)) for n in SHAKESPEARE_EXCERPTS), "--out", str(shards),
-                "--vocab-size", "300", "--seq-len", str(SEQ), "--rows-per-shard", "200", "--eval-fraction", "0.1"]) == 0
+    shards = prepare_shards(outside / "shards")
     bucket = f"quickstart-{os.getpid()}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     storage = f"s3://{bucket}/studies"
