@@ -40,7 +40,11 @@ from .tables import text_table
 STATE_FILE = "study.json"
 SPEC_FILE = "study.yaml"
 SYNC_PERIOD_S = 10
-TRIAL_ACTOR = {"CPU": 0, "memory": 64 * 1024**2}  # the trial's driver only waits on its TorchTrainer: no CPU
+# The trial's driver only waits on its TorchTrainer: no CPU. It lives on the head node, with Ray Train's controller
+# (which Ray Train puts on the node of the actor that calls fit()): a worker node lost (a spot GPU node preempted, an
+# autoscaled node gone) then takes only workers, which Ray Train restarts from the last checkpoint; on any other node
+# it would take the trial's driver with it, and the trial would fail. The head resource is fractional: 1000 at once.
+TRIAL_ACTOR = {"CPU": 0, "memory": 64 * 1024**2, "node:__internal_head__": 0.001}
 
 
 class StudyError(RuntimeError):
