@@ -10,6 +10,9 @@ from pathlib import Path
 # DeepSpeed reads its accelerator once, at the first get_accelerator(): CPU for the whole suite.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers (their reports, their end) every 2 s by default: a tiny trial's run waits
+# on those polls more than it computes. Every Ray the tests start inherits this (its controllers read it).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 # The S3-compatible server of the storage tests (moto's standalone server, started once by the `s3` fixture) and
 # its credentials, in the standard variables boto3 and pyarrow read: set before any Ray starts, so that every Ray
@@ -41,15 +44,19 @@ class _Scenario:
         import threading
 
         self.name, self.proc, self.done = name, None, threading.Event()
+        self.span: list[float] = []  # seconds from the session's collection: when it started, when it ended
         self.out = Path(tempfile.mkdtemp(prefix=f"ercstudy-{name}-"))
 
 
 _background: dict[str, _Scenario] = {}
 _stopping: list = []
+_collected: list[float] = []  # when collection finished (time.monotonic)
+_waited: dict[str, float] = {}  # scenario -> seconds from collection to when its first test began waiting on it
 
 
 def _run_in_turn(scenarios: list) -> None:
     import subprocess
+    import time
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "PYTEST_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(SCENARIOS.parents[1]), str(SCENARIOS.parent)])
@@ -60,7 +67,9 @@ def _run_in_turn(scenarios: list) -> None:
                 # takes what they leave
                 sc.proc = subprocess.Popen(["nice", "-n", "10", sys.executable, str(SCENARIOS / f"{sc.name}.py"), str(sc.out)], env=env,
                                            cwd=sc.out, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                sc.span.append(time.monotonic() - _collected[0])
                 sc.proc.wait()
+                sc.span.append(time.monotonic() - _collected[0])
         sc.done.set()
 
 
@@ -71,6 +80,9 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_collection_finish(session):
     import threading
+    import time
+
+    _collected.append(time.monotonic())
 
     marks = [m for item in session.items for m in item.iter_markers("background")]
     if not marks or session.config.option.collectonly:
@@ -81,6 +93,16 @@ def pytest_collection_finish(session):
         if m.args[0] not in _background:
             _background[m.args[0]] = _Scenario(m.args[0])
     threading.Thread(target=_run_in_turn, args=(list(_background.values()),), daemon=True, name="scenarios").start()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """When each scenario ran, and when the suite's tests began waiting on it: where the session's minutes went."""
+    if _background:
+        terminalreporter.write_sep("-", "background scenarios (seconds from collection)")
+        for sc in _background.values():
+            span = " to ".join(f"{t:.0f}" for t in sc.span) or "never started"
+            waited = f", waited on from {_waited[sc.name]:.0f}" if sc.name in _waited else ""
+            terminalreporter.write_line(f"{sc.name}: ran {span}{waited}")
 
 
 def pytest_sessionfinish(session):
@@ -103,8 +125,10 @@ def pytest_sessionfinish(session):
 def scenario(request) -> dict:
     """The result of the test's background scenario, once it has finished (see pytest_collection_finish)."""
     import json
+    import time
 
     sc = _background[request.node.get_closest_marker("background").args[0]]
+    _waited.setdefault(sc.name, time.monotonic() - _collected[0])
     timeout = request.node.get_closest_marker("timeout")
     log = sc.out / "scenario.log"
     if not sc.done.wait(timeout=(timeout.args[0] if timeout else 1800) - 30):

@@ -10,9 +10,18 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ercstudy.trainables.config import TrialConfig
+from ercstudy.trainables.config import CONFIG_KEY, TrialConfig
 from ercstudy.trainables.data import check_data
-from ercstudy.trainables.worker import CONFIG_KEY, train_loop_per_worker
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray Train's entry on every worker. The training stack (DeepSpeed, which imports MLflow) loads here, in the
+    workers only: the trial's Tune actor and Ray Train's controller unpickle this function by reference to this
+    module, and a direct reference to trainables/worker.py cost each of them about a second of CPU and the memory of
+    DeepSpeed, per trial, on the head node where they live."""
+    from ercstudy.trainables.worker import train_loop_per_worker as loop
+
+    return loop(config)
 
 
 @dataclass(frozen=True)

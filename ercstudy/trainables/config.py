@@ -21,6 +21,7 @@ from .validation import ConfigError, from_dict, require, to_dict
 # A report key: the worker's first report after a restore carries the reports its checkpoint holds (a list of
 # them), so that a study driver that died before it logged them logs them once (platform/tracking.StepBuffer).
 RESTORED_KEY = "restored_history"
+CONFIG_KEY = "trial_config"  # train_loop_config[CONFIG_KEY]: the TrialConfig itself (Ray pickles it once)
 
 
 @dataclass(frozen=True, kw_only=True)

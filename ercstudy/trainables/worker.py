@@ -24,7 +24,7 @@ from . import compat
 from .checkpoint import CHECKPOINT_TAG
 from .checkpoint import save as save_checkpoint
 from .checkpoint_writer import CheckpointSchedule, CheckpointWriter
-from .config import RESTORED_KEY, TrialConfig
+from .config import CONFIG_KEY, RESTORED_KEY, TrialConfig
 from .data import GlobalBatchStream, build_train_data
 from .devices import device_peak_flops
 from .engine import build_engine
@@ -39,7 +39,6 @@ from .step import Trial, Window, coupling, train_step
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated", category=FutureWarning)
 
 CRASH_GRACE_S = 10.0
-CONFIG_KEY = "trial_config"  # train_loop_config[CONFIG_KEY]: the TrialConfig itself (Ray pickles it once)
 
 
 def make_trial(cfg: TrialConfig, *, rank: int, world: int, device: torch.device, data: GlobalBatchStream | None = None) -> Trial:
