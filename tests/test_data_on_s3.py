@@ -1,12 +1,10 @@
-"""Data stays where it lives: prepare-data writes shards to S3, workers read them there, submit ships no data.
+"""Data stays where it lives: prepare-data writes shards to S3, the data stream reads them there, submit ships no
+data. (A submitted study's trial training on shards in the bucket: test_submit.py.)
 
 Against the real S3-compatible server of conftest (moto's standalone server on loopback, credentials and
 endpoint in the standard AWS_* environment that pyarrow reads)."""
 
-import json
-import math
 
-import numpy as np
 import pyarrow.fs as pafs
 import pytest
 import yaml
@@ -165,33 +163,3 @@ def test_submit_passes_shards_in_a_bucket_and_ships_no_data(s3_shards, bucket, t
     excluded = _get_excludes(project, env["excludes"])
     assert excluded(project / "data" / "shards" / "part-00000.parquet") and excluded(project / "data")
     assert not excluded(project / "study.yaml")
-
-
-@pytest.mark.ray
-@pytest.mark.slow  # the shared Ray (half a minute on 2 cores), then one worker process with DeepSpeed
-@pytest.mark.timeout(1200)
-def test_a_trial_trains_on_shards_in_the_bucket(ray_session, s3_shards, tmp_path):
-    """A one-worker trial whose data.path is the bucket: the worker streams its batches and its held-out set from
-    S3 (it inherits the AWS_* environment, as a cluster node's processes do), learns, and its checkpoint holds
-    the tokenizer copied from the bucket."""
-    from test_train import config
-
-    from ercstudy.platform.trial import run_trial
-
-    cfg = config(model={"vocab_size": 320}, data={"kind": "parquet", "path": s3_shards},
-                 train={"tokens": 20 * 16 * 32, "checkpoint_every": 20, "report_every": 5}, eval={"every": 10, "sequences": 32})
-    result = run_trial(cfg, name="s3-data", storage_path=str(tmp_path / "runs"))
-    assert result.error is None and result.stop_reason is None, result
-    history = result.history
-    assert [m["step"] for m in history] == [5, 10, 15, 20]
-    assert all(math.isfinite(m["lm_loss"]) for m in history) and history[-1]["lm_loss"] < history[0]["lm_loss"] - 0.3
-    assert {"eval/loss/early", "eval/loss/late"} <= history[-1].keys() and history[-1]["eval/loss"] < history[1]["eval/loss"] + 0.5
-    fs, root = pafs.FileSystem.from_uri(s3_shards)
-    with fs.open_input_stream(f"{root}/tokenizer.json") as f:
-        tokenizer = f.read()
-    from pathlib import Path
-
-    ckpt = Path(result.checkpoint_path)
-    assert (ckpt / "tokenizer.json").read_bytes() == tokenizer
-    assert json.loads((ckpt / "tokenizer.json").read_text())["model"]["type"] == "BPE"
-    assert np.isfinite(history[-1]["eval/loss"])
