@@ -10,6 +10,11 @@ from pathlib import Path
 # DeepSpeed reads its accelerator once, at the first get_accelerator(): CPU for the whole suite.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One OpenMP/intra-op thread per process, set before torch is imported, inherited by every process the tests start
+# (Ray's included): the suite runs several torch processes at once on 2 cores (the two ranks of a collective, Ray's
+# workers, a background scenario), and more threads than cores there spin and wait on each other: the two-process
+# expert-parallel test took 22 s alone with torch's default threads, 12 s with one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Ray Train's controller polls its workers (their reports, their end) every 2 s by default: a tiny trial's run waits
 # on those polls more than it computes. Every Ray the tests start inherits this (its controllers read it).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
