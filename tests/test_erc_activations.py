@@ -158,6 +158,9 @@ def ep_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from ercstudy.trainables.parallelize import gather_columns
 
+    # one intra-op thread per rank: the two ranks share 2 cores with the rest of the suite, and torch's default
+    # threads per rank spin against each other at every collective (this test: 22 s alone with them, 12 s without)
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     router, weights = make(L=2, n=8, d=8, D=6, seed=EP_SEED)
     local = slice(rank * 4, (rank + 1) * 4)

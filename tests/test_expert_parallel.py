@@ -59,6 +59,9 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from ercstudy.trainables.checkpoint_writer import HostSnapshotEngine, wait_written
     from ercstudy.trainables.worker import make_trial, restore, train
 
+    # one intra-op thread per rank: the two ranks share 2 cores with the rest of the suite, and torch's default
+    # threads per rank spin against each other at every collective (this test: 22 s alone with them, 12 s without)
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cpu = torch.device("cpu")
     histories = {}
