@@ -10,9 +10,6 @@ from pathlib import Path
 # DeepSpeed reads its accelerator once, at the first get_accelerator(): CPU for the whole suite.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Ray Train's controller polls its workers (their reports, their end) every 2 s by default: a tiny trial's run waits
-# on those polls more than it computes. Every Ray the tests start inherits this (its controllers read it).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 # The S3-compatible server of the storage tests (moto's standalone server, started once by the `s3` fixture) and
 # its credentials, in the standard variables boto3 and pyarrow read: set before any Ray starts, so that every Ray
