@@ -27,8 +27,8 @@ import torch  # noqa: E402
 
 # One intra-op thread in the test process itself: the background scenarios run beside it on 2 cores, and torch's
 # default threads (one per core) spin against them (the bf16 learning test: 17 s -> 9 s). Set here, not through
-# OMP_NUM_THREADS: the environment reaches every Ray process, and with OMP_NUM_THREADS=1 there the tracking study's
-# third trial hung twice (its Train run done, Tune never told); not diagnosed yet.
+# OMP_NUM_THREADS, which would reach every Ray process: runs with it there were where a trial hang was first seen
+# (README, Status), and Ray already gives its workers one thread per CPU they hold.
 torch.set_num_threads(1)
 
 # ---------------------------------------------------------------------------------------------
