@@ -28,7 +28,7 @@ import torch  # noqa: E402
 # One intra-op thread in the test process itself: the background scenarios run beside it on 2 cores, and torch's
 # default threads (one per core) spin against them (the bf16 learning test: 17 s -> 9 s). Set here, not through
 # OMP_NUM_THREADS, which would reach every Ray process: runs with it there were where a trial hang was first seen
-# (README, Status), and Ray already gives its workers one thread per CPU they hold.
+# (README, Status).
 torch.set_num_threads(1)
 
 # ---------------------------------------------------------------------------------------------
