@@ -254,8 +254,9 @@ def shards(tmp_path_factory):
     return prepare_shards(tmp_path_factory.mktemp("text") / "shards")
 
 
-def prepare_shards(out: Path) -> Path:
-    """`ercstudy prepare-data` of the Shakespeare excerpts into `out` (the `shards` fixture's; a scenario's own)."""
+def prepare_shards(out: Path | str) -> Path | str:
+    """`ercstudy prepare-data` of the Shakespeare excerpts into `out`, a directory or a bucket URI (the `shards`
+    fixture's, a scenario's own, the bucket tests')."""
     from ercstudy.platform.cli import main
 
     texts = [str(fixture_file(name)) for name in SHAKESPEARE_EXCERPTS]

@@ -8,7 +8,7 @@ endpoint in the standard AWS_* environment that pyarrow reads)."""
 import pyarrow.fs as pafs
 import pytest
 import yaml
-from conftest import SEQ, SHAKESPEARE_EXCERPTS, fixture_file, own_stderr
+from conftest import SEQ, fixture_file, own_stderr, prepare_shards
 
 from ercstudy.netutil import free_ports
 from ercstudy.platform.cli import main
@@ -21,9 +21,7 @@ PREPARE = ["--vocab-size", "300", "--seq-len", str(SEQ), "--rows-per-shard", "20
 @pytest.fixture
 def s3_shards(bucket):
     """prepare-data's shards of the Shakespeare excerpts, written straight into the bucket."""
-    uri = f"{bucket}/text/shards"
-    assert main(["prepare-data", *[str(fixture_file(n)) for n in SHAKESPEARE_EXCERPTS], "--out", uri, *PREPARE]) == 0
-    return uri
+    return prepare_shards(f"{bucket}/text/shards")
 
 
 def test_prepare_data_writes_the_shards_into_a_bucket(s3_shards, shards):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import yaml
-from conftest import SEQ, SHAKESPEARE_EXCERPTS, fixture_file, own_line
+from conftest import SEQ, own_line, prepare_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1800)]
 REPO = Path(__file__).resolve().parents[1]
@@ -32,9 +32,7 @@ def test_submit_runs_a_study_on_data_in_a_bucket_as_a_ray_job(ray_session, bucke
 
     url = local_dashboard_url()
     assert url, "the shared Ray of the tests is a local instance"
-    shards = f"{bucket}/text/shards"
-    assert main(["prepare-data", *[str(fixture_file(n)) for n in SHAKESPEARE_EXCERPTS], "--out", shards, "--vocab-size", "300",
-                 "--seq-len", str(SEQ), "--rows-per-shard", "200", "--eval-fraction", "0.1"]) == 0
+    shards = prepare_shards(f"{bucket}/text/shards")
     data = yaml.safe_load((REPO / "search_spaces" / "quickstart.yaml").read_text())
     data["name"] = "submitted"
     data["base"]["model"].update(vocab_size=320, seq_len=SEQ)

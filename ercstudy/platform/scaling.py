@@ -91,6 +91,14 @@ def _check_chinchilla(N: np.ndarray, D: np.ndarray) -> None:
                            "vary the token budget at fixed model size")
 
 
+# bounds of the fit's internal vector (log E, log A', a, log B', b)
+_LOW, _HIGH = np.array([-20, -30, 0.0, -30, 0.0]), np.array([10, 30, 4.0, 30, 4.0])
+
+
+def _geomean(x: np.ndarray) -> float:
+    return float(np.exp(np.mean(np.log(x))))
+
+
 def _chinchilla_starts(L: np.ndarray) -> list[np.ndarray]:
     """The grid of starts of a fit from nothing: exponents 0.2, 0.5, 1 each, E at half the smallest loss."""
     floor, scale = math.log(max(float(L.min()) * 0.5, 1e-6)), math.log(float(L.mean()) * 0.3)
@@ -103,7 +111,7 @@ def _fit_chinchilla(N: np.ndarray, D: np.ndarray, L: np.ndarray, starts: list[np
     from scipy.optimize import least_squares
 
     _check_chinchilla(N, D)
-    n0, d0 = float(np.exp(np.mean(np.log(N)))), float(np.exp(np.mean(np.log(D))))
+    n0, d0 = _geomean(N), _geomean(D)
     x, y, logL = N / n0, D / d0, np.log(L)
     lx, ly = np.log(x), np.log(y)
 
@@ -120,7 +128,7 @@ def _fit_chinchilla(N: np.ndarray, D: np.ndarray, L: np.ndarray, starts: list[np
 
     best = None
     for p0 in starts if starts is not None else _chinchilla_starts(L):
-        r = least_squares(resid, p0, jac=jac, bounds=([-20, -30, 0.0, -30, 0.0], [10, 30, 4.0, 30, 4.0]), method="trf")
+        r = least_squares(resid, p0, jac=jac, bounds=(_LOW, _HIGH), method="trf")
         if best is None or r.cost < best.cost:
             best = r
     e, la, a, lb, b = best.x
@@ -135,11 +143,11 @@ def fit_chinchilla(N: Any, D: Any, loss: Any, *, boot: int = BOOT, seed: int = 0
     # each draw starts from the full sample's fit and from the grid's middle start, not from the whole grid: the
     # draws are near the full sample, and nine starts per draw made a report's 200 draws take half a minute.
     # (N and D are rescaled per draw, by the draw's geometric means: the start is shifted to those scales.)
-    n0, d0 = float(np.exp(np.mean(np.log(N)))), float(np.exp(np.mean(np.log(D))))
+    n0, d0 = _geomean(N), _geomean(D)
 
     def refit(n: np.ndarray, d: np.ndarray, l_: np.ndarray) -> dict[str, Any]:
-        dn, dd = float(np.mean(np.log(n))) - math.log(n0), float(np.mean(np.log(d))) - math.log(d0)
-        warm = np.clip(x + np.array([0.0, -x[2] * dn, 0.0, -x[4] * dd, 0.0]), [-20, -30, 0.0, -30, 0.0], [10, 30, 4.0, 30, 4.0])
+        dn, dd = math.log(_geomean(n) / n0), math.log(_geomean(d) / d0)
+        warm = np.clip(x + np.array([0.0, -x[2] * dn, 0.0, -x[4] * dd, 0.0]), _LOW, _HIGH)
         out = _fit_chinchilla(n, d, l_, starts=[warm, _chinchilla_starts(l_)[4]])
         out.pop("_x")
         return out
