@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(describe(cfg), flush=True)
     from ercstudy.platform import progress
     from ercstudy.platform.ray_runtime import ray_session
-    from ercstudy.platform.train_callback import MLflowTrainCallback, ReportQueueCallback
+    from ercstudy.platform.train_callback import MLflowTrainCallback
 
     # one MLflow run per trial, logged live by the Train controller; a resumed trial continues its run
     c = tracking.client(uri)
@@ -99,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     with ray_session(verbose=args.verbose) as logs:
         print(f"Ray's logs (workers, DeepSpeed): {logs.where()}" + ("" if args.verbose else "; --verbose shows them here too"), flush=True)
         # after the routing of the driver's logs: this imports DeepSpeed, which logs as it is imported
-        from ercstudy.platform.trial import run_trial
+        from ercstudy.platform.trial import ReportQueueCallback, run_trial
 
         print(f"{name}: starting {cfg.resources.num_workers} worker(s); a line every {cfg.train.report_every} steps", flush=True)
         # the workers print nothing here: the Train controller forwards each report, and this process prints it

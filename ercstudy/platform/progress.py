@@ -1,7 +1,7 @@
 """What `ercstudy train` prints while its trial trains: one line per report, written by the driver.
 
 The workers print nothing to the terminal (their output stays in Ray's logs). Ray Train's
-controller hands every report to `train_callback.ReportQueueCallback`, which puts its metrics
+controller hands every report to `trial.ReportQueueCallback`, which puts its metrics
 into a Ray queue; `TrainProgress` reads that queue in a thread of the driver and prints a line
 per report as it arrives:
 

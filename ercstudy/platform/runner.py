@@ -2,8 +2,8 @@
 MLflow tracks them all.
 
 Layers, as in Ray's Train-inside-Tune pattern: `study_trial` (a Tune function trainable, one per
-trial) starts `run_trial` (trial.py: a TorchTrainer of DeepSpeed workers) with a
-TuneReportCallback. The driver (this module) owns the Tune run and MLflow's parent run; its Tune
+trial) starts `tune_trial` (trial.py: a TorchTrainer of DeepSpeed workers, its reports passed on
+to Tune by the trial's own thread). The driver (this module) owns the Tune run and MLflow's parent run; its Tune
 callbacks write every trial's child run and print progress. A study lives in STORAGE/NAME
 (storage.py: a shared path or an s3:// / gs:// URI, Ray's `storage_path`): Tune's experiment state
 (searcher included), each trial's Train run (`train-<trial id>`, the checkpoints), the spec and the
@@ -57,15 +57,13 @@ class StudyError(RuntimeError):
 
 def study_trial(config: dict[str, Any]) -> None:
     """Tune function trainable: one trial = one TorchTrainer run, its reports forwarded to Tune."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from ercstudy.platform.trial import run_trial
+    from ercstudy.platform.trial import tune_trial
     from ercstudy.trainables.config import TrialConfig
 
     cfg = TrialConfig.from_dict(apply_params(config["base"], config["params"]))
     trial_id = tune.get_context().get_trial_id()
     # named by the trial id (stable across `ercstudy resume`): Train resumes from the run's checkpoint
-    result = run_trial(cfg, name=f"train-{trial_id}", storage_path=config["train_storage"], callbacks=[TuneReportCallback()])
+    result = tune_trial(cfg, name=f"train-{trial_id}", storage_path=config["train_storage"])
     if result.error:
         raise RuntimeError(result.error)
 

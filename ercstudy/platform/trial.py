@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ray.train import UserCallback
+
 from ercstudy.trainables.config import CONFIG_KEY, TrialConfig
 from ercstudy.trainables.data import check_data
 
@@ -81,3 +83,72 @@ def run_trial(cfg: TrialConfig, *, name: str, storage_path: str, callbacks: list
     stop_reason = history[-1].get("stop_reason") if history else None
     error = f"{type(result.error).__name__}: {result.error}".splitlines()[0] if result.error else None
     return TrialResult(history, result.checkpoint.path if result.checkpoint else None, result.path, error, stop_reason)
+
+
+class ReportQueueCallback(UserCallback):
+    """Puts rank 0's metrics of every report into `reports`, a ray.util.queue.Queue read in another process:
+    `ercstudy train`'s progress lines (progress.py), a study trial's reports to Tune (tune_trial). It runs in the
+    Train controller. `drop`: keys not forwarded (the coupling matrices: too large for a progress queue, and no line
+    shows them); `checkpoint_key`: where the path of the report's checkpoint rides along, if it has one."""
+
+    def __init__(self, reports: Any, *, drop: tuple[str, ...] = ("coupling_matrix",), checkpoint_key: str | None = None):
+        self.reports, self.drop, self.checkpoint_key = reports, drop, checkpoint_key
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        forwarded = {k: v for k, v in metrics[0].items() if k not in self.drop}
+        if self.checkpoint_key and checkpoint is not None:
+            forwarded[self.checkpoint_key] = checkpoint.path
+        try:
+            self.reports.put(forwarded)
+        except Exception as err:  # the reader went away (a stopped trial): never stop training for it
+            print(f"ercstudy: could not forward the report of step {metrics[0].get('step')}: {type(err).__name__}: {err}", flush=True)
+
+
+CHECKPOINT_KEY = "checkpoint_path"  # a forwarded report's checkpoint, as Ray's TuneReportCallback names it
+
+
+def tune_trial(cfg: TrialConfig, *, name: str, storage_path: str) -> TrialResult:
+    """run_trial inside a Tune trial: every report of the Train run reaches Tune once and in order, from the trial's
+    own thread, and the trial returns only after its last report.
+
+    Not Ray's TuneReportCallback, which can hang the trial for good (ray 2.60): it hands each report to the Tune
+    actor's main thread, which puts it into the trial session's one-slot result queue, while the trial's thread, once
+    fit() returns, puts Tune's end-of-function result into the same slot. When the last report and the end arrive
+    together, the main thread blocks on the full slot, which only it empties (stack: ray/train/_internal/session.py
+    `_get_result_from_queues` -> `_report_training_result` -> `queue.put`). Seen in 1 of 3 three-trial studies on
+    2 busy cores. Here fit() runs in a thread of its own and the trial's thread is the only one that reports.
+    """
+    import threading
+
+    from ray import tune
+    from ray.util.queue import Empty, Queue
+
+    # one report at a time, as Ray's callback: Train waits until Tune has taken a report (a scheduler's stop lands
+    # at its rung, not some steps later)
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = run_trial(cfg, name=name, storage_path=storage_path,
+                                          callbacks=[ReportQueueCallback(reports, drop=(), checkpoint_key=CHECKPOINT_KEY)])
+        except BaseException as err:  # raised in the trial's thread below
+            outcome["error"] = err
+
+    fitting = threading.Thread(target=fit, name="ercstudy-fit", daemon=True)
+    fitting.start()
+    while True:
+        try:
+            tune.report(reports.get(timeout=1.0))
+        except Empty:
+            if not fitting.is_alive():
+                break
+    # fit() has returned, so every report was put (a put returns once the queue holds it): pass on what is left
+    while True:
+        try:
+            tune.report(reports.get(block=False))
+        except Empty:
+            break
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
