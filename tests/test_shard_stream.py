@@ -2,19 +2,20 @@
 and a resumed worker starts at its step's rows without reading the ones before."""
 
 import numpy as np
+import pytest
 from conftest import SEQ
 from test_prepare_data import read_split
 
-from ercstudy.trainables.data import ParquetStream
+from ercstudy.trainables.data import ParquetStream, RayDataStream
 from ercstudy.trainables.shards import ROW_GROUP_ROWS, ShardMeta
 
 G = 64  # global batch
 
 
-def stream(shards, rank, world):
+def stream(shards, rank, world, kind=ParquetStream):
     meta = ShardMeta.read(shards)
-    return ParquetStream(shards, num_domains=len(meta.domains), seq_len=SEQ - 4, global_batch=G, micro_batch=16 // world,
-                         rank=rank, world=world)
+    return kind(shards, num_domains=len(meta.domains), seq_len=SEQ - 4, global_batch=G, micro_batch=16 // world,
+                rank=rank, world=world)
 
 
 def test_step_s_is_global_batch_s_across_the_epoch_boundary(shards):
@@ -55,3 +56,25 @@ def test_shards_are_written_in_small_row_groups(shards):
     for f in sorted((shards / "train").glob("*.parquet")):
         meta = pq.ParquetFile(f).metadata
         assert all(meta.row_group(g).num_rows <= ROW_GROUP_ROWS for g in range(meta.num_row_groups))
+
+
+@pytest.mark.ray
+def test_ray_data_reads_the_same_batches_and_a_late_start_skips_the_files_before_it(shards, ray_session):
+    """data.reader: ray_data: every step's share equals the direct reader's, on 2 ranks across the epoch boundary,
+    in one read per epoch; a worker starting late (a restart) reads from the file of its step's first row."""
+    direct = [stream(shards, r, 2) for r in range(2)]
+    by_ray = [stream(shards, r, 2, RayDataStream) for r in range(2)]
+    per_epoch = by_ray[0].batches_per_epoch
+    for s in range(1, per_epoch + 3):
+        for r in range(2):
+            for m in range(2):
+                want, got = direct[r].micro_batch(s, m), by_ray[r].micro_batch(s, m)
+                assert np.array_equal(got.tokens.numpy(), want.tokens.numpy()), (s, r, m)
+                assert np.array_equal(got.domains.numpy(), want.domains.numpy()), (s, r, m)
+    assert by_ray[0].reads == [(1, 0), (per_epoch + 1, 0)]  # one ordered read per epoch, none per step
+    late = stream(shards, 1, 2, RayDataStream)
+    step = per_epoch - 1
+    got = late.micro_batch(step, 1).tokens.numpy()
+    assert np.array_equal(got, direct[1].micro_batch(step, 1).tokens.numpy())
+    (start, first), = late.reads
+    assert start == step and first > 0 and late.file_starts[first] <= (step - 1) * G < late.file_starts[first + 1]

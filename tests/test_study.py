@@ -123,6 +123,19 @@ def test_a_study_asking_for_gpus_the_cluster_lacks_fails_fast():
     assert concurrency(parse_study(QUICKSTART), Capacity(cpus=2, gpus=0, autoscaling=False)) == 2
 
 
+def test_a_study_whose_shards_ray_data_reads_leaves_it_a_cpu():
+    """Ray Data lists and samples the files in one-CPU tasks: with every CPU held by trials they never run."""
+    def study(reader):
+        base = {**QUICKSTART["base"], "data": {"kind": "parquet", "path": "data/shards", "reader": reader}}
+        return parse_study(spec(base=base, resources={"num_workers": 1, "cpus_per_worker": 1}))
+
+    assert concurrency(study("direct"), Capacity(cpus=2, gpus=0, autoscaling=False)) == 2
+    assert concurrency(study("ray_data"), Capacity(cpus=2, gpus=0, autoscaling=False)) == 1
+    assert concurrency(study("direct"), Capacity(cpus=1, gpus=0, autoscaling=False)) == 1
+    with pytest.raises(StudyError, match=r"needs 1 CPU\(s\) and 1 left free for Ray Data's reads .*has 1"):
+        concurrency(study("ray_data"), Capacity(cpus=1, gpus=0, autoscaling=False))
+
+
 def test_tracking_uri_and_unreachable_server(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -1,7 +1,7 @@
 """`ercstudy submit` to the Jobs API of the shared local Ray (a cluster's head serves the same API), of a study
 whose data is in a bucket: the job ships code, never data, and the trial's worker streams its batches and its
 held-out set from S3 (conftest's moto server; the worker inherits the AWS_* environment, as a cluster node's
-processes do). A cluster that autoscales from zero for the submitted study: tests/test_autoscaling.py."""
+processes do), its batches read by Ray Data (data.reader: ray_data). A cluster that autoscales from zero for the submitted study: tests/test_autoscaling.py."""
 
 import json
 import math
@@ -30,13 +30,14 @@ def test_submit_runs_a_study_on_data_in_a_bucket_as_a_ray_job(ray_session, bucke
     from ercstudy.platform.cli import main
     from ercstudy.platform.ray_runtime import local_dashboard_url
 
+    started = time.time()
     url = local_dashboard_url()
     assert url, "the shared Ray of the tests is a local instance"
     shards = prepare_shards(f"{bucket}/text/shards")
     data = yaml.safe_load((REPO / "search_spaces" / "quickstart.yaml").read_text())
     data["name"] = "submitted"
     data["base"]["model"].update(vocab_size=320, seq_len=SEQ)
-    data["base"]["data"] = {"kind": "parquet", "path": shards}
+    data["base"]["data"] = {"kind": "parquet", "path": shards, "reader": "ray_data"}  # Ray Data reads the bucket on the worker's node
     data["base"]["train"].update(tokens=STEPS * 16 * SEQ, report_every=5, checkpoint_every=STEPS)
     data["base"]["eval"] = {"every": 10, "sequences": 32, "mc_items": 0}
     data["search"] = {"sampler": "random", "num_trials": 1, "seed": 1, "params": {"erc.alpha": {"type": "float", "low": 0.5, "high": 1.2}}}
@@ -84,3 +85,9 @@ def test_submit_runs_a_study_on_data_in_a_bucket_as_a_ray_job(ray_session, bucke
         tokenizer = f.read()
     (saved,) = (tmp_path / "results" / "submitted" / "train").glob("*/checkpoint_*/tokenizer.json")
     assert saved.read_bytes() == tokenizer and json.loads(tokenizer)["model"]["type"] == "BPE"
+    # Ray Data read its batches: one ordered Parquet read from the bucket (STEPS is within one epoch), in this Ray
+    from ercstudy.platform.ray_runtime import ensure_ray
+
+    logs = Path(ensure_ray().directory) / "ray-data"
+    plans = [f.read_text() for f in logs.glob("ray-data-dataset_*.log") if f.stat().st_mtime > started]
+    assert len(plans) == 1 and "ReadFilesParquet" in plans[0], plans

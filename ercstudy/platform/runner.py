@@ -100,20 +100,33 @@ def trial_resources(study: Study) -> tuple[int, int]:
     return r.num_workers * r.cpus_per_worker, r.num_workers * r.gpus_per_worker
 
 
+# CPUs left free beside the trials when Ray Data reads the shards (data.reader: ray_data): it lists and samples the
+# files in tasks of one CPU, which a cluster whose CPUs the trials hold never runs (the trials would wait for good)
+RAY_DATA_CPUS = 1
+
+
+def data_cpus(study: Study) -> int:
+    data = study.base_config.data
+    return RAY_DATA_CPUS if data.kind == "parquet" and data.reader == "ray_data" else 0
+
+
 def concurrency(study: Study, cap: Capacity) -> int:
     """Trials that can run at once; a study that can never run one is refused here, not left waiting."""
     cpus, gpus = trial_resources(study)
+    spare = data_cpus(study)
     where = "an autoscaling cluster at its largest" if cap.autoscaling else "this Ray cluster"
     if gpus > cap.gpus:
         raise StudyError(f"resources: a trial needs {gpus:g} GPU(s) ({study.base_config.resources.num_workers} worker(s)), "
                          f"{where} has {cap.gpus:g}; lower resources.gpus_per_worker / num_workers, or run on a GPU cluster (--address)")
-    if cpus > cap.cpus:
-        raise StudyError(f"resources: a trial needs {cpus:g} CPU(s), {where} has {cap.cpus:g}; lower resources.num_workers / cpus_per_worker")
+    if cpus + spare > cap.cpus:
+        also = f" and {spare:g} left free for Ray Data's reads (data.reader: ray_data; `direct` needs none)" if spare else ""
+        raise StudyError(f"resources: a trial needs {cpus:g} CPU(s){also}, {where} has {cap.cpus:g}; "
+                         "lower resources.num_workers / cpus_per_worker")
     if cap.cpus == float("inf"):
         print("ercstudy: the cluster's autoscaler does not publish its largest size (Ray's v1 autoscaler): trial resources "
               "are not checked against it, and search.max_concurrent (else every trial) bounds the trials at once", file=sys.stderr)
         return max(1, min(study.search.max_concurrent or num_trials(study), num_trials(study)))
-    fit = int(cap.cpus // cpus)  # cpus > 0 (resources.cpus_per_worker may be a fraction)
+    fit = int((cap.cpus - spare) // cpus)  # cpus > 0 (resources.cpus_per_worker may be a fraction)
     if gpus:
         fit = min(fit, int(cap.gpus // gpus))
     wanted = study.search.max_concurrent or fit

@@ -33,6 +33,10 @@ class DataConfig:
 
     kind: Literal["synthetic", "parquet"] = "synthetic"
     path: str | None = None  # parquet: what prepare-data wrote: a directory (relative: to the working directory) or a URI (s3://...)
+    # parquet: who reads the training shards on each worker, the same batches either way: `direct` (pyarrow, only
+    # the row groups of the worker's own rows) or `ray_data` (an ordered Ray Data read on the worker's node; it needs
+    # a CPU free beside the trials, which a study leaves: RAY_DATA_CPUS in runner.py)
+    reader: Literal["direct", "ray_data"] = "direct"
     # synthetic: several Markov-chain "languages" over partly shared vocabularies
     num_domains: int = 4
     tokens_per_domain: int = 48  # private tokens of each domain
@@ -44,6 +48,7 @@ class DataConfig:
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         require(self.shared_tokens >= 0, "shared_tokens", f"must be >= 0, got {self.shared_tokens}")
         require(self.kind != "parquet" or bool(self.path), "path", "kind 'parquet' needs the shard directory made by `ercstudy prepare-data`")
+        require(self.reader in ("direct", "ray_data"), "reader", f"must be direct or ray_data, got {self.reader!r}")
         if self.path and "://" not in self.path:
             # Ray Train workers run in another working directory: hand them an absolute path.
             object.__setattr__(self, "path", os.path.abspath(os.path.expanduser(self.path)))
@@ -171,6 +176,16 @@ def check_data(data: DataConfig, *, vocab_size: int, seq_len: int, global_batch:
     return meta
 
 
+COLUMNS = ["tokens", "domain"]
+
+
+def decode(table) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a pyarrow table of shards: tokens [n, T + 1] (fixed-size rows: one flat buffer) and domains [n]."""
+    tokens = table.column("tokens").combine_chunks()
+    flat = tokens.flatten().to_numpy()
+    return (flat.reshape(len(tokens), -1) if len(tokens) else flat.reshape(0, 0)), table.column("domain").to_numpy()
+
+
 class ShardIndex:
     """Random access by row to the Parquet files of one split, at row-group granularity.
 
@@ -208,12 +223,8 @@ class ShardIndex:
             file, group = self.groups[g]
             if self._open is None or self._open[0] != file:
                 self._open = (file, pq.ParquetFile(file, metadata=self.footers[file], filesystem=self.fs))
-            table = self._open[1].read_row_group(group, columns=["tokens", "domain"])
-            tokens = table.column("tokens").combine_chunks()
-            flat = tokens.flatten().to_numpy()  # fixed-size rows: one flat buffer
-            rows = {"tokens": flat.reshape(len(tokens), -1) if len(tokens) else flat.reshape(0, 0),
-                    "domain": table.column("domain").to_numpy()}
-            self._last = (g, rows)
+            tokens, domains = decode(self._open[1].read_row_group(group, columns=COLUMNS))
+            self._last = (g, {"tokens": tokens, "domain": domains})
             self.groups_read.append(g)
         return self._last[1]
 
@@ -266,11 +277,88 @@ class ParquetStream(GlobalBatchStream):
         return batch
 
 
+class RayDataStream(GlobalBatchStream):
+    """Parquet token shards read by Ray Data, where the worker runs: the same batches as ParquetStream.
+
+    Step s is global batch s of the split in file order (epochs wrap, the last partial batch dropped) and rank r
+    keeps rows r * share ... (r + 1) * share of it, as with ParquetStream: the data position is the step alone. Each
+    worker runs its own ordered read (Ray Data's streaming split hands out blocks to whichever worker asks first and
+    cannot start at an offset, so it could not keep "step s is batch s" across a restart): its read tasks run on
+    the worker's node with no CPU of their own (they wait on storage, and the trial's CPUs are held by its workers),
+    and Ray Data streams the next blocks in while the step trains. Ray Data still lists and samples the files in
+    tasks of one CPU: a study leaves one free (runner.RAY_DATA_CPUS). A worker starting at step s reads from the
+    file that holds the step's first row: nothing of the files before it. Every worker reads the whole of each
+    global batch it trains on (it keeps its share): `world` times the bytes of ParquetStream, which reads row groups
+    of its own rows only; a 1M-token global batch is 4 MB per worker and step.
+    """
+
+    def __init__(self, directory: str | Path, *, num_domains: int, seq_len: int, **kwargs: int):
+        super().__init__(**kwargs)
+        self.index = ShardIndex(join(directory, "train"))  # the footers: each file's first row
+        self.seq_len, self.num_domains = seq_len, num_domains
+        self.batches_per_epoch = self.index.num_rows // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise DataError(f"{directory}: {self.index.num_rows} training sequences, fewer than one global batch ({self.global_batch})")
+        rows = [self.index.footers[f].num_rows for f in self.index.files]
+        self.file_starts = np.concatenate([[0], np.cumsum(rows)])  # [files + 1]
+        self._batches = None  # the open read: global batches from step self._next on
+        self._next = -1
+        self.reads: list[tuple[int, int]] = []  # (step, first file) of every read started: a restart starts one
+
+    def _read_from(self, step: int):
+        """Global batches step, step + 1, ... to the end of the step's epoch, each as this rank's (tokens, domains)."""
+        import ray
+        import ray.data
+
+        position = (step - 1) % self.batches_per_epoch
+        start = position * self.global_batch
+        first = int(np.searchsorted(self.file_starts, start, side="right")) - 1
+        skip = start - int(self.file_starts[first])
+        self.reads.append((step, first))
+        ds = ray.data.read_parquet(self.index.files[first:], filesystem=self.index.fs, columns=COLUMNS, num_cpus=0,
+                                   label_selector={"ray.io/node-id": ray.get_runtime_context().get_node_id()})
+        ds.context.execution_options.preserve_order = True  # blocks in file order: batch s is the same rows on every rank
+        ds.context.enable_progress_bars = False
+        want = self.batches_per_epoch - position
+        held_t: list[np.ndarray] = []
+        held_d: list[np.ndarray] = []
+        held = 0
+        rows = slice(self.rank * self.share, (self.rank + 1) * self.share)
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            tokens, domains = decode(table)
+            if skip:
+                drop, skip = min(skip, len(tokens)), skip - min(skip, len(tokens))
+                tokens, domains = tokens[drop:], domains[drop:]
+            held_t.append(tokens)
+            held_d.append(domains)
+            held += len(tokens)
+            while held >= self.global_batch and want:
+                all_t, all_d = np.concatenate(held_t), np.concatenate(held_d)
+                yield all_t[: self.global_batch][rows], all_d[: self.global_batch][rows]
+                held_t, held_d = [all_t[self.global_batch :]], [all_d[self.global_batch :]]
+                held -= self.global_batch
+                want -= 1
+            if not want:
+                return
+
+    def share_at(self, step: int) -> Batch:
+        got = next(self._batches, None) if self._batches is not None and self._next == step else None
+        if got is None:  # the first step, a jump (a restart), or an epoch's end: a new read from this step
+            if self._batches is not None:
+                self._batches.close()
+            self._batches = self._read_from(step)
+            got = next(self._batches)
+        self._next = step + 1
+        tokens = torch.from_numpy(np.ascontiguousarray(got[0][:, : self.seq_len + 1], dtype=np.int64))
+        return Batch(tokens, torch.from_numpy(got[1].astype(np.int64)))
+
+
 def build_train_data(data: DataConfig, *, seq_len: int, seed: int, global_batch: int, micro_batch: int,
                      rank: int, world: int) -> GlobalBatchStream:
     """The training stream of one worker."""
     kwargs = {"global_batch": global_batch, "micro_batch": micro_batch, "rank": rank, "world": world}
     if data.kind == "parquet":
         meta = ShardMeta.read(data.path)
-        return ParquetStream(data.path, num_domains=len(meta.domains), seq_len=seq_len, **kwargs)
+        stream = RayDataStream if data.reader == "ray_data" else ParquetStream
+        return stream(data.path, num_domains=len(meta.domains), seq_len=seq_len, **kwargs)
     return SyntheticStream(SyntheticCorpus(data, seq_len=seq_len, seed=seed), **kwargs)
