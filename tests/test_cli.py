@@ -116,7 +116,10 @@ def fake_ray(monkeypatch):
     monkeypatch.setattr(ray_runtime, "ray_session", ray_session)
     monkeypatch.setattr(tracking, "log_trial_artifacts", lambda *a: None)  # plots: tests/test_tracking.py
     monkeypatch.setattr(progress, "report_queue", queue.Queue)
-    monkeypatch.setitem(sys.modules, "ercstudy.platform.trial", types.SimpleNamespace(run_trial=run_trial))
+    from ercstudy.platform.trial import ReportQueueCallback
+
+    monkeypatch.setitem(sys.modules, "ercstudy.platform.trial",
+                        types.SimpleNamespace(run_trial=run_trial, ReportQueueCallback=ReportQueueCallback))
     return events
 
 

@@ -84,4 +84,7 @@ def test_grouped_layer_backward_matches_float64_autograd():
             y, stats = lay(inp)
         ((y**2).sum() + stats.lb_loss).backward()
     for (name, p), p_ref in zip(layer.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad.double(), p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+        # fp32 error at the scale of the whole gradient (a router entry is a sum with cancellation: near zero its
+        # own relative error is large: on one Xeon, off by 5e-7 of the largest entry, 1.8e-4 of the entry itself)
+        scale = float(p_ref.grad.abs().max())
+        torch.testing.assert_close(p.grad.double(), p_ref.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
