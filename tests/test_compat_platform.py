@@ -133,3 +133,21 @@ def test_ray_config_can_be_reloaded_from_the_environment():
 
     assert "Config.initialize" in inspect.getsource(setup._enable_token_auth), "Ray enables token auth differently now"
     compat.reload_ray_config()
+
+
+@pytest.mark.ray
+def test_a_token_cluster_is_told_apart_by_a_client_without_one(ray_session, tmp_path):
+    """The tests' Ray needs its token: a process that has none set (only a ~/.ray/auth_token, as every plain
+    ray.init() of Ray 2.60 leaves) is refused by it at once, and so decides to send the token. (The multinode
+    scenario's driver has such a file too and a cluster without tokens: it connects without one.)"""
+    import subprocess
+    import sys
+
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("0" * 64)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")} | {"HOME": str(tmp_path)}
+    code = ("import sys; from ercstudy.platform import compat, ray_runtime as r; a = sys.argv[1]; "
+            "print(compat.gcs_takes_clients_without_a_token(a), r.use_token_if_available(a))")
+    out = subprocess.run([sys.executable, "-c", code, ray_session.get_runtime_context().gcs_address], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr[-2000:]

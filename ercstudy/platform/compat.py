@@ -110,3 +110,17 @@ def reload_ray_config() -> None:
     from ray._raylet import Config
 
     Config.initialize("")
+
+
+def gcs_takes_clients_without_a_token(address: str, timeout_s: float = 5.0) -> bool:
+    """Whether the GCS at `address` (host:port) answers a client that sends no token: a cluster without token
+    authentication. This process must not be in token mode when it asks. No public API says a cluster's
+    authentication mode; Ray's internal GcsClient refuses at once (AuthenticationError) where a token is needed."""
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    try:
+        GcsClient(address=address).internal_kv_keys(b"", None, timeout=timeout_s)
+    except AuthenticationError:
+        return False
+    return True

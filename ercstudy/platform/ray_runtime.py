@@ -170,17 +170,27 @@ def new_token_file() -> str:
     return path
 
 
-def use_token_if_available() -> bool:
+def use_token_if_available(address: str | None = None) -> bool:
     """As a client of a cluster (`ercstudy submit`, `run --address`): when RAY_AUTH_MODE is unset and the user
     has a Ray token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, made by `ray get-auth-token
     --generate`, the file cluster.yaml copies to every node), send it: token mode for this process's clients.
-    An explicit RAY_AUTH_MODE is respected. Returns whether the token is used."""
+    An explicit RAY_AUTH_MODE is respected. Returns whether the token is used.
+
+    ~/.ray/auth_token alone says little: Ray 2.60 writes one at every plain local `ray.init()`. Sent to a GCS
+    without token authentication (`address`, host:port), the connection succeeds but every actor dies as it is
+    created ("Actor may be already destroyed"): so with only that file, the cluster is asked first."""
     mode = os.environ.get("RAY_AUTH_MODE")
     if mode is not None:
         return mode.lower() == "token"
-    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-            or os.path.isfile(os.path.expanduser("~/.ray/auth_token"))):
+    explicit = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not (explicit or os.path.isfile(os.path.expanduser("~/.ray/auth_token"))):
         return False
+    if not explicit and address and "://" not in address and address != "auto":
+        try:
+            if compat.gcs_takes_clients_without_a_token(address):
+                return False
+        except Exception:  # unreachable, or Ray's internals moved: send the token, as before, and let ray.init say why
+            pass
     os.environ["RAY_AUTH_MODE"] = "token"
     compat.reload_ray_config()
     return True
@@ -215,7 +225,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbo
     pending = None if verbose else quiet_driver_logs()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        use_token_if_available()
+        use_token_if_available(address)
     if not address:
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")

@@ -50,7 +50,12 @@ def main(out: Path) -> None:
         spec, storage, uri = out / "multinode.yaml", out / "results", f"sqlite:///{out}/mlflow.db"
         spec.write_text(yaml.safe_dump(one_trial_study("multinode", STEPS), sort_keys=False))
         MlflowClient(uri).search_experiments()  # create the store's tables before the driver does
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        # the driver's user has a ~/.ray/auth_token, as every plain ray.init() of Ray 2.60 leaves one: sent to this
+        # cluster without tokens, every actor would die as it is created (ray_runtime.use_token_if_available)
+        home = out / "home"
+        (home / ".ray").mkdir(parents=True)
+        (home / ".ray" / "auth_token").write_text("0" * 64)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HOME": str(home)}
         log = (out / "run.log").open("w")
         driver = subprocess.Popen([sys.executable, "-m", "ercstudy", "run", str(spec), "--storage", str(storage),
                                    "--address", cluster.address], env=env, cwd=out, stdout=log, stderr=subprocess.STDOUT)
