@@ -38,22 +38,33 @@ def test_the_jobs_client_with_the_token_is_served(ray_session):
     assert isinstance(JobSubmissionClient(local_dashboard_url()).list_jobs(), list)
 
 
-def test_no_listener_of_the_private_ray_serves_an_unauthenticated_request(ray_session):
-    """Every TCP listener of the local Ray's processes, asked `GET /api/jobs/` without the token, refuses
-    (401), is not HTTP (gRPC: its servers check the token on every call), or is one of the two read-only
-    Prometheus endpoints of Ray's dashboard and autoscaler, which ignore the token (left open: issue 16)."""
+def test_every_listener_of_the_private_ray_is_on_loopback_and_none_serves_an_unauthenticated_request(ray_session):
+    """Every TCP listener of the local Ray's processes listens on loopback only (the node registered at 127.0.0.1,
+    its core servers, agents, client server, workers and Prometheus endpoints included), and asked `GET /api/jobs/`
+    without the token it refuses (401), is not HTTP (gRPC: its servers check the token on every call), or is one of
+    the two read-only Prometheus endpoints of Ray's dashboard and autoscaler, which ignore the token."""
+    import ipaddress
+
     import psutil
 
     from ercstudy.platform import ray_runtime
 
+    assert [n["NodeManagerAddress"] for n in ray_session.nodes()] == ["127.0.0.1"]
     root = psutil.Process(ray_runtime._local.process.pid)
-    ports = set()
+    listening = set()
     for proc in [root, *root.children(recursive=True)]:
         try:
-            ports.update(c.laddr.port for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN)
+            listening.update((c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN)
         except psutil.Error:
             continue
+    ports = {port for _, port in listening}
     assert len(ports) >= 4, ports  # GCS, raylet, dashboard, agents at least
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+    assert all(loopback(ip) for ip, _ in listening), sorted(listening)
     served = set()
     for port in sorted(ports):
         try:

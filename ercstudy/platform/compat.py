@@ -124,3 +124,22 @@ def gcs_takes_clients_without_a_token(address: str, timeout_s: float = 5.0) -> b
     except AuthenticationError:
         return False
     return True
+
+
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def reach_ray_on_loopback() -> None:
+    """Address Ray as a one-machine Ray on 127.0.0.1, in this process and the Ray it starts (the environment).
+
+    Ray resolves 127.0.0.1 (`--node-ip-address`, a driver's address) to the machine's network address, and its
+    node then registers there and its dashboard's and autoscaler's Prometheus endpoints listen on every interface
+    (ray/dashboard/head.py, ray/autoscaler/v2/monitor.py bind loopback only for a loopback node). It does not
+    when its clusters are off, as on a macOS or Windows laptop (ray/_private/services.py get_node_ip_address):
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which Ray reads once, at import (ray_constants.ENABLE_RAY_CLUSTER)."""
+    import os
+
+    from ray._private import ray_constants
+
+    os.environ[LOOPBACK_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False

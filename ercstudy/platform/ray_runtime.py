@@ -236,11 +236,14 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbo
             # instance's token (a file only this user can read; this process and Ray's inherit its path)
             token = new_token_file()
             enable_token_auth(token)
+            compat.reach_ray_on_loopback()  # the node on 127.0.0.1, not the machine's network address
             _local = start_local_ray(num_cpus)
             _local.token_dir = os.path.dirname(token)
             atexit.register(stop_local_ray)
             print(f"ercstudy: local Ray is up at {_local.address} (dashboard: {_local.dashboard_url})", file=sys.stderr, flush=True)
         address = _local.address
+    if address.split(":")[0] in ("127.0.0.1", "localhost"):  # the private Ray (this process's or a parent's)
+        compat.reach_ray_on_loopback()
     context = ray.init(address=address, log_to_driver=verbose)
     # ray.init's RayContext: the session directory of this node, where Ray's processes here write their logs
     session_dir = context.address_info.get("session_dir")
