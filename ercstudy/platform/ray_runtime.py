@@ -242,8 +242,10 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbo
             atexit.register(stop_local_ray)
             print(f"ercstudy: local Ray is up at {_local.address} (dashboard: {_local.dashboard_url})", file=sys.stderr, flush=True)
         address = _local.address
-    if address.split(":")[0] in ("127.0.0.1", "localhost"):  # the private Ray (this process's or a parent's)
-        compat.reach_ray_on_loopback()
+    # A process that the private Ray or its starter started (a job's driver, a test's study) inherits
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 and reaches it on loopback by itself (Ray reads it at import); a cluster
+    # elsewhere, or on this machine's network address (`ray start --head`, then `--address 127.0.0.1:6379`), is
+    # reached as Ray reaches it.
     context = ray.init(address=address, log_to_driver=verbose)
     # ray.init's RayContext: the session directory of this node, where Ray's processes here write their logs
     session_dir = context.address_info.get("session_dir")
