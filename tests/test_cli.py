@@ -3,6 +3,7 @@ shows ercstudy's lines (a line per report, the summary last), Ray's only with --
 defaults to $ERCSTUDY_STORAGE."""
 
 import pytest
+from conftest import SEQ
 
 from ercstudy.platform.cli import describe, main
 from ercstudy.trainables.config import load_trial_config
@@ -221,3 +222,26 @@ print("the summary")
         time.sleep(1)
     assert f"a line from a Ray worker {tag}v" in verbose.stdout + verbose.stderr, verbose.stdout + verbose.stderr
     assert verbose.stdout.splitlines()[-1] == "the summary"  # left Ray before it: nothing streamed follows
+
+
+@pytest.mark.ray
+def test_train_refuses_a_ray_data_trial_that_leaves_no_cpu_for_its_reads(ray_session, shards, tmp_path, monkeypatch, capsys):
+    """The tests' Ray has 2 CPUs: a 2-CPU trial whose shards Ray Data reads would wait for good (its reads need a
+    free CPU), so `ercstudy train` says so and ends the trial's MLflow run, before any worker starts."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    spec = yaml.safe_load(open("search_spaces/quickstart.yaml"))
+    spec["base"]["model"].update(vocab_size=320, seq_len=SEQ)
+    spec["base"]["data"] = {"kind": "parquet", "path": str(shards), "reader": "ray_data"}
+    spec["base"]["resources"] = {"num_workers": 2, "cpus_per_worker": 1}
+    path = tmp_path / "ray_data.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["train", str(path), "--storage", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert "trial failed: resources: the trial needs 2 CPU(s) and 1 left free for Ray Data's reads" in err, err
+    c = MlflowClient(uri)
+    (run,) = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    assert run.info.status == "FAILED", run.info.status

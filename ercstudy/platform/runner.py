@@ -105,15 +105,15 @@ def trial_resources(study: Study) -> tuple[int, int]:
 RAY_DATA_CPUS = 1
 
 
-def data_cpus(study: Study) -> int:
-    data = study.base_config.data
+def data_cpus(data: Any) -> int:
+    """CPUs a trial's data config needs free beside the trials (its DataConfig)."""
     return RAY_DATA_CPUS if data.kind == "parquet" and data.reader == "ray_data" else 0
 
 
 def concurrency(study: Study, cap: Capacity) -> int:
     """Trials that can run at once; a study that can never run one is refused here, not left waiting."""
     cpus, gpus = trial_resources(study)
-    spare = data_cpus(study)
+    spare = data_cpus(study.base_config.data)
     where = "an autoscaling cluster at its largest" if cap.autoscaling else "this Ray cluster"
     if gpus > cap.gpus:
         raise StudyError(f"resources: a trial needs {gpus:g} GPU(s) ({study.base_config.resources.num_workers} worker(s)), "

@@ -51,6 +51,14 @@ def run_trial(cfg: TrialConfig, *, name: str, storage_path: str, callbacks: list
         ensure_ray()
     check_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len, global_batch=cfg.train.global_batch_size)
     res = cfg.resources
+    from .runner import cluster_capacity, data_cpus
+
+    if spare := data_cpus(cfg.data):  # a study has left it (runner.concurrency); `ercstudy train` is checked here
+        cpus = res.num_workers * res.cpus_per_worker
+        if cpus + spare > (have := cluster_capacity().cpus):
+            return TrialResult([], None, os.path.join(storage_path, name),
+                               f"resources: the trial needs {cpus:g} CPU(s) and {spare:g} left free for Ray Data's reads "
+                               f"(data.reader: ray_data; `direct` needs none), the cluster has {have:g}", None)
     use_gpu = res.gpus_per_worker > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
