@@ -51,7 +51,7 @@ def run_trial(cfg: TrialConfig, *, name: str, storage_path: str, callbacks: list
         ensure_ray()
     check_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len, global_batch=cfg.train.global_batch_size)
     res = cfg.resources
-    from .runner import cluster_capacity, data_cpus
+    from .capacity import cluster_capacity, data_cpus
 
     if spare := data_cpus(cfg.data):  # a study has left it (runner.concurrency); `ercstudy train` is checked here
         cpus = res.num_workers * res.cpus_per_worker
@@ -128,12 +128,16 @@ def tune_trial(cfg: TrialConfig, *, name: str, storage_path: str) -> TrialResult
     """
     import threading
 
+    import ray
     from ray import tune
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # one report at a time, as Ray's callback: Train waits until Tune has taken a report (a scheduler's stop lands
-    # at its rung, not some steps later)
-    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    # at its rung, not some steps later); on this trial actor's node (the head, runner.TRIAL_ACTOR), so that a lost
+    # worker node does not take the queue, and every report after it, with it
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     outcome: dict[str, Any] = {}
 
     def fit() -> None:

@@ -35,7 +35,7 @@ class DataConfig:
     path: str | None = None  # parquet: what prepare-data wrote: a directory (relative: to the working directory) or a URI (s3://...)
     # parquet: who reads the training shards on each worker, the same batches either way: `direct` (pyarrow, only
     # the row groups of the worker's own rows) or `ray_data` (an ordered Ray Data read on the worker's node; it needs
-    # a CPU free beside the trials, which a study leaves: RAY_DATA_CPUS in runner.py)
+    # a CPU free beside the trials, which a study leaves: RAY_DATA_CPUS in platform/capacity.py)
     reader: Literal["direct", "ray_data"] = "direct"
     # synthetic: several Markov-chain "languages" over partly shared vocabularies
     num_domains: int = 4
@@ -286,7 +286,7 @@ class RayDataStream(GlobalBatchStream):
     cannot start at an offset, so it could not keep "step s is batch s" across a restart): its read tasks run on
     the worker's node with no CPU of their own (they wait on storage, and the trial's CPUs are held by its workers),
     and Ray Data streams the next blocks in while the step trains. Ray Data still lists and samples the files in
-    tasks of one CPU: a study leaves one free (runner.RAY_DATA_CPUS). A worker starting at step s reads from the
+    tasks of one CPU: a study leaves one free (capacity.RAY_DATA_CPUS). A worker starting at step s reads from the
     file that holds the step's first row: nothing of the files before it. Every worker reads the whole of each
     global batch it trains on (it keeps its share): `world` times the bytes of ParquetStream, which reads row groups
     of its own rows only; a 1M-token global batch is 4 MB per worker and step.

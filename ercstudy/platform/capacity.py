@@ -1,0 +1,42 @@
+"""What the connected cluster can hold, and what a trial needs of it beside its workers (runner.concurrency refuses
+a study that never fits; trial.run_trial an `ercstudy train` trial)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import compat
+
+
+@dataclass(frozen=True)
+class Capacity:
+    cpus: float
+    gpus: float
+    autoscaling: bool
+
+
+def cluster_capacity() -> Capacity:
+    """What the connected cluster has now, or could have once its autoscaler adds nodes."""
+    import ray
+
+    now = ray.cluster_resources()
+    cpus, gpus = now.get("CPU", 0.0), now.get("GPU", 0.0)
+    try:
+        most = compat.autoscaler_max_resources()
+        unknown_largest = not most and compat.autoscaler_running()
+    except Exception:  # a Ray whose internals moved (tests/test_compat_platform.py names it): today's resources only
+        most, unknown_largest = {}, False
+    if unknown_largest:  # Ray's v1 autoscaler: it adds nodes, but does not say how many it may (Ray Train checks nothing then either)
+        return Capacity(float("inf"), float("inf"), True)
+    return Capacity(max(cpus, most.get("CPU", 0)), max(gpus, most.get("GPU", 0)), bool(most))
+
+
+# CPUs left free beside the trials when Ray Data reads the shards (data.reader: ray_data): it lists and samples the
+# files in tasks of one CPU, which a cluster whose CPUs the trials hold never runs (the trials would wait for good)
+RAY_DATA_CPUS = 1
+
+
+def data_cpus(data: Any) -> int:
+    """CPUs a trial's data config needs free beside the trials (its DataConfig)."""
+    return RAY_DATA_CPUS if data.kind == "parquet" and data.reader == "ray_data" else 0
