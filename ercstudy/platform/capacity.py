@@ -37,6 +37,11 @@ def cluster_capacity() -> Capacity:
 RAY_DATA_CPUS = 1
 
 
-def data_cpus(data: Any) -> int:
-    """CPUs a trial's data config needs free beside the trials (its DataConfig)."""
-    return RAY_DATA_CPUS if data.kind == "parquet" and data.reader == "ray_data" else 0
+def cpu_need(worker_cpus: float, data: Any) -> tuple[float, float, str]:
+    """What a trial whose workers hold `worker_cpus` needs of the cluster's CPUs with its DataConfig `data`: the
+    total, the part kept free for Ray Data's reads, and the need in words."""
+    spare = RAY_DATA_CPUS if data.kind == "parquet" and data.reader == "ray_data" else 0
+    words = f"{worker_cpus:g} CPU(s)"
+    if spare:
+        words += f" and {spare:g} left free for Ray Data's reads (data.reader: ray_data; `direct` needs none)"
+    return worker_cpus + spare, spare, words

@@ -32,7 +32,7 @@ from ray import tune
 from . import leaderboard as ranking
 from . import outbox, tracking
 from . import storage as store
-from .capacity import Capacity, cluster_capacity, data_cpus
+from .capacity import Capacity, cluster_capacity, cpu_need
 from .search import build_scheduler, build_search
 from .study import Study, apply_params, num_trials, parse_study
 from .study_callbacks import MLflowStudyCallback, ProgressCallback
@@ -81,15 +81,13 @@ def trial_resources(study: Study) -> tuple[int, int]:
 def concurrency(study: Study, cap: Capacity) -> int:
     """Trials that can run at once; a study that can never run one is refused here, not left waiting."""
     cpus, gpus = trial_resources(study)
-    spare = data_cpus(study.base_config.data)
+    need, spare, words = cpu_need(cpus, study.base_config.data)
     where = "an autoscaling cluster at its largest" if cap.autoscaling else "this Ray cluster"
     if gpus > cap.gpus:
         raise StudyError(f"resources: a trial needs {gpus:g} GPU(s) ({study.base_config.resources.num_workers} worker(s)), "
                          f"{where} has {cap.gpus:g}; lower resources.gpus_per_worker / num_workers, or run on a GPU cluster (--address)")
-    if cpus + spare > cap.cpus:
-        also = f" and {spare:g} left free for Ray Data's reads (data.reader: ray_data; `direct` needs none)" if spare else ""
-        raise StudyError(f"resources: a trial needs {cpus:g} CPU(s){also}, {where} has {cap.cpus:g}; "
-                         "lower resources.num_workers / cpus_per_worker")
+    if need > cap.cpus:
+        raise StudyError(f"resources: a trial needs {words}, {where} has {cap.cpus:g}; lower resources.num_workers / cpus_per_worker")
     if cap.cpus == float("inf"):
         print("ercstudy: the cluster's autoscaler does not publish its largest size (Ray's v1 autoscaler): trial resources "
               "are not checked against it, and search.max_concurrent (else every trial) bounds the trials at once", file=sys.stderr)

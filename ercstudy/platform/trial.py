@@ -51,14 +51,13 @@ def run_trial(cfg: TrialConfig, *, name: str, storage_path: str, callbacks: list
         ensure_ray()
     check_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len, global_batch=cfg.train.global_batch_size)
     res = cfg.resources
-    from .capacity import cluster_capacity, data_cpus
+    from .capacity import cluster_capacity, cpu_need
 
-    if spare := data_cpus(cfg.data):  # a study has left it (runner.concurrency); `ercstudy train` is checked here
-        cpus = res.num_workers * res.cpus_per_worker
-        if cpus + spare > (have := cluster_capacity().cpus):
-            return TrialResult([], None, os.path.join(storage_path, name),
-                               f"resources: the trial needs {cpus:g} CPU(s) and {spare:g} left free for Ray Data's reads "
-                               f"(data.reader: ray_data; `direct` needs none), the cluster has {have:g}", None)
+    need, spare, words = cpu_need(res.num_workers * res.cpus_per_worker, cfg.data)
+    # with Ray Data, a trial that leaves no CPU free would wait for good: a study has checked (runner.concurrency),
+    # `ercstudy train` is checked here
+    if spare and need > (have := cluster_capacity().cpus):
+        return TrialResult([], None, os.path.join(storage_path, name), f"resources: the trial needs {words}, the cluster has {have:g}", None)
     use_gpu = res.gpus_per_worker > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -149,18 +148,12 @@ def tune_trial(cfg: TrialConfig, *, name: str, storage_path: str) -> TrialResult
 
     fitting = threading.Thread(target=fit, name="ercstudy-fit", daemon=True)
     fitting.start()
-    while True:
+    # once fit() has returned, every report was put (a put returns once the queue holds it): what is left is there
+    while fitting.is_alive() or not reports.empty():
         try:
             tune.report(reports.get(timeout=1.0))
         except Empty:
-            if not fitting.is_alive():
-                break
-    # fit() has returned, so every report was put (a put returns once the queue holds it): pass on what is left
-    while True:
-        try:
-            tune.report(reports.get(block=False))
-        except Empty:
-            break
+            pass
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

@@ -242,7 +242,30 @@ class ShardIndex:
         return np.concatenate(tokens), np.concatenate(domains)
 
 
-class ParquetStream(GlobalBatchStream):
+class ShardStream(GlobalBatchStream):
+    """Parquet token shards (from `ercstudy prepare-data`) as the training stream: global batch s is rows
+    first_row(s) ... + global_batch of the train split in file order, epochs wrapping, the last partial batch
+    dropped. Subclasses say who reads the rows."""
+
+    def __init__(self, directory: str | Path, *, num_domains: int, seq_len: int, **kwargs: int):
+        super().__init__(**kwargs)
+        self.index = ShardIndex(join(directory, "train"))  # the footers: the files' and row groups' first rows
+        self.seq_len, self.num_domains = seq_len, num_domains
+        self.batches_per_epoch = self.index.num_rows // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise DataError(f"{directory}: {self.index.num_rows} training sequences, fewer than one global batch ({self.global_batch})")
+
+    def first_row(self, step: int) -> int:
+        """The split's row where global batch `step` starts."""
+        return ((step - 1) % self.batches_per_epoch) * self.global_batch
+
+    def batch(self, tokens: np.ndarray, domains: np.ndarray) -> Batch:
+        """Rows as read (int32, seq_len + 1 or more tokens each) as a Batch of the model's sequence length."""
+        return Batch(torch.from_numpy(np.ascontiguousarray(tokens[:, : self.seq_len + 1], dtype=np.int64)),
+                     torch.from_numpy(domains.astype(np.int64)))
+
+
+class ParquetStream(ShardStream):
     """Parquet token shards (from `ercstudy prepare-data`), read straight from the files by each worker.
 
     Global batch s is rows (s - 1) % batches_per_epoch * global_batch ... + global_batch of the
@@ -253,21 +276,14 @@ class ParquetStream(GlobalBatchStream):
     is read in a background thread while the current step trains.
     """
 
-    def __init__(self, directory: str | Path, *, num_domains: int, seq_len: int, **kwargs: int):
-        super().__init__(**kwargs)
-        self.index = ShardIndex(join(directory, "train"))
-        self.seq_len, self.num_domains = seq_len, num_domains
-        self.batches_per_epoch = self.index.num_rows // self.global_batch
-        if self.batches_per_epoch == 0:
-            raise DataError(f"{directory}: {self.index.num_rows} training sequences, fewer than one global batch ({self.global_batch})")
+    def __init__(self, directory: str | Path, **kwargs: int):
+        super().__init__(directory, **kwargs)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ercstudy-shards")
         self._ahead: tuple[int, Future[Batch]] | None = None
 
     def _read(self, step: int) -> Batch:
-        start = ((step - 1) % self.batches_per_epoch) * self.global_batch + self.rank * self.share
-        tokens, domains = self.index.read(start, start + self.share)
-        tokens = torch.from_numpy(np.ascontiguousarray(tokens[:, : self.seq_len + 1], dtype=np.int64))
-        return Batch(tokens, torch.from_numpy(domains.astype(np.int64)))
+        start = self.first_row(step) + self.rank * self.share
+        return self.batch(*self.index.read(start, start + self.share))
 
     def share_at(self, step: int) -> Batch:
         # every read goes through the one reader thread: the index and its cached row group are not shared
@@ -277,7 +293,7 @@ class ParquetStream(GlobalBatchStream):
         return batch
 
 
-class RayDataStream(GlobalBatchStream):
+class RayDataStream(ShardStream):
     """Parquet token shards read by Ray Data, where the worker runs: the same batches as ParquetStream.
 
     Step s is global batch s of the split in file order (epochs wrap, the last partial batch dropped) and rank r
@@ -292,13 +308,8 @@ class RayDataStream(GlobalBatchStream):
     of its own rows only; a 1M-token global batch is 4 MB per worker and step.
     """
 
-    def __init__(self, directory: str | Path, *, num_domains: int, seq_len: int, **kwargs: int):
-        super().__init__(**kwargs)
-        self.index = ShardIndex(join(directory, "train"))  # the footers: each file's first row
-        self.seq_len, self.num_domains = seq_len, num_domains
-        self.batches_per_epoch = self.index.num_rows // self.global_batch
-        if self.batches_per_epoch == 0:
-            raise DataError(f"{directory}: {self.index.num_rows} training sequences, fewer than one global batch ({self.global_batch})")
+    def __init__(self, directory: str | Path, **kwargs: int):
+        super().__init__(directory, **kwargs)
         rows = [self.index.footers[f].num_rows for f in self.index.files]
         self.file_starts = np.concatenate([[0], np.cumsum(rows)])  # [files + 1]
         self._batches = None  # the open read: global batches from step self._next on
@@ -310,8 +321,7 @@ class RayDataStream(GlobalBatchStream):
         import ray
         import ray.data
 
-        position = (step - 1) % self.batches_per_epoch
-        start = position * self.global_batch
+        start = self.first_row(step)
         first = int(np.searchsorted(self.file_starts, start, side="right")) - 1
         skip = start - int(self.file_starts[first])
         self.reads.append((step, first))
@@ -319,27 +329,23 @@ class RayDataStream(GlobalBatchStream):
                                    label_selector={"ray.io/node-id": ray.get_runtime_context().get_node_id()})
         ds.context.execution_options.preserve_order = True  # blocks in file order: batch s is the same rows on every rank
         ds.context.enable_progress_bars = False
-        want = self.batches_per_epoch - position
-        held_t: list[np.ndarray] = []
-        held_d: list[np.ndarray] = []
-        held = 0
-        rows = slice(self.rank * self.share, (self.rank + 1) * self.share)
+        want = self.batches_per_epoch - start // self.global_batch  # global batches left in the epoch
+        g, lo = self.global_batch, self.rank * self.share
+        left: tuple[np.ndarray, np.ndarray] | None = None  # rows read, not yet a whole global batch
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             tokens, domains = decode(table)
-            if skip:
-                drop, skip = min(skip, len(tokens)), skip - min(skip, len(tokens))
-                tokens, domains = tokens[drop:], domains[drop:]
-            held_t.append(tokens)
-            held_d.append(domains)
-            held += len(tokens)
-            while held >= self.global_batch and want:
-                all_t, all_d = np.concatenate(held_t), np.concatenate(held_d)
-                yield all_t[: self.global_batch][rows], all_d[: self.global_batch][rows]
-                held_t, held_d = [all_t[self.global_batch :]], [all_d[self.global_batch :]]
-                held -= self.global_batch
-                want -= 1
+            drop = min(skip, len(tokens))  # the rows of the first file before the step's
+            skip -= drop
+            tokens, domains = tokens[drop:], domains[drop:]
+            if left is not None:
+                tokens, domains = np.concatenate([left[0], tokens]), np.concatenate([left[1], domains])
+            whole = min(len(tokens) // g, want)
+            for b in range(whole):
+                yield tokens[b * g + lo : b * g + lo + self.share], domains[b * g + lo : b * g + lo + self.share]
+            want -= whole
             if not want:
                 return
+            left = tokens[whole * g :], domains[whole * g :]
 
     def share_at(self, step: int) -> Batch:
         got = next(self._batches, None) if self._batches is not None and self._next == step else None
@@ -349,8 +355,7 @@ class RayDataStream(GlobalBatchStream):
             self._batches = self._read_from(step)
             got = next(self._batches)
         self._next = step + 1
-        tokens = torch.from_numpy(np.ascontiguousarray(got[0][:, : self.seq_len + 1], dtype=np.int64))
-        return Batch(tokens, torch.from_numpy(got[1].astype(np.int64)))
+        return self.batch(*got)
 
 
 def build_train_data(data: DataConfig, *, seq_len: int, seed: int, global_batch: int, micro_batch: int,
