@@ -11,7 +11,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from ercstudy.platform.importance import MIN_TRIALS, importance_lines, param_importances
+from ercstudy.platform.importance import MIN_TRIALS, importance_lines, param_importances, target_quantile, top_count
 from ercstudy.platform.optuna_store import OptunaStore, read_study
 from ercstudy.platform.search import build_search
 from ercstudy.platform.study import parse_study
@@ -110,7 +110,13 @@ def test_importances_find_the_param_that_matters_and_refuse_too_few_points(tmp_p
     with read_study(str(directory), study.name) as s:
         lines, _ = importance_lines(study, s, where="x")
     assert len([line for line in lines if line]) == 2 and "Too few completed points" in lines[-1], lines
-    run_points(search, 40 - MIN_TRIALS + 1, start=MIN_TRIALS - 1)
+    run_points(search, 1, start=MIN_TRIALS - 1)
+    with read_study(str(directory), study.name) as s:
+        lines, _ = importance_lines(study, s, where="x")
+    # the smallest study: the best set is 2 points, not Optuna's top 10% (one point), and says it is indicative
+    assert any(f"over {MIN_TRIALS} completed points (PED-ANOVA: the best 2 points against all" in line
+               and "Indicative only" in line for line in lines), lines
+    run_points(search, 40 - MIN_TRIALS, start=MIN_TRIALS)
     with read_study(str(directory), study.name) as s:
         imp = param_importances(study, s.get_trials())
         lines, _ = importance_lines(study, s, where="sqlite:///x")
@@ -121,6 +127,17 @@ def test_importances_find_the_param_that_matters_and_refuse_too_few_points(tmp_p
     assert max(alpha_star, key=alpha_star.get) == "erc.alpha" and max(eps, key=eps.get) == "moe.num_experts"
     assert "| param | eval/loss (low) | alpha* (low) | eps (high) |" in lines
     assert param_importances(study, s.get_trials()) == imp  # deterministic
+
+
+@pytest.mark.parametrize("n", [MIN_TRIALS, 7, 19, 20, 21, 40, 55, 1000])
+def test_the_best_set_is_optunas_ten_percent_but_never_below_two_points(n):
+    from optuna.importance._ped_anova.evaluator import _QuantileFilter  # what PED-ANOVA keeps as the best set
+
+    rng = np.random.default_rng(n)
+    trials = [optuna.trial.create_trial(value=float(v)) for v in rng.permutation(n)]
+    kept = _QuantileFilter(target_quantile(n), True, None).filter(trials)
+    assert len(kept) == top_count(n) == max(2, math.ceil(n / 10))
+    assert sorted(t.value for t in kept) == list(range(top_count(n)))
 
 
 def test_without_a_store_there_is_one_line():

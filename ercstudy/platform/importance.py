@@ -1,6 +1,9 @@
 """Parameter importances of a study, from its persisted Optuna study (optuna_store.py), with PED-ANOVA
-(`optuna.importance.PedAnovaImportanceEvaluator`: how much each param's distribution among the best 10% of
-the points differs from its distribution among all; deterministic, no random draw, so nothing to seed).
+(`optuna.importance.PedAnovaImportanceEvaluator`: how much each param's distribution among the best points
+differs from its distribution among all; deterministic, no random draw, so nothing to seed). The best set is
+Optuna's default top 10%, but never fewer than TOP_MIN points: on a small study the top 10% is one point, whose
+"distribution" says nothing. Optuna advises at least 5 points in the best set; below that the report says the
+importances are indicative.
 
 Targets: each objective, and the point's mean final `alpha_star` and `eps_mean` where the searcher recorded
 them (StudySearch keeps them as the Optuna trials' user attrs). PED-ANOVA ranks params by what it takes to
@@ -18,7 +21,9 @@ from typing import Any
 
 from .study import Study
 
-MIN_TRIALS = 10  # completed points; below, the top 10% is one or two points and the importances say nothing
+TOP_MIN = 2  # points in the best set, at least
+ADVISED_TOP = 5  # Optuna's advice for a stable analysis
+MIN_TRIALS = 3 * TOP_MIN  # completed points: the best set a third of them at most
 METHOD = "PED-ANOVA"
 TARGETS = {"alpha_star": ("alpha* (low)", 1.0), "eps_mean": ("eps (high)", -1.0)}  # user attr -> (label, sign)
 
@@ -80,9 +85,20 @@ def param_importances(study: Study, trials: list[Any]) -> dict[str, dict[str, fl
             s.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params}, value=target(t)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            imp = get_param_importances(s, evaluator=PedAnovaImportanceEvaluator())
+            imp = get_param_importances(s, evaluator=PedAnovaImportanceEvaluator(target_quantile=target_quantile(len(have))))
         out[label] = {k: float(v) for k, v in imp.items()}
     return out
+
+
+def top_count(n: int) -> int:
+    """Points in the best set of n: Optuna's default 10%, at least TOP_MIN."""
+    return max(TOP_MIN, -(-n // 10))  # ceil(n / 10) in integers
+
+
+def target_quantile(n: int) -> float:
+    """The PED-ANOVA quantile whose best set holds exactly top_count(n) of n points (Optuna keeps the
+    ceil(q n) best), half a point below the count so that rounding cannot add one."""
+    return (top_count(n) - 0.5) / n
 
 
 def _has(t: Any, target: Any) -> bool:
@@ -104,12 +120,14 @@ def importance_lines(study: Study, optuna_study: Any, *, where: str) -> tuple[li
     ready = {label: imp for label, imp in result.items() if isinstance(imp, dict)}
     n_done = sum(1 for t in optuna_study.get_trials(deepcopy=False) if t.state.name == "COMPLETE")
     if not ready:
-        return head + [f"Too few completed points for importances: {n_done} (PED-ANOVA needs at least {MIN_TRIALS}; "
+        return head + [f"Too few completed points for importances: {n_done} (importances need at least {MIN_TRIALS}; "
                        f"a point is one Optuna trial, the mean of its seeds)."], result
     params = list(dict.fromkeys(p for imp in ready.values() for p in imp))
     rows = [{"param": p, **{label: f"{imp.get(p, 0.0):.3f}" for label, imp in ready.items()}} for p in params]
+    k = top_count(n_done)
+    caveat = f" Indicative only: Optuna advises at least {ADVISED_TOP} points in the best set." if k < ADVISED_TOP else ""
     lines = head + [f"Share of each searched param in reaching the good end of each target over {n_done} completed points "
-                    f"(PED-ANOVA: the best 10% against all; deterministic), read from `{where}`.", "",
+                    f"(PED-ANOVA: the best {k} points against all; deterministic), read from `{where}`.{caveat}", "",
                     *markdown_table(rows, ["param", *ready])]
     skipped = {label: why for label, why in result.items() if isinstance(why, str)}
     if skipped:
