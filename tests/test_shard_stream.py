@@ -12,10 +12,10 @@ from ercstudy.trainables.shards import ROW_GROUP_ROWS, ShardMeta
 G = 64  # global batch
 
 
-def stream(shards, rank, world, kind=ParquetStream):
+def stream(shards, rank, world, kind=ParquetStream, seed=None):
     meta = ShardMeta.read(shards)
     return kind(shards, num_domains=len(meta.domains), seq_len=SEQ - 4, global_batch=G, micro_batch=16 // world,
-                rank=rank, world=world)
+                rank=rank, world=world, seed=seed)
 
 
 def test_step_s_is_global_batch_s_across_the_epoch_boundary(shards):
@@ -78,3 +78,38 @@ def test_ray_data_reads_the_same_batches_and_a_late_start_skips_the_files_before
     assert np.array_equal(got, direct[1].micro_batch(step, 1).tokens.numpy())
     (start, first), = late.reads
     assert start == step and first > 0 and late.file_starts[first] <= (step - 1) * G < late.file_starts[first + 1]
+    # a seed's rotation: the same batches as the direct reader's with that seed, from the rotated start on
+    seeded, seeded_direct = stream(shards, 0, 2, RayDataStream, seed=6), stream(shards, 0, 2, seed=6)
+    for s in (1, 2):
+        assert np.array_equal(seeded.micro_batch(s, 0).tokens.numpy(), seeded_direct.micro_batch(s, 0).tokens.numpy()), s
+    seeded._batches.close()  # its Ray Data read, before the shared Ray goes
+    assert seeded.offset > 0 and seeded.reads[0][1] == int(np.searchsorted(seeded.file_starts, seeded.offset * G, side="right")) - 1
+
+
+def test_the_seed_rotates_the_order_and_the_position_stays_a_function_of_the_step(shards):
+    """search.repeats' seeds train on the batches in different orders: train.seed rotates where the stream starts;
+    over an epoch each seed still reads every global batch once, and a fresh (resumed) stream reads what the
+    uninterrupted one did."""
+    from ercstudy.trainables.data import DataConfig, build_train_data
+
+    tokens, _ = read_split(shards, "train")
+    cfg = DataConfig(kind="parquet", path=str(shards))
+    by_seed = {seed: build_train_data(cfg, seq_len=SEQ - 4, seed=seed, global_batch=G, micro_batch=16, rank=0, world=1)
+               for seed in (5, 6)}
+    per_epoch = by_seed[5].batches_per_epoch
+    assert by_seed[5].offset != by_seed[6].offset and all(0 <= s.offset < per_epoch for s in by_seed.values())
+
+    def first_row_of(s, step):  # which global batch of the split the stream trains on at `step`
+        got = np.concatenate([s.micro_batch(step, m).tokens.numpy() for m in range(4)])
+        rows = [b for b in range(per_epoch) if np.array_equal(got, tokens[b * G : (b + 1) * G, : SEQ - 3])]
+        assert len(rows) == 1, step
+        return rows[0]
+
+    orders = {seed: [first_row_of(s, step) for step in range(1, per_epoch + 2)] for seed, s in by_seed.items()}
+    for seed, order in orders.items():
+        assert sorted(order[:per_epoch]) == list(range(per_epoch)) and order[per_epoch] == order[0], seed  # an epoch, then again
+        assert order[0] == by_seed[seed].offset
+    assert orders[5][0] != orders[6][0]
+    late = 3
+    fresh = build_train_data(cfg, seq_len=SEQ - 4, seed=6, global_batch=G, micro_batch=16, rank=0, world=1)
+    assert first_row_of(fresh, late) == orders[6][late - 1]  # a resume at step `late` reads the same rows

@@ -186,6 +186,9 @@ def decode(table) -> tuple[np.ndarray, np.ndarray]:
     return (flat.reshape(len(tokens), -1) if len(tokens) else flat.reshape(0, 0)), table.column("domain").to_numpy()
 
 
+ROTATION_KEY = 48611  # the seed's stream of ShardStream.offset, apart from the seed's other draws
+
+
 class ShardIndex:
     """Random access by row to the Parquet files of one split, at row-group granularity.
 
@@ -245,19 +248,27 @@ class ShardIndex:
 class ShardStream(GlobalBatchStream):
     """Parquet token shards (from `ercstudy prepare-data`) as the training stream: global batch s is rows
     first_row(s) ... + global_batch of the train split in file order, epochs wrapping, the last partial batch
-    dropped. Subclasses say who reads the rows."""
+    dropped. Subclasses say who reads the rows.
 
-    def __init__(self, directory: str | Path, *, num_domains: int, seq_len: int, **kwargs: int):
+    `seed` (the trial's train.seed) rotates the order: the stream starts at global batch offset(seed) of the
+    split and wraps around to it, so two seeds train on the split's batches in a different order (for a run
+    shorter than an epoch, on different batches), while the data position stays a function of the step (a
+    resume reads exactly what the uninterrupted run would have). A rotation, not a reshuffle: the reads stay
+    sequential (row groups decoded once, one ordered Ray Data read per pass); prepare-data's `--seed` is the
+    shuffle of the sequences themselves. None: no rotation (batch 1 is the split's first rows)."""
+
+    def __init__(self, directory: str | Path, *, num_domains: int, seq_len: int, seed: int | None = None, **kwargs: int):
         super().__init__(**kwargs)
         self.index = ShardIndex(join(directory, "train"))  # the footers: the files' and row groups' first rows
         self.seq_len, self.num_domains = seq_len, num_domains
         self.batches_per_epoch = self.index.num_rows // self.global_batch
         if self.batches_per_epoch == 0:
             raise DataError(f"{directory}: {self.index.num_rows} training sequences, fewer than one global batch ({self.global_batch})")
+        self.offset = 0 if seed is None else int(np.random.default_rng([seed, ROTATION_KEY]).integers(self.batches_per_epoch))
 
     def first_row(self, step: int) -> int:
         """The split's row where global batch `step` starts."""
-        return ((step - 1) % self.batches_per_epoch) * self.global_batch
+        return ((step - 1 + self.offset) % self.batches_per_epoch) * self.global_batch
 
     def batch(self, tokens: np.ndarray, domains: np.ndarray) -> Batch:
         """Rows as read (int32, seq_len + 1 or more tokens each) as a Batch of the model's sequence length."""
@@ -268,9 +279,9 @@ class ShardStream(GlobalBatchStream):
 class ParquetStream(ShardStream):
     """Parquet token shards (from `ercstudy prepare-data`), read straight from the files by each worker.
 
-    Global batch s is rows (s - 1) % batches_per_epoch * global_batch ... + global_batch of the
-    split in file order (prepare-data shuffled the sequences once; every epoch reads them in that
-    order, the last partial batch dropped). `directory` is a local path or a URI (s3://...): the
+    Global batch s is rows (s - 1 + offset) % batches_per_epoch * global_batch ... + global_batch of
+    the split in file order (offset: the seed's rotation, ShardStream; prepare-data shuffled the
+    sequences once; every epoch reads them in that order, the last partial batch dropped). `directory` is a local path or a URI (s3://...): the
     worker reads from where the shards live. A worker reads only its own share of each step, and a
     resumed worker starts at its step's rows: nothing before them is read. The next step's share
     is read in a background thread while the current step trains.
@@ -296,7 +307,7 @@ class ParquetStream(ShardStream):
 class RayDataStream(ShardStream):
     """Parquet token shards read by Ray Data, where the worker runs: the same batches as ParquetStream.
 
-    Step s is global batch s of the split in file order (epochs wrap, the last partial batch dropped) and rank r
+    Step s is global batch s of the split in file order, rotated by the seed as ParquetStream's (epochs wrap, the last partial batch dropped) and rank r
     keeps rows r * share ... (r + 1) * share of it, as with ParquetStream: the data position is the step alone. Each
     worker runs its own ordered read (Ray Data's streaming split hands out blocks to whichever worker asks first and
     cannot start at an offset, so it could not keep "step s is batch s" across a restart): its read tasks run on
@@ -365,5 +376,5 @@ def build_train_data(data: DataConfig, *, seq_len: int, seed: int, global_batch:
     if data.kind == "parquet":
         meta = ShardMeta.read(data.path)
         stream = RayDataStream if data.reader == "ray_data" else ParquetStream
-        return stream(data.path, num_domains=len(meta.domains), seq_len=seq_len, **kwargs)
+        return stream(data.path, num_domains=len(meta.domains), seq_len=seq_len, seed=seed, **kwargs)
     return SyntheticStream(SyntheticCorpus(data, seq_len=seq_len, seed=seed), **kwargs)
