@@ -53,8 +53,25 @@ def test_points_pair_with_the_baseline_at_equal_seeds_and_expert_count():
     diffs = [a - b for a, b in zip(ours, base[16])]
     assert p0["diff"] == pytest.approx(np.mean(diffs)) and p0["p"] == pytest.approx(stats.ttest_rel(ours, base[16]).pvalue)
     assert p0["significant"] == "better" and p1["significant"] == "no"
-    assert p0["p_holm"] == pytest.approx(min(1.0, 2 * min(p0["p"], p1["p"]))) or p0["p_holm"] >= p0["p"]
+    assert p0["p_holm"] == pytest.approx(min(1.0, 2 * min(p0["p"], p1["p"])))  # Holm: the smaller p-value times two
+    assert p1["p_holm"] == pytest.approx(max(p0["p_holm"], min(1.0, p1["p"])))  # ... the other one times one, monotone
+    assert p0["confounded_by"] == p1["confounded_by"] == ""  # the arm fixes the expert count: equal params
     assert "diff" not in rows["baseline:erc.enabled=False, moe.num_experts=16"]  # the baseline is not compared with itself
+
+
+def test_a_point_whose_other_params_differ_from_the_baseline_says_it_is_confounded():
+    data = yaml.safe_load(open("search_spaces/quickstart.yaml"))
+    data["scheduler"] = {"type": "none"}
+    data["search"].update(repeats=2, arms={"baseline": {"erc.enabled": False}})  # at the base's 8 experts, lr 0.003
+    study = parse_study(data)
+    trials = [trial("baseline:erc.enabled=False", "baseline", s, 3.0 + s, {"erc.enabled": False, "train.seed": s}) for s in (0, 1)]
+    same = {"erc.alpha": 0.7, "moe.num_experts": 8, "moe.top_k": 2, "train.lr": 0.003}
+    other = {**same, "moe.num_experts": 4, "train.lr": 0.001}
+    for k, params in enumerate([same, other]):
+        trials += [trial(f"p{k}", "search", s, 2.9 + s + 0.01 * k, {**params, "train.seed": s}, alpha=0.7) for s in (0, 1)]
+    rows = {r["point"]: r for r in point_rows(study, trials)}
+    assert rows["p0"]["confounded_by"] == ""  # alpha is ERC's own: the comparison is the point
+    assert rows["p1"]["confounded_by"] == "moe.num_experts, train.lr"
 
 
 def test_best_alpha_groups_hold_erc_trials_at_equal_other_params_or_say_they_are_confounded():

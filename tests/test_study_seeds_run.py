@@ -74,6 +74,7 @@ def steps_of(run) -> int:
 
 
 BASELINE = "baseline:erc.enabled=False"
+BASE_VALUES = {"model.d_model": 32, "train.tokens": STEPS * TOKENS_PER_STEP}  # the base config's, the baseline arm's
 SEARCHED = [f"p{i}" for i in range(POINTS)]
 
 
@@ -103,6 +104,9 @@ def test_the_report_holds_intervals_and_the_paired_difference(study_run):
     out = Path(study_run["report"])
     rows = {r["point"]: r for r in csv.DictReader((out / "points.csv").open())}
     assert set(rows) == {BASELINE, *SEARCHED}
+    board = list(csv.DictReader((out / "leaderboard.csv").open()))  # the report's: a trial's point and params
+    p_width = {r["point"]: r["model.d_model"] for r in board if r["point"] in SEARCHED}
+    p_tokens = {r["point"]: r["train.tokens"] for r in board if r["point"] in SEARCHED}
     base = rows[BASELINE]
     for r in rows.values():
         assert r["seeds"] == "2" and float(r["ci_low"]) < float(r["mean"]) < float(r["ci_high"])
@@ -112,8 +116,12 @@ def test_the_report_holds_intervals_and_the_paired_difference(study_run):
         assert float(p["diff_low"]) <= float(p["diff"]) <= float(p["diff_high"])
         assert float(p["diff"]) == pytest.approx(float(p["mean"]) - float(base["mean"]), abs=1e-9)
         assert p["significant"] in ("better", "worse", "no")
+        # the baseline arm runs at the base's width and token budget: a point drawn at others says so
+        drawn = {path: int(v) for path, v in (("model.d_model", p_width[point]), ("train.tokens", p_tokens[point]))}
+        assert p["confounded_by"] == ", ".join(k for k, v in drawn.items() if v != BASE_VALUES[k])
     md = (out / "report.md").read_text()
     assert f"## Points: {OBJECTIVE} over seeds" in md and "Holm-corrected" in md
+    assert "CONFOUNDED: the points with `confounded_by` differ from their baseline in model.d_model, train.tokens" in md
     # the best-alpha group holds the ERC trials only, and says the width and token budget confound it
     assert "experts=4" in md and f"({2 * POINTS} trials)" in md and "CONFOUNDED" in md
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .study import Study
+from .study import Study, config_value
 
 LEVEL = 0.95
 NOT_ALPHA = ("erc.alpha", "moe.num_experts", "train.seed")  # what a best-alpha group may vary in
@@ -70,9 +70,23 @@ def baseline_of(study: Study, trial: dict[str, Any], arms: dict[str, list[dict[s
     return None
 
 
+def confounders(study: Study, point: dict[str, Any], baseline: dict[str, Any]) -> list[str]:
+    """Searched params besides ERC's own (erc.*) and the seed in which a point differs from its baseline (whose
+    unset params are the base config's): a paired difference then mixes ERC with them."""
+    out = []
+    for p in study.search.params:
+        if p.startswith("erc.") or p == "train.seed":
+            continue
+        theirs = baseline["params"].get(p, config_value(study.base_config, p))
+        if point["params"].get(p, config_value(study.base_config, p)) != theirs:
+            out.append(p)
+    return out
+
+
 def point_rows(study: Study, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per point (sampled or arm): its seeds' mean and interval, and its paired difference to the
-    baseline at equal seeds. Only completed trials with a finite objective count."""
+    baseline at equal seeds, with the params other than ERC's that differ from the baseline's (`confounded_by`).
+    Only completed trials with a finite objective count."""
     metric, mode = study.objective.metric, study.objective.mode
     done = [t for t in trials if t["status"] == "completed" and isinstance(t.get(metric), (int, float)) and math.isfinite(t[metric])]
     by_point: dict[str, list[dict[str, Any]]] = {}
@@ -92,7 +106,8 @@ def point_rows(study: Study, trials: list[dict[str, Any]]) -> list[dict[str, Any
             common = sorted(set(ours) & set(theirs))
             if common:
                 d = t_interval([ours[s] - theirs[s] for s in common])
-                row.update({"baseline": base, "pairs": d.n, "diff": d.mean, "diff_low": d.low, "diff_high": d.high, "p": d.p})
+                row.update({"baseline": base, "pairs": d.n, "diff": d.mean, "diff_low": d.low, "diff_high": d.high, "p": d.p,
+                            "confounded_by": ", ".join(confounders(study, ts[0], by_point[base][0]))})
         rows.append(row)
     for row, p_holm in zip(rows, holm([r.get("p", math.nan) for r in rows])):
         if "diff" in row:

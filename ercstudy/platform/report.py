@@ -140,7 +140,7 @@ def point_lines(study: Study, trials: list[dict[str, Any]], out_dir: Path) -> li
 
     rows = point_rows(study, trials)
     cols = ["point", "arm", "seeds", "mean", "ci_low", "ci_high", "baseline", "pairs", "diff", "diff_low", "diff_high", "p",
-            "p_holm", "significant"]
+            "p_holm", "significant", "confounded_by"]
     with (out_dir / "points.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -152,6 +152,12 @@ def point_lines(study: Study, trials: list[dict[str, Any]], out_dir: Path) -> li
                 f"with its {LEVEL:.0%} interval and paired t-test p-value; `significant` is Holm-corrected over the "
                 f"points compared ({'lower' if o.mode == 'min' else 'higher'} is better)." if base else
                 "; no baseline arm (search.arms) to pair with."), "", *markdown_table(rows, cols)]
+    confounded = sorted({p for r in rows for p in (r.get("confounded_by") or "").split(", ") if p})
+    if confounded:
+        lines += ["", f"CONFOUNDED: the points with `confounded_by` differ from their baseline in {', '.join(confounded)}, "
+                  "not only in ERC, so their `diff` mixes ERC with those params. For a comparison at equal params, give "
+                  f"the arm those params as lists, crossed: e.g. `{confounded[0]}: [...]` under the arm, one baseline point "
+                  "per value."]
     if rows and max(r["seeds"] for r in rows) < 2:
         lines += ["", "Every point ran at one seed: no interval, and no difference between points can be told from "
                   "seed noise (search.repeats)."]
@@ -241,10 +247,14 @@ def _write_report_files(study: Study, state: Any, out_dir: Path, *, directory: s
         a, err = best_alpha([t["alpha"] for t in ts], [t[o.metric] for t in ts], mode=o.mode)
         fits["best_alpha"][group.label] = {"alpha": a, "stderr": err, "n": len(ts), "confounded_by": group.confounded}
     lines += ["", "## Scaling fits: L(C) = E + A C^-b", ""]
+    skipped: dict[str, list[str]] = {}  # one line per reason: a sampled float alpha makes a group per trial's point
     for name, f in fits["loss_vs_compute"].items():
-        at = f" ; at C = {budget:.3g} FLOPs: {f['E'] + f['A'] * budget ** -f['b']:.4g}" if budget and "skipped" not in f else ""
-        lines.append(f"- {name}: " + (f"skipped ({f['skipped']})" if "skipped" in f else
-                                      f"b = {f['b']:.3f} ± {f['b_err']:.3f}, E = {f['E']:.3f} ± {f['E_err']:.3f} ({f['n']} trials){at}"))
+        if "skipped" in f:
+            skipped.setdefault(f["skipped"], []).append(name)
+            continue
+        at = f" ; at C = {budget:.3g} FLOPs: {f['E'] + f['A'] * budget ** -f['b']:.4g}" if budget else ""
+        lines.append(f"- {name}: b = {f['b']:.3f} ± {f['b_err']:.3f}, E = {f['E']:.3f} ± {f['E_err']:.3f} ({f['n']} trials){at}")
+    lines += [f"- {', '.join(names)}: skipped ({why})" for why, names in skipped.items()]
     if o.mode == "min":
         more, fits["scaling"] = scaling_section(done, o.metric, budget=budget, seed=study.search.seed)
         lines += more
