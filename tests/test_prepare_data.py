@@ -79,6 +79,10 @@ def test_train_refuses_shards_that_do_not_fit_the_model(shards, tmp_path, capsys
     trial.write_text(f"model: {{vocab_size: 512, seq_len: {2 * SEQ}}}\ndata: {{kind: parquet, path: {shards}}}\n")
     assert main(["train", str(trial), "--storage", str(tmp_path / "runs")]) == 2
     assert "model.seq_len: 64 is longer than the shards' sequences (32)" in capsys.readouterr().err
+    held_out = json.loads((shards / "meta.json").read_text())["eval_sequences"]
+    trial.write_text(f"model: {{vocab_size: 512, seq_len: {SEQ}}}\ndata: {{kind: parquet, path: {shards}}}\neval: {{sequences: {held_out + 8}}}\n")
+    assert main(["train", str(trial), "--storage", str(tmp_path / "runs")]) == 2  # not scored on fewer than asked
+    assert f"eval.sequences: {held_out + 8} exceeds the {held_out} held-out sequences in {shards}" in capsys.readouterr().err
     trial.write_text("data: {kind: parquet, path: /nonexistent/shards}\n")
     assert main(["train", str(trial), "--storage", str(tmp_path / "runs")]) == 2
     assert "holds no meta.json" in capsys.readouterr().err

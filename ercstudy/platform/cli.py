@@ -60,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_trial_config(args.file)
-        check_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len, global_batch=cfg.train.global_batch_size)
+        check_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len, global_batch=cfg.train.global_batch_size,
+                   eval_sequences=cfg.eval.sequences)
         if cfg.eval.harness.enabled:  # lm-eval tasks, their data and the tokenizer, before anything starts
             from ercstudy.trainables import harness
 

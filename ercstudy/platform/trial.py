@@ -49,7 +49,8 @@ def run_trial(cfg: TrialConfig, *, name: str, storage_path: str, callbacks: list
         from .ray_runtime import ensure_ray
 
         ensure_ray()
-    check_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len, global_batch=cfg.train.global_batch_size)
+    check_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len, global_batch=cfg.train.global_batch_size,
+               eval_sequences=cfg.eval.sequences)
     res = cfg.resources
     from .capacity import cluster_capacity, cpu_need
 

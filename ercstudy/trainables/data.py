@@ -162,8 +162,8 @@ class SyntheticStream(GlobalBatchStream):
         return Batch(full.tokens[rows], full.domains[rows])
 
 
-def check_data(data: DataConfig, *, vocab_size: int, seq_len: int, global_batch: int) -> ShardMeta | None:
-    """Check that the trial's data fits its model and batch (on the driver, before any worker starts)."""
+def check_data(data: DataConfig, *, vocab_size: int, seq_len: int, global_batch: int, eval_sequences: int = 0) -> ShardMeta | None:
+    """Check that the trial's data fits its model, batch and held-out set (on the driver, before any worker starts)."""
     if data.kind != "parquet":
         return None
     meta = ShardMeta.read(data.path)
@@ -173,6 +173,9 @@ def check_data(data: DataConfig, *, vocab_size: int, seq_len: int, global_batch:
         raise DataError(f"model.seq_len: {seq_len} is longer than the shards' sequences ({meta.seq_len})")
     if meta.train_sequences < global_batch:
         raise DataError(f"train.global_batch_size: {global_batch} exceeds the {meta.train_sequences} training sequences in {data.path}")
+    if eval_sequences > meta.eval_sequences:  # scored on fewer than asked, and a study would compare unequal sets
+        raise DataError(f"eval.sequences: {eval_sequences} exceeds the {meta.eval_sequences} held-out sequences in {data.path} "
+                        "(prepare-data's --eval-fraction sets them)")
     return meta
 
 
