@@ -55,13 +55,11 @@ def describe(cfg) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from ercstudy.platform import tracking
     from ercstudy.trainables.config import TrialConfig, load_trial_config, read_yaml
-    from ercstudy.trainables.data import check_data
     from ercstudy.trainables.shards import DataError
 
     try:
         cfg = load_trial_config(args.file)
-        check_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len, global_batch=cfg.train.global_batch_size,
-                   eval_sequences=cfg.eval.sequences)
+        cfg.check_data()
         if cfg.eval.harness.enabled:  # lm-eval tasks, their data and the tokenizer, before anything starts
             from ercstudy.trainables import harness
 

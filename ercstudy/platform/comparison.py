@@ -75,11 +75,10 @@ def confounders(study: Study, point: dict[str, Any], baseline: dict[str, Any]) -
     unset params are the base config's): a paired difference then mixes ERC with them."""
     out = []
     for p in study.search.params:
-        if p.startswith("erc.") or p == "train.seed":
-            continue
-        theirs = baseline["params"].get(p, config_value(study.base_config, p))
-        if point["params"].get(p, config_value(study.base_config, p)) != theirs:
-            out.append(p)
+        if not (p.startswith("erc.") or p == "train.seed"):
+            base = config_value(study.base_config, p)
+            if point["params"].get(p, base) != baseline["params"].get(p, base):
+                out.append(p)
     return out
 
 

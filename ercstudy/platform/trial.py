@@ -13,7 +13,6 @@ from typing import Any
 from ray.train import UserCallback
 
 from ercstudy.trainables.config import CONFIG_KEY, TrialConfig
-from ercstudy.trainables.data import check_data
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -49,8 +48,7 @@ def run_trial(cfg: TrialConfig, *, name: str, storage_path: str, callbacks: list
         from .ray_runtime import ensure_ray
 
         ensure_ray()
-    check_data(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=cfg.model.seq_len, global_batch=cfg.train.global_batch_size,
-               eval_sequences=cfg.eval.sequences)
+    cfg.check_data()
     res = cfg.resources
     from .capacity import cluster_capacity, cpu_need
 

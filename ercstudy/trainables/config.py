@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .data import DataConfig
+from .data import DataConfig, check_data
 from .erc import ERCConfig
 from .evals import EvalConfig
 from .model import ModelConfig, flops_per_token, moe_layer_ids, num_active_params, num_params
@@ -204,6 +204,11 @@ class TrialConfig:
 
     def flops_per_token(self) -> float:
         return flops_per_token(self.model, self.moe)
+
+    def check_data(self) -> Any:
+        """data.check_data for this trial: its Parquet shards fit the model, the batch and the eval set (DataError)."""
+        return check_data(self.data, vocab_size=self.model.vocab_size, seq_len=self.model.seq_len,
+                          global_batch=self.train.global_batch_size, eval_sequences=self.eval.sequences)
 
     # --- conversion -----------------------------------------------------------------------
     @classmethod

@@ -189,9 +189,6 @@ def decode(table) -> tuple[np.ndarray, np.ndarray]:
     return (flat.reshape(len(tokens), -1) if len(tokens) else flat.reshape(0, 0)), table.column("domain").to_numpy()
 
 
-ROTATION_KEY = 48611  # the seed's stream of ShardStream.offset, apart from the seed's other draws
-
-
 class ShardIndex:
     """Random access by row to the Parquet files of one split, at row-group granularity.
 
@@ -248,6 +245,9 @@ class ShardIndex:
         return np.concatenate(tokens), np.concatenate(domains)
 
 
+ROTATION_KEY = 48611  # the seed's stream of ShardStream.offset, apart from the seed's other draws
+
+
 class ShardStream(GlobalBatchStream):
     """Parquet token shards (from `ercstudy prepare-data`) as the training stream: global batch s is rows
     first_row(s) ... + global_batch of the train split in file order, epochs wrapping, the last partial batch
@@ -284,8 +284,8 @@ class ParquetStream(ShardStream):
 
     Global batch s is rows (s - 1 + offset) % batches_per_epoch * global_batch ... + global_batch of
     the split in file order (offset: the seed's rotation, ShardStream; prepare-data shuffled the
-    sequences once; every epoch reads them in that order, the last partial batch dropped). `directory` is a local path or a URI (s3://...): the
-    worker reads from where the shards live. A worker reads only its own share of each step, and a
+    sequences once; every epoch reads them in that order, the last partial batch dropped).
+    `directory` is a local path or a URI (s3://...): the worker reads from where the shards live. A worker reads only its own share of each step, and a
     resumed worker starts at its step's rows: nothing before them is read. The next step's share
     is read in a background thread while the current step trains.
     """
@@ -310,9 +310,9 @@ class ParquetStream(ShardStream):
 class RayDataStream(ShardStream):
     """Parquet token shards read by Ray Data, where the worker runs: the same batches as ParquetStream.
 
-    Step s is global batch s of the split in file order, rotated by the seed as ParquetStream's (epochs wrap, the last partial batch dropped) and rank r
-    keeps rows r * share ... (r + 1) * share of it, as with ParquetStream: the data position is the step alone. Each
-    worker runs its own ordered read (Ray Data's streaming split hands out blocks to whichever worker asks first and
+    Step s is global batch s of the split in file order, rotated by the seed as ParquetStream's (epochs wrap, the
+    last partial batch dropped) and rank r keeps rows r * share ... (r + 1) * share of it, as with ParquetStream:
+    the data position is the step alone. Each worker runs its own ordered read (Ray Data's streaming split hands out blocks to whichever worker asks first and
     cannot start at an offset, so it could not keep "step s is batch s" across a restart): its read tasks run on
     the worker's node with no CPU of their own (they wait on storage, and the trial's CPUs are held by its workers),
     and Ray Data streams the next blocks in while the step trains. Ray Data still lists and samples the files in
