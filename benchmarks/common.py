@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ercstudy.platform.tables import text_table
+from ercstudy.platform.study.tables import text_table
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -162,7 +162,7 @@ def ray_session():
     """One embedded Ray instance for every test that needs it (starting Ray costs a minute on 2 cores)."""
     import ray
 
-    from ercstudy.platform.ray_runtime import ensure_ray, stop_local_ray
+    from ercstudy.platform.cluster.ray_runtime import ensure_ray, stop_local_ray
 
     ensure_ray()
     yield ray

@@ -92,7 +92,9 @@ def fake_ray(monkeypatch):
     import sys
     import types
 
-    from ercstudy.platform import progress, ray_runtime, tracking
+    from ercstudy.platform.cluster import ray_runtime
+    from ercstudy.platform.study import progress
+    from ercstudy.platform.tracking import client as tracking
 
     events = []
 
@@ -117,9 +119,9 @@ def fake_ray(monkeypatch):
     monkeypatch.setattr(ray_runtime, "ray_session", ray_session)
     monkeypatch.setattr(tracking, "log_trial_artifacts", lambda *a: None)  # plots: tests/test_tracking.py
     monkeypatch.setattr(progress, "report_queue", queue.Queue)
-    from ercstudy.platform.trial import ReportQueueCallback
+    from ercstudy.platform.study.trial import ReportQueueCallback
 
-    monkeypatch.setitem(sys.modules, "ercstudy.platform.trial",
+    monkeypatch.setitem(sys.modules, "ercstudy.platform.study.trial",
                         types.SimpleNamespace(run_trial=run_trial, ReportQueueCallback=ReportQueueCallback))
     return events
 
@@ -154,7 +156,7 @@ def test_driver_logs_of_ray_and_deepspeed_go_to_the_file_not_the_terminal(tmp_pa
 
     code = f"""
 import logging, sys, warnings
-from ercstudy.platform.ray_runtime import quiet_driver_logs
+from ercstudy.platform.cluster.ray_runtime import quiet_driver_logs
 pending = quiet_driver_logs()
 logging.getLogger("ray.tune.tune").warning("tune warns")
 ds = logging.getLogger("DeepSpeed"); ds.addHandler(logging.StreamHandler(sys.stdout)); ds.setLevel(logging.INFO)
@@ -193,7 +195,7 @@ def test_verbose_streams_the_output_of_rays_processes_and_quiet_keeps_it_in_the_
     code = """
 import sys, time
 import ray
-from ercstudy.platform.ray_runtime import ray_session
+from ercstudy.platform.cluster.ray_runtime import ray_session
 
 verbose = sys.argv[1] == "verbose"
 with ray_session(verbose=verbose) as logs:

@@ -9,7 +9,7 @@ CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
 
 
 def prepared(config):
-    from ercstudy.platform.compat import validate_cluster_config
+    from ercstudy.platform.cluster.private_apis import validate_cluster_config
 
     return validate_cluster_config(config)  # Ray's defaults for the provider, then `ray up`'s checks (no cloud call)
 

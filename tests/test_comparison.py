@@ -1,4 +1,4 @@
-"""The report's comparisons (platform/comparison.py) against scipy: t intervals, paired t-tests at equal
+"""The report's comparisons (platform/report/comparison.py) against scipy: t intervals, paired t-tests at equal
 seeds, Holm's correction; best-alpha groups hold ERC-on trials only and say when they are confounded."""
 
 import math
@@ -8,8 +8,8 @@ import pytest
 import yaml
 from scipy import stats
 
-from ercstudy.platform.comparison import alpha_groups, holm, point_rows, t_interval
-from ercstudy.platform.study import load_study, parse_study
+from ercstudy.platform.report.comparison import alpha_groups, holm, point_rows, t_interval
+from ercstudy.platform.study.spec import load_study, parse_study
 
 
 def trial(point, arm, seed, value, params, status="completed", alpha=None, n=16):

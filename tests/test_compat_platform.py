@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from ercstudy.platform import compat
+from ercstudy.platform.cluster import private_apis as compat
 
 
 def _signature(func, where):

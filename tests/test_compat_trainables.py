@@ -1,4 +1,4 @@
-"""The private DeepSpeed and Ray APIs that ercstudy.trainables.compat relies on are still there.
+"""The private DeepSpeed and Ray APIs that ercstudy.trainables.private_apis relies on are still there.
 
 Each test names what moved; when one fails after an upgrade, fix compat.py (and only it)."""
 
@@ -19,7 +19,7 @@ def test_deepspeed_op_compatibility_table():
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
-    from ercstudy.trainables import compat
+    from ercstudy.trainables import private_apis as compat
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     assert builder is not None and isinstance(builder.NAME, str), "DeepSpeed's CPU accelerator has no ShareMemCommBuilder"
@@ -35,7 +35,7 @@ def test_deepspeed_op_compatibility_table():
 def test_ray_train_report_logger():
     import logging
 
-    from ercstudy.trainables import compat
+    from ercstudy.trainables import private_apis as compat
 
     logger = compat.ray_train_report_logger()
     assert logger is not None, "ray.train.v2._internal.execution.context moved (checked on ray 2.60.0)"

@@ -75,7 +75,7 @@ def instances(kind, args):
 
 
 def test_adapter_log_likelihoods_equal_the_model_by_hand(saved):
-    from ercstudy.platform.harness import model_class
+    from ercstudy.platform.report.checkpoint_eval import model_class
 
     directory, _ = saved
     lm = model_class()(str(directory), batch_size=3)
@@ -138,7 +138,7 @@ def local_tasks(root: Path, shakespeare: str) -> Path:
 def test_ercstudy_eval_runs_local_tasks_scores_like_the_training_scorer_and_logs_to_mlflow(saved, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from ercstudy.platform.harness import model_class
+    from ercstudy.platform.report.checkpoint_eval import model_class
     from ercstudy.trainables.evals import MCItem, choice_logprobs, mc_correct
 
     directory, _ = saved

@@ -84,7 +84,7 @@ def test_a_missing_task_file_a_synthetic_corpus_and_a_bad_objective_are_refused_
 
 
 def test_relative_harness_paths_are_read_from_where_the_study_starts(shards, tmp_path, monkeypatch):
-    from ercstudy.platform.study import parse_study
+    from ercstudy.platform.study.spec import parse_study
 
     data = spec(shards)
     data["base"]["eval"]["harness"].update(include_path="tasks", data_dir=None)
@@ -100,9 +100,9 @@ def test_a_failed_evaluation_is_the_evaluations_reason_on_the_run_not_the_trials
     import torch
     from mlflow.tracking import MlflowClient
 
-    from ercstudy.platform import tracking
+    from ercstudy.platform.tracking import client as tracking
     from ercstudy.trainables.config import TrialConfig
-    from ercstudy.trainables.harness import ERROR_KEY, FAILED_METRIC, TrialHarness
+    from ercstudy.trainables.lm_eval_adapter import ERROR_KEY, FAILED_METRIC, TrialHarness
     from ercstudy.trainables.model import MoELM
 
     moved = tmp_path / "harness"
@@ -122,8 +122,8 @@ def test_a_failed_evaluation_is_the_evaluations_reason_on_the_run_not_the_trials
 
 
 def test_the_paper_suite_preset_validates_once_its_ten_local_copies_exist_and_names_the_missing_one(shards, tmp_path):
-    from ercstudy.platform.study import parse_study
-    from ercstudy.trainables.harness import data_files, leaf_configs, task_manager
+    from ercstudy.platform.study.spec import parse_study
+    from ercstudy.trainables.lm_eval_adapter import data_files, leaf_configs, task_manager
     from ercstudy.trainables.validation import ConfigError
 
     repo = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
-"""The study's Optuna study in an RDB store (platform/optuna_store.py): optuna.db in the study's directory
+"""The study's Optuna study in an RDB store (platform/study/optuna_store.py): optuna.db in the study's directory
 (local) or a cached SQLite file copied to an object store (a real S3-compatible server) and fetched back on
-resume; what optuna.load_study and optuna.importance read from it (platform/importance.py). No Ray: Tune's
+resume; what optuna.load_study and optuna.importance read from it (platform/report/importance.py). No Ray: Tune's
 calls are made by hand, as in test_search.py."""
 
 import math
@@ -11,10 +11,16 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from ercstudy.platform.importance import MIN_TRIALS, importance_lines, param_importances, target_quantile, top_count
-from ercstudy.platform.optuna_store import OptunaStore, read_study
-from ercstudy.platform.search import build_search
-from ercstudy.platform.study import parse_study
+from ercstudy.platform.report.importance import (
+    MIN_TRIALS,
+    importance_lines,
+    param_importances,
+    target_quantile,
+    top_count,
+)
+from ercstudy.platform.study.optuna_store import OptunaStore, read_study
+from ercstudy.platform.study.search import build_search
+from ercstudy.platform.study.spec import parse_study
 
 QUICKSTART = yaml.safe_load(open("search_spaces/quickstart.yaml"))
 

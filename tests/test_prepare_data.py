@@ -208,7 +208,7 @@ def test_a_corpus_streams_through_in_bounded_memory(tmp_path):
 
     import pyarrow as pa
 
-    from ercstudy.platform.prepare_data import prepare_data
+    from ercstudy.platform.data.prepare import prepare_data
 
     rng = np.random.default_rng(0)
     syllables = np.array(["ka", "to", "mi", "re", "su", "no", "la", "ve", "qu", "is"])

@@ -21,7 +21,7 @@ def test_the_token_is_private_to_this_user(ray_session):
 
 @pytest.mark.parametrize("path", ["/api/jobs/", "/api/version", "/nodes?view=summary", "/api/v0/tasks"])
 def test_unauthenticated_requests_are_refused(ray_session, path):
-    from ercstudy.platform.ray_runtime import local_dashboard_url
+    from ercstudy.platform.cluster.ray_runtime import local_dashboard_url
 
     url = local_dashboard_url()
     assert url and url.startswith("http://127.0.0.1:")  # the dashboard binds loopback only
@@ -33,7 +33,7 @@ def test_unauthenticated_requests_are_refused(ray_session, path):
 def test_the_jobs_client_with_the_token_is_served(ray_session):
     from ray.job_submission import JobSubmissionClient
 
-    from ercstudy.platform.ray_runtime import local_dashboard_url
+    from ercstudy.platform.cluster.ray_runtime import local_dashboard_url
 
     assert isinstance(JobSubmissionClient(local_dashboard_url()).list_jobs(), list)
 
@@ -47,7 +47,7 @@ def test_every_listener_of_the_private_ray_is_on_loopback_and_none_serves_an_una
 
     import psutil
 
-    from ercstudy.platform import ray_runtime
+    from ercstudy.platform.cluster import ray_runtime
 
     assert [n["NodeManagerAddress"] for n in ray_session.nodes()] == ["127.0.0.1"]
     root = psutil.Process(ray_runtime._local.process.pid)

@@ -9,8 +9,8 @@ import yaml
 from optuna.trial import TrialState
 
 from ercstudy.platform.cli import main
-from ercstudy.platform.search import build_search, point_tags
-from ercstudy.platform.study import arm_points, load_study, num_points, num_trials, parse_study, seeds
+from ercstudy.platform.study.search import build_search, point_tags
+from ercstudy.platform.study.spec import arm_points, load_study, num_points, num_trials, parse_study, seeds
 from ercstudy.trainables.validation import ConfigError
 
 QUICKSTART = yaml.safe_load(open("search_spaces/quickstart.yaml"))

@@ -12,11 +12,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from ercstudy.platform import tracking
 from ercstudy.platform.cli import main
-from ercstudy.platform.runner import SPEC_FILE, STATE_FILE, StudyState, study_path
-from ercstudy.platform.search import build_search, point_tags
-from ercstudy.platform.study import parse_study
+from ercstudy.platform.study.driver import SPEC_FILE, STATE_FILE, StudyState, study_path
+from ercstudy.platform.study.search import build_search, point_tags
+from ercstudy.platform.study.spec import parse_study
+from ercstudy.platform.tracking import client as tracking
 
 QUICKSTART = yaml.safe_load(open("search_spaces/quickstart.yaml"))
 FIGURES = ["objective_vs_params.png", "loss_vs_compute.png", "eps_over_training.png", "alpha_star_vs_alpha.png",

@@ -1,4 +1,4 @@
-"""Scaling laws across trials (platform/scaling.py): the Chinchilla and the routed (Clark et al.) forms recover
+"""Scaling laws across trials (platform/report/scaling.py): the Chinchilla and the routed (Clark et al.) forms recover
 the parameters that generated synthetic losses within their bootstrap intervals, the compute-optimal split
 is the constrained minimum, and data that cannot identify a form is refused in one line."""
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
-from ercstudy.platform.scaling import (
+from ercstudy.platform.report.scaling import (
     Unidentified,
     chinchilla_loss,
     compute_optimal,

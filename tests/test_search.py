@@ -1,4 +1,4 @@
-"""The search (platform/search.py): Optuna's define-by-run space under the constraints, the searcher
+"""The search (platform/study/search.py): Optuna's define-by-run space under the constraints, the searcher
 that tells Optuna how each trial ended, and ASHA's budget. No Ray cluster: Tune's calls are made by hand."""
 
 import contextlib
@@ -9,8 +9,15 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from ercstudy.platform.search import DefineByRun, budget, build_scheduler, build_search, optuna_sampler, sample_point
-from ercstudy.platform.study import num_trials, parse_study
+from ercstudy.platform.study.search import (
+    DefineByRun,
+    budget,
+    build_scheduler,
+    build_search,
+    optuna_sampler,
+    sample_point,
+)
+from ercstudy.platform.study.spec import num_trials, parse_study
 
 QUICKSTART = yaml.safe_load(open("search_spaces/quickstart.yaml"))
 SEARCH = QUICKSTART["search"]

@@ -1,6 +1,6 @@
 """A study's storage on a real S3-compatible server (conftest's moto server on loopback, a fresh bucket per test).
 
-Units: platform/storage.py's locations (resolve, read, write, list, upload, temporary local copies,
+Units: platform/cluster/storage.py's locations (resolve, read, write, list, upload, temporary local copies,
 the checkpoint `ercstudy eval` finds). Refusals: a bad storage is one line on stderr and exit 2
 before Ray, MLflow or any trial. End to end (the quickstart study in a bucket, its driver killed, resumed from
 a fresh working directory, then `report` and `eval` from the bucket alone, with every working directory
@@ -15,8 +15,8 @@ import pytest
 import yaml
 from conftest import own_stderr
 
-from ercstudy.platform import storage as store
 from ercstudy.platform.cli import main
+from ercstudy.platform.cluster import storage as store
 from ercstudy.trainables.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]

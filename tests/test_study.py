@@ -12,10 +12,10 @@ from conftest import own_stderr
 
 from ercstudy.netutil import free_ports
 from ercstudy.platform.cli import main
-from ercstudy.platform.report import best_alpha, fit_power_law
-from ercstudy.platform.runner import Capacity, StudyError, concurrency, leaderboard
-from ercstudy.platform.study import corner_points, parse_study
-from ercstudy.platform.tracking import TrackingError, check_reachable, resolve_uri
+from ercstudy.platform.report.study_report import best_alpha, fit_power_law
+from ercstudy.platform.study.driver import Capacity, StudyError, concurrency, leaderboard
+from ercstudy.platform.study.spec import corner_points, parse_study
+from ercstudy.platform.tracking.client import TrackingError, check_reachable, resolve_uri
 
 QUICKSTART = yaml.safe_load(open("search_spaces/quickstart.yaml"))
 

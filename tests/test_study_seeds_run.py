@@ -54,9 +54,9 @@ def spec(shards) -> dict:
 
 @pytest.fixture(scope="module")
 def study_run(ray_session, shards, tmp_path_factory):
-    from ercstudy.platform.report import write_report
-    from ercstudy.platform.runner import load_saved_study, run_study
-    from ercstudy.platform.study import load_study
+    from ercstudy.platform.report.study_report import write_report
+    from ercstudy.platform.study.driver import load_saved_study, run_study
+    from ercstudy.platform.study.spec import load_study
 
     tmp = tmp_path_factory.mktemp("seeds")
     uri = f"sqlite:///{tmp}/mlflow.db"
@@ -167,7 +167,7 @@ def test_every_trial_runs_the_tasks_at_its_end_and_the_study_ranks_by_a_harness_
 def test_the_harness_results_are_in_every_child_run_at_the_last_step_and_the_best_in_the_parent(study_run):
     from mlflow.tracking import MlflowClient
 
-    from ercstudy.platform.tracking import HARNESS_TAG
+    from ercstudy.platform.tracking.client import HARNESS_TAG
 
     c = MlflowClient(study_run["uri"])
     runs = c.search_runs([study_run["state"].experiment_id], max_results=100)

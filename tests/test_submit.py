@@ -28,7 +28,7 @@ def test_submit_runs_a_study_on_data_in_a_bucket_as_a_ray_job(ray_session, bucke
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from ercstudy.platform.cli import main
-    from ercstudy.platform.ray_runtime import local_dashboard_url
+    from ercstudy.platform.cluster.ray_runtime import local_dashboard_url
 
     started = time.time()
     url = local_dashboard_url()
@@ -86,7 +86,7 @@ def test_submit_runs_a_study_on_data_in_a_bucket_as_a_ray_job(ray_session, bucke
     (saved,) = (tmp_path / "results" / "submitted" / "train").glob("*/checkpoint_*/tokenizer.json")
     assert saved.read_bytes() == tokenizer and json.loads(tokenizer)["model"]["type"] == "BPE"
     # Ray Data read its batches: one ordered Parquet read from the bucket (STEPS is within one epoch), in this Ray
-    from ercstudy.platform.ray_runtime import ensure_ray
+    from ercstudy.platform.cluster.ray_runtime import ensure_ray
 
     logs = Path(ensure_ray().directory) / "ray-data"
     plans = [f.read_text() for f in logs.glob("ray-data-dataset_*.log") if f.stat().st_mtime > started]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from ercstudy.platform import tracking
-from ercstudy.platform.train_callback import MLflowTrainCallback
+from ercstudy.platform.tracking import client as tracking
+from ercstudy.platform.tracking.train_callback import MLflowTrainCallback
 
 
 @pytest.fixture()

@@ -22,8 +22,9 @@ import pytest
 import yaml
 
 from ercstudy.netutil import free_port
-from ercstudy.platform import outbox, tracking
-from ercstudy.platform import storage as store
+from ercstudy.platform.cluster import storage as store
+from ercstudy.platform.tracking import client as tracking
+from ercstudy.platform.tracking import outbox
 
 REPO = Path(__file__).resolve().parents[1]
 

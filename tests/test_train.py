@@ -49,9 +49,9 @@ def config(**sections) -> TrialConfig:
 
 @pytest.fixture(scope="module")
 def runs(ray_session, shards, tmp_path_factory):
-    from ercstudy.platform import tracking
-    from ercstudy.platform.train_callback import MLflowTrainCallback
-    from ercstudy.platform.trial import run_trial
+    from ercstudy.platform.study.trial import run_trial
+    from ercstudy.platform.tracking import client as tracking
+    from ercstudy.platform.tracking.train_callback import MLflowTrainCallback
 
     storage = str(tmp_path_factory.mktemp("trials"))
     half = {"cpus_per_worker": 0.5}  # all three runs at once on the 2 CPUs of the shared Ray: 4 workers

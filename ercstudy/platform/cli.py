@@ -53,7 +53,7 @@ def describe(cfg) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ercstudy.platform import tracking
+    from ercstudy.platform.tracking import client as tracking
     from ercstudy.trainables.config import TrialConfig, load_trial_config, read_yaml
     from ercstudy.trainables.shards import DataError
 
@@ -61,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_trial_config(args.file)
         cfg.check_data()
         if cfg.eval.harness.enabled:  # lm-eval tasks, their data and the tokenizer, before anything starts
-            from ercstudy.trainables import harness
+            from ercstudy.trainables import lm_eval_adapter as harness
 
             cfg = TrialConfig.from_dict(harness.with_absolute_paths(cfg.to_dict()))
             harness.check(cfg)
@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, tracking.TrackingError) as err:
         return _fail(str(err))
     name = args.name or Path(args.file).stem
-    from ercstudy.platform import storage as store
+    from ercstudy.platform.cluster import storage as store
 
     try:
         root = store.resolve(args.storage)
@@ -84,9 +84,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if exists and not args.resume:
         return _fail(f"run {name!r} already exists in {storage}: pass --resume to continue it, or --name NAME for a new run")
     print(describe(cfg), flush=True)
-    from ercstudy.platform import progress
-    from ercstudy.platform.ray_runtime import ray_session
-    from ercstudy.platform.train_callback import MLflowTrainCallback
+    from ercstudy.platform.cluster.ray_runtime import ray_session
+    from ercstudy.platform.study import progress
+    from ercstudy.platform.tracking.train_callback import MLflowTrainCallback
 
     # one MLflow run per trial, logged live by the Train controller; a resumed trial continues its run
     c = tracking.client(uri)
@@ -98,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     with ray_session(verbose=args.verbose) as logs:
         print(f"Ray's logs (workers, DeepSpeed): {logs.where()}" + ("" if args.verbose else "; --verbose shows them here too"), flush=True)
         # after the routing of the driver's logs: this imports DeepSpeed, which logs as it is imported
-        from ercstudy.platform.trial import ReportQueueCallback, run_trial
+        from ercstudy.platform.study.trial import ReportQueueCallback, run_trial
 
         print(f"{name}: starting {cfg.resources.num_workers} worker(s); a line every {cfg.train.report_every} steps", flush=True)
         # the workers print nothing here: the Train controller forwards each report, and this process prints it
@@ -123,7 +123,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
-    from ercstudy.platform.prepare_data import prepare_data
+    from ercstudy.platform.data.prepare import prepare_data
     from ercstudy.trainables.shards import DataError
 
     try:
@@ -138,7 +138,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 
 def _load_study(path: str):
-    from ercstudy.platform.study import load_study
+    from ercstudy.platform.study.spec import load_study
 
     return load_study(path)
 
@@ -166,7 +166,7 @@ def _local_devices() -> tuple[int, int]:
 
 
 def cmd_dry_run(args: argparse.Namespace) -> int:
-    from ercstudy.platform.dry_run import dry_run_lines
+    from ercstudy.platform.study.dry_run import dry_run_lines
 
     try:
         study = _load_study(args.spec)
@@ -179,8 +179,8 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
 
 
 def _run(study, args: argparse.Namespace, *, resume: bool) -> int:
-    from ercstudy.platform.runner import StudyError, run_study
-    from ercstudy.platform.tracking import TrackingError
+    from ercstudy.platform.study.driver import StudyError, run_study
+    from ercstudy.platform.tracking.client import TrackingError
 
     try:
         board = run_study(study, storage=args.storage if resume else study_storage(study, args), address=args.address,
@@ -199,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from ercstudy.platform.runner import StudyError, load_saved_study
+    from ercstudy.platform.study.driver import StudyError, load_saved_study
 
     try:
         study, _ = load_saved_study(args.storage, args.name)
@@ -218,14 +218,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
     spec = os.path.relpath(os.path.abspath(args.spec), os.getcwd())
     if spec.startswith(".."):
         return _fail(f"{args.spec}: submit from the directory that holds the study (it is shipped as the job's working_dir)")
-    from ercstudy.platform.prepare_data import check_cluster_data
+    from ercstudy.platform.data.prepare import check_cluster_data
     from ercstudy.trainables.shards import DataError
 
     try:  # the data stays where it lives: the workers read it there
         check_cluster_data((study.base.get("data") or {}).get("path"), working_dir=os.getcwd())
     except DataError as err:
         return _fail(str(err))
-    from ercstudy.platform import storage as store
+    from ercstudy.platform.cluster import storage as store
 
     storage = study_storage(study, args)
     try:  # the job runs in a temporary copy of this directory, and its trials on any node: shared storage only
@@ -233,7 +233,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except store.StorageError as err:
         return _fail(str(err))
     entrypoint = f"ercstudy run {shlex.quote(spec)} --storage {shlex.quote(storage)}"
-    from ercstudy.platform.ray_runtime import use_token_if_available
+    from ercstudy.platform.cluster.ray_runtime import use_token_if_available
 
     use_token_if_available()  # a token-authenticated cluster (cluster.yaml) refuses the Jobs API without it
     # A head that has just started serves the Jobs API a few seconds before its job agent is up, and answers
@@ -267,8 +267,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ercstudy.platform.report import write_report
-    from ercstudy.platform.runner import StudyError, load_saved_study
+    from ercstudy.platform.report.study_report import write_report
+    from ercstudy.platform.study.driver import StudyError, load_saved_study
 
     try:
         study, state = load_saved_study(args.storage, args.name)
@@ -280,7 +280,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ercstudy.platform import harness
+    from ercstudy.platform.report import checkpoint_eval as harness
     from ercstudy.trainables.checkpoint import CheckpointError
 
     tasks = [t for t in args.tasks.split(",") if t]
@@ -289,7 +289,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.include_path and not Path(args.include_path).is_dir():
         return _fail(f"--include-path: {args.include_path}: no such directory")
     if args.mlflow_run:  # an unreachable store or an unknown run is reported before the evaluation
-        from ercstudy.platform import tracking
+        from ercstudy.platform.tracking import client as tracking
 
         try:
             from mlflow.tracking import MlflowClient
@@ -303,7 +303,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return _fail(f"--mlflow-run {args.mlflow_run}: {str(err).splitlines()[0]}")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local task files only: never wait on the network
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ercstudy.platform import storage as store
+    from ercstudy.platform.cluster import storage as store
 
     try:
         where = store.find_checkpoint(args.checkpoint, args.storage)

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from .config import TrialConfig, load_trial_config
-from .shards import TOKENIZER_FILE, read_file
-from .validation import ConfigError
+from ercstudy.trainables.config import TrialConfig, load_trial_config
+from ercstudy.trainables.shards import TOKENIZER_FILE, read_file
+from ercstudy.trainables.validation import ConfigError
 
 CHECKPOINT_TAG = "ds"
 CONFIG_FILE = "trial_config.yaml"
@@ -65,7 +65,7 @@ def not_a_checkpoint(path: str | Path) -> CheckpointError:
 
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory, or a Train run directory (its newest checkpoint). Local paths only: a checkpoint
-    on remote storage is copied here first (platform/storage.py)."""
+    on remote storage is copied here first (platform/cluster/storage.py)."""
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
@@ -101,8 +101,8 @@ def _safe_load(file: Path) -> Any:
 
 def load(path: str | Path, *, config: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """The trained model of a checkpoint (its config from the checkpoint, else from `config`)."""
-    from .expert_keys import single_device_state_dict
-    from .model import MoELM
+    from ercstudy.trainables.expert_keys import single_device_state_dict
+    from ercstudy.trainables.model import MoELM
 
     ckpt = resolve(path)
     config_file = Path(config) if config else ckpt / CONFIG_FILE
@@ -119,7 +119,7 @@ def load(path: str | Path, *, config: str | Path | None = None, device: str | to
         state.update(_safe_load(expert_file))
     model = MoELM(cfg.model, cfg.moe, seed=cfg.train.seed)
     if cfg.moe.backend == "deepspeed":  # DeepSpeed's layer (capacity, dropping) at eval too; imports DeepSpeed
-        from .parallelize import parallelize
+        from ercstudy.trainables.parallelize import parallelize
 
         parallelize(model, cfg.moe)
     missing, unexpected = model.load_state_dict(single_device_state_dict(state, cfg.moe), strict=False)

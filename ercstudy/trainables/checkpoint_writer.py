@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from . import compat
-from .config import TrainConfig
+from ercstudy.trainables import private_apis as compat
+from ercstudy.trainables.config import TrainConfig
 
 
 def host_snapshot(obj: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:

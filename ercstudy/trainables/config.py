@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .data import DataConfig, check_data
-from .erc import ERCConfig
-from .evals import EvalConfig
-from .model import ModelConfig, flops_per_token, moe_layer_ids, num_active_params, num_params
-from .moe import MoEConfig
-from .validation import ConfigError, from_dict, require, to_dict
+from ercstudy.trainables.data import DataConfig, check_data
+from ercstudy.trainables.erc import ERCConfig
+from ercstudy.trainables.evals import EvalConfig
+from ercstudy.trainables.model import ModelConfig, flops_per_token, moe_layer_ids, num_active_params, num_params
+from ercstudy.trainables.moe import MoEConfig
+from ercstudy.trainables.validation import ConfigError, from_dict, require, to_dict
 
 # A report key: the worker's first report after a restore carries the reports its checkpoint holds (a list of
 # them), so that a study driver that died before it logged them logs them once (platform/tracking.StepBuffer).
@@ -121,7 +121,7 @@ class TrialConfig:
             f"must divide moe.num_experts ({moe.num_experts}), got {res.ep_size}",
         )
         if moe.backend == "grouped":
-            from .moe import GROUPED_MM_ALIGN as align
+            from ercstudy.trainables.moe import GROUPED_MM_ALIGN as align
 
             for path, width in (("model.d_model", model.d_model), ("moe.expert_dim", moe.expert_dim)):
                 require(width % align == 0, path, f"must be a multiple of {align} for the grouped backend's grouped GEMM "

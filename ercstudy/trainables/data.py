@@ -20,8 +20,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .shards import DataError, ShardMeta, join, shard_files
-from .validation import require
+from ercstudy.trainables.shards import DataError, ShardMeta, join, shard_files
+from ercstudy.trainables.validation import require
 
 SPLITS = {"train": 0, "eval": 1}
 UNIFORM_MASS = 0.02  # share of each transition row spread over the whole domain vocabulary
@@ -35,7 +35,7 @@ class DataConfig:
     path: str | None = None  # parquet: what prepare-data wrote: a directory (relative: to the working directory) or a URI (s3://...)
     # parquet: who reads the training shards on each worker, the same batches either way: `direct` (pyarrow, only
     # the row groups of the worker's own rows) or `ray_data` (an ordered Ray Data read on the worker's node; it needs
-    # a CPU free beside the trials, which a study leaves: RAY_DATA_CPUS in platform/capacity.py)
+    # a CPU free beside the trials, which a study leaves: RAY_DATA_CPUS in platform/cluster/capacity.py)
     reader: Literal["direct", "ray_data"] = "direct"
     # synthetic: several Markov-chain "languages" over partly shared vocabularies
     num_domains: int = 4

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import compat
-from .config import TrialConfig
-from .model import MoELM
+from ercstudy.trainables import private_apis as compat
+from ercstudy.trainables.config import TrialConfig
+from ercstudy.trainables.model import MoELM
 
 
 def deepspeed_config(cfg: TrialConfig, *, bf16: bool) -> dict[str, Any]:
@@ -92,7 +92,10 @@ def build_engine(cfg: TrialConfig, device: torch.device, *, rank: int) -> Engine
     import deepspeed
     from deepspeed.utils import logger as ds_logger
 
-    from .parallelize import expert_parallel_group, parallelize  # imports DeepSpeed: only where an engine is built
+    from ercstudy.trainables.parallelize import (  # imports DeepSpeed: only where an engine is built
+        expert_parallel_group,
+        parallelize,
+    )
 
     if device.type == "cpu":
         compat.skip_cpu_shm_comm_build()

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .validation import require
+from ercstudy.trainables.validation import require
 
 Epsilon = float | Literal["auto"]
 Activation = Literal["gate", "up", "silu_gate", "swiglu", "output"]

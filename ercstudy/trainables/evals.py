@@ -25,10 +25,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import DataConfig, ShardIndex, SyntheticCorpus
-from .harness_config import HarnessConfig
-from .shards import ShardMeta, join
-from .validation import require
+from ercstudy.trainables.data import DataConfig, ShardIndex, SyntheticCorpus
+from ercstudy.trainables.lm_eval_config import HarnessConfig
+from ercstudy.trainables.shards import ShardMeta, join
+from ercstudy.trainables.validation import require
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .moe import MoEConfig
+from ercstudy.trainables.moe import MoEConfig
 
 EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts."
 EXPERT_WEIGHTS = ("gate", "up", "down")  # DeepSpeed's per-expert names; the grouped layer holds gate and up as one gate_up

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lm_loss import linear_cross_entropy
-from .moe import GroupedMoE, MoEConfig, MoEStats, random_expert_weights
-from .validation import require
+from ercstudy.trainables.lm_loss import linear_cross_entropy
+from ercstudy.trainables.moe import GroupedMoE, MoEConfig, MoEStats, random_expert_weights
+from ercstudy.trainables.validation import require
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .validation import require
+from ercstudy.trainables.validation import require
 
 if not hasattr(F, "grouped_mm"):
     raise ImportError(f"ercstudy needs torch >= 2.11 (torch.nn.functional.grouped_mm); this is torch {torch.__version__}")

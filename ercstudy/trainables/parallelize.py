@@ -32,9 +32,17 @@ import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
-from . import compat
-from .expert_keys import stack_expert_keys, unstack_expert_keys
-from .moe import GroupedExperts, GroupedMoE, MoEConfig, MoEStats, count_per_expert, route, routing_losses
+from ercstudy.trainables import private_apis as compat
+from ercstudy.trainables.expert_keys import stack_expert_keys, unstack_expert_keys
+from ercstudy.trainables.moe import (
+    GroupedExperts,
+    GroupedMoE,
+    MoEConfig,
+    MoEStats,
+    count_per_expert,
+    route,
+    routing_losses,
+)
 
 
 class SwiGLUExpert(nn.Module):

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .erc import coupling_alpha, noise_bound
+from ercstudy.trainables.erc import coupling_alpha, noise_bound
 
 
 def _off_diagonal_mean(x: Tensor) -> Tensor:

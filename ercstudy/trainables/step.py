@@ -14,13 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import TrialConfig
-from .data import GlobalBatchStream
-from .engine import global_grad_norm
-from .erc import ACTIVATION_WEIGHTS, ERCResult, erc_loss
-from .evals import TrialEvaluator
-from .model import MoELM
-from .specialization import domain_expert_counts
+from ercstudy.trainables.config import TrialConfig
+from ercstudy.trainables.data import GlobalBatchStream
+from ercstudy.trainables.engine import global_grad_norm
+from ercstudy.trainables.erc import ACTIVATION_WEIGHTS, ERCResult, erc_loss
+from ercstudy.trainables.evals import TrialEvaluator
+from ercstudy.trainables.model import MoELM
+from ercstudy.trainables.specialization import domain_expert_counts
 
 
 @dataclass
@@ -74,7 +74,7 @@ def coupling(model: Any, cfg: TrialConfig, ep_group: Any, *, generator: torch.Ge
     e = cfg.erc
     gather = None
     if ep_group is not None:
-        from .parallelize import gather_columns
+        from ercstudy.trainables.parallelize import gather_columns
 
         gather = partial(gather_columns, group=ep_group)
     # the metrics' clean M is the paper's (gate projections), comparable across an activation ablation's arms

@@ -20,19 +20,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import compat
-from .checkpoint import CHECKPOINT_TAG
-from .checkpoint import save as save_checkpoint
-from .checkpoint_writer import CheckpointSchedule, CheckpointWriter
-from .config import CONFIG_KEY, RESTORED_KEY, TrialConfig
-from .data import GlobalBatchStream, build_train_data
-from .devices import device_peak_flops
-from .engine import build_engine
-from .erc import resolve_epsilon
-from .evals import build_evaluator
-from .harness import RESULTS_KEY, TrialHarness
-from .specialization import layer_metric_tensors, to_host
-from .step import Trial, Window, coupling, train_step
+from ercstudy.trainables import private_apis as compat
+from ercstudy.trainables.checkpoint import CHECKPOINT_TAG
+from ercstudy.trainables.checkpoint import save as save_checkpoint
+from ercstudy.trainables.checkpoint_writer import CheckpointSchedule, CheckpointWriter
+from ercstudy.trainables.config import CONFIG_KEY, RESTORED_KEY, TrialConfig
+from ercstudy.trainables.data import GlobalBatchStream, build_train_data
+from ercstudy.trainables.devices import device_peak_flops
+from ercstudy.trainables.engine import build_engine
+from ercstudy.trainables.erc import resolve_epsilon
+from ercstudy.trainables.evals import build_evaluator
+from ercstudy.trainables.lm_eval_adapter import RESULTS_KEY, TrialHarness
+from ercstudy.trainables.specialization import layer_metric_tensors, to_host
+from ercstudy.trainables.step import Trial, Window, coupling, train_step
 
 # Expert parallelism uses torch.distributed.nn's autograd collectives, deprecated in torch 2.13 for
 # _functional_collectives, whose all-gather backward is a reduce-scatter that gloo (CPU) lacks.

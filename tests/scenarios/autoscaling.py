@@ -74,7 +74,7 @@ def main(out: Path) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from ercstudy.netutil import free_ports
-    from ercstudy.platform.ray_runtime import new_token_file
+    from ercstudy.platform.cluster.ray_runtime import new_token_file
 
     gcs_port, dashboard_port = free_ports(2)
     config = autoscaling_config(f"127.0.0.1:{gcs_port}")

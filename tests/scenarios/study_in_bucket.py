@@ -48,8 +48,8 @@ def mc_task(root: Path) -> Path:
 def main(out: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from ercstudy.platform import storage as store
-    from ercstudy.platform.ray_runtime import enable_token_auth, new_token_file, start_local_ray
+    from ercstudy.platform.cluster import storage as store
+    from ercstudy.platform.cluster.ray_runtime import enable_token_auth, new_token_file, start_local_ray
 
     started = time.monotonic()
     outside = out / "outside"  # what a cluster keeps elsewhere: the MLflow store, the shards, the lm-eval task files

@@ -15,12 +15,12 @@ from typing import Any
 
 from ray import tune
 
+from ercstudy.platform.study.search import point_tags
+from ercstudy.platform.study.spec import Study, num_trials
+from ercstudy.platform.study.tables import cell
+from ercstudy.platform.tracking import client as tracking
+from ercstudy.platform.tracking import outbox
 from ercstudy.trainables.config import RESTORED_KEY
-
-from . import outbox, tracking
-from .search import point_tags
-from .study import Study, num_trials
-from .tables import cell
 
 
 class MLflowStudyCallback(tune.Callback):

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .validation import require
+from ercstudy.trainables.validation import require
 
 
 @dataclass(frozen=True, kw_only=True)

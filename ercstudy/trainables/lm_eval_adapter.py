@@ -5,7 +5,7 @@ evaluation a trial runs on its own workers (the optional extra `evals`: pip inst
 (context, continuation) pairs the way it does for Hugging Face models, and the scoring is
 evals.continuation_logprobs, the batched scorer the in-training evaluations use. Rolling
 log-likelihoods cut a document into lm-eval's disjoint windows of the model's context. It wraps a
-checkpoint loaded from disk (`ercstudy eval`, platform/harness.py) or the live model of a trial.
+checkpoint loaded from disk (`ercstudy eval`, platform/report/checkpoint_eval.py) or the live model of a trial.
 
 In a trial (`TrialHarness`, called by worker.train at `eval.harness.at` steps) the tasks run on the
 trial's devices: on rank 0 alone, or, under expert parallelism (ep_size > 1, where a forward is a
@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from .harness_config import HarnessConfig, with_absolute_paths  # noqa: F401  (the section lives beside evals' EvalConfig)
-from .validation import ConfigError
+from ercstudy.trainables.lm_eval_config import HarnessConfig, with_absolute_paths  # noqa: F401  (the section lives beside evals' EvalConfig)
+from ercstudy.trainables.validation import ConfigError
 
 INSTALL_HINT = "lm-evaluation-harness is not installed: pip install 'ercstudy[evals]'"
 RESULTS_KEY = "harness_results"  # a report's lm-eval results JSON (a string): an artifact, not a metric
@@ -127,7 +127,7 @@ def check(cfg: Any) -> set[str]:
     """A trial's eval.harness checked before anything starts (ConfigError: one line): lm-eval installed, every task
     known (lm-eval's registry or include_path), every local data file present, a text tokenizer beside the data.
     Returns the metric names the tasks report."""
-    from .shards import TOKENIZER_FILE
+    from ercstudy.trainables.shards import TOKENIZER_FILE
 
     hc: HarnessConfig = cfg.eval.harness
     if not hc.enabled:
@@ -167,9 +167,9 @@ def model_class():
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    from . import checkpoint as ckpt_lib
-    from .evals import continuation_logprobs
-    from .shards import EOD_TOKEN
+    from ercstudy.trainables import checkpoint as ckpt_lib
+    from ercstudy.trainables.evals import continuation_logprobs
+    from ercstudy.trainables.shards import EOD_TOKEN
 
     class ErcstudyLM(TemplateLM):
         """An ercstudy model as an lm-eval model: loglikelihood, loglikelihood_rolling, greedy generate_until.
@@ -325,7 +325,7 @@ class TrialHarness:
         if self._tokenizer is None:
             from tokenizers import Tokenizer
 
-            from .shards import TOKENIZER_FILE, read_file
+            from ercstudy.trainables.shards import TOKENIZER_FILE, read_file
 
             raw = read_file(self.cfg.data.path, TOKENIZER_FILE) if self.cfg.data.kind == "parquet" else None
             if raw is None:
@@ -339,7 +339,7 @@ class TrialHarness:
             return {}
         import os
 
-        from .checkpoint import LoadedCheckpoint
+        from ercstudy.trainables.checkpoint import LoadedCheckpoint
 
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local task files only (as `ercstudy eval`): never wait on the network
 

@@ -8,10 +8,9 @@ search, the objective and how many trials this machine runs at once; then the st
 
 from __future__ import annotations
 
+from ercstudy.platform.study.spec import Study, arm_points, corner_points, num_points, num_trials
+from ercstudy.platform.study.tables import text_table
 from ercstudy.trainables.config import TrialConfig
-
-from .study import Study, arm_points, corner_points, num_points, num_trials
-from .tables import text_table
 
 # GPU-hours at an assumed throughput: H100/H200 SXM dense bf16 peak (trainables/devices.py) at a typical MoE MFU
 ASSUMED_PEAK_TFLOPS = 989.0

@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ercstudy.netutil import free_ports
-
-from . import compat
+from ercstudy.platform.cluster import private_apis as compat
 
 START_TIMEOUT_S = 300.0  # seconds on a laptop; minutes where Ray's daemons compete for few CPUs
 DRIVER_LOG = "ercstudy-driver.log"

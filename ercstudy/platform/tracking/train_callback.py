@@ -11,7 +11,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from .tracking import StepBuffer, client, log_result
+from ercstudy.platform.tracking.client import StepBuffer, client, log_result
 
 
 class MLflowTrainCallback(UserCallback):

@@ -1,7 +1,7 @@
 """lm-evaluation-harness on ercstudy checkpoints, `ercstudy eval` (the optional extra `evals`: pip install 'ercstudy[evals]').
 
 The model adapter `ErcstudyLM` (an lm-eval TemplateLM scoring with the in-training scorer) lives in
-the data plane, trainables/harness.py, because trials run the same tasks on their own workers
+the data plane, trainables/lm_eval_adapter.py, because trials run the same tasks on their own workers
 (`eval.harness`); this module loads a checkpoint into it and logs results to an existing run.
 
 `run_harness` evaluates tasks by name; tasks from local files (an lm-eval task YAML whose
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ercstudy.trainables.harness import (  # noqa: F401  (the adapter lives in the data plane: trials run it too)
+from ercstudy.trainables.lm_eval_adapter import (  # noqa: F401  (the adapter lives in the data plane: trials run it too)
     INSTALL_HINT,
     HarnessError,
     flat_metrics,
@@ -38,7 +38,7 @@ def log_to_mlflow(results: dict[str, Any], run_id: str, *, uri: str | None = Non
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from . import tracking
+    from ercstudy.platform.tracking import client as tracking
 
     uri = tracking.resolve_uri(uri)
     client = MlflowClient(uri)

@@ -27,8 +27,8 @@ import time
 import uuid
 from typing import Any
 
-from . import storage as store
-from . import tracking
+from ercstudy.platform.cluster import storage as store
+from ercstudy.platform.tracking import client as tracking
 
 OUTBOX = "mlflow-outbox"
 RETRY_EVERY_S = 15.0  # between tries while the server does not answer
@@ -162,7 +162,7 @@ class Tracker:
         return made or (f"{PENDING}{experiment_id}/{parent_run_id}/{trial_id}", -1)
 
     def log_result(self, run_id: str, result: dict[str, Any]) -> None:
-        from ercstudy.trainables.harness import ERROR_KEY, RESULTS_KEY
+        from ercstudy.trainables.lm_eval_adapter import ERROR_KEY, RESULTS_KEY
 
         kept = {**tracking.numeric_metrics(result), "step": int(result.get("step", 0)),
                 **{k: result[k] for k in (RESULTS_KEY, ERROR_KEY) if isinstance(result.get(k), str)}}

@@ -45,12 +45,12 @@ def run_trial(cfg: TrialConfig, *, name: str, storage_path: str, callbacks: list
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        from .ray_runtime import ensure_ray
+        from ercstudy.platform.cluster.ray_runtime import ensure_ray
 
         ensure_ray()
     cfg.check_data()
     res = cfg.resources
-    from .capacity import cluster_capacity, cpu_need
+    from ercstudy.platform.cluster.capacity import cluster_capacity, cpu_need
 
     need, spare, words = cpu_need(res.num_workers * res.cpus_per_worker, cfg.data)
     # with Ray Data, a trial that leaves no CPU free would wait for good: a study has checked (runner.concurrency),

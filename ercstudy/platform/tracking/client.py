@@ -217,7 +217,7 @@ def log_result(c: Any, run_id: str, result: dict[str, Any], *, timestamp_ms: int
 def log_harness(c: Any, run_id: str, result: dict[str, Any]) -> None:
     """A report's eval.harness evaluation beside its metrics: lm-eval's results JSON as the artifact
     harness/results_step<N>.json, and the tag HARNESS_TAG (a failure's reason in it)."""
-    from ercstudy.trainables.harness import ERROR_KEY, RESULTS_KEY
+    from ercstudy.trainables.lm_eval_adapter import ERROR_KEY, RESULTS_KEY
 
     step = int(result.get("step", 0))
     if isinstance(result.get(RESULTS_KEY), str):

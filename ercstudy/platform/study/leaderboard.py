@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .study import Study
+from ercstudy.platform.study.spec import Study
 
 
 def _value(row: dict[str, Any], metric: str) -> float | None:

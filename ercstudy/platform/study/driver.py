@@ -29,14 +29,15 @@ from typing import Any
 import yaml
 from ray import tune
 
-from . import leaderboard as ranking
-from . import outbox, tracking
-from . import storage as store
-from .capacity import Capacity, cluster_capacity, cpu_need
-from .search import build_scheduler, build_search
-from .study import Study, apply_params, num_trials, parse_study
-from .study_callbacks import MLflowStudyCallback, ProgressCallback
-from .tables import text_table
+from ercstudy.platform.cluster import storage as store
+from ercstudy.platform.cluster.capacity import Capacity, cluster_capacity, cpu_need
+from ercstudy.platform.study import leaderboard as ranking
+from ercstudy.platform.study.search import build_scheduler, build_search
+from ercstudy.platform.study.spec import Study, apply_params, num_trials, parse_study
+from ercstudy.platform.study.tables import text_table
+from ercstudy.platform.tracking import client as tracking
+from ercstudy.platform.tracking import outbox
+from ercstudy.platform.tracking.callbacks import MLflowStudyCallback, ProgressCallback
 
 STATE_FILE = "study.json"
 SPEC_FILE = "study.yaml"
@@ -58,7 +59,7 @@ class StudyError(RuntimeError):
 
 def study_trial(config: dict[str, Any]) -> None:
     """Tune function trainable: one trial = one TorchTrainer run, its reports forwarded to Tune."""
-    from ercstudy.platform.trial import tune_trial
+    from ercstudy.platform.study.trial import tune_trial
     from ercstudy.trainables.config import TrialConfig
 
     cfg = TrialConfig.from_dict(apply_params(config["base"], config["params"]))
@@ -179,7 +180,7 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
 
     verbose: Ray's and DeepSpeed's output streams to this terminal as well as to Ray's log files.
     """
-    from .ray_runtime import ray_session
+    from ercstudy.platform.cluster.ray_runtime import ray_session
 
     # the storage first, before tracking and Ray: a bad one is one line, and no trial or parent run exists yet
     try:

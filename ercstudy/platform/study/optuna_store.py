@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import storage as store
+from ercstudy.platform.cluster import storage as store
 
 FILE = "optuna.db"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import compat
+from ercstudy.platform.cluster import private_apis as compat
 
 
 @dataclass(frozen=True)

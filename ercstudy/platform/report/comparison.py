@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .study import Study, config_value
+from ercstudy.platform.study.spec import Study, config_value
 
 LEVEL = 0.95
 NOT_ALPHA = ("erc.alpha", "moe.num_experts", "train.seed")  # what a best-alpha group may vary in

@@ -19,13 +19,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from . import figures, leaderboard, tracking
-from .comparison import LEVEL, alpha_groups, point_rows
-from .importance import importance_lines
-from .optuna_store import OptunaStore, read_study
-from .scaling import scaling_section
-from .study import Study, point_label
-from .tables import markdown_table
+from ercstudy.platform.report import figures
+from ercstudy.platform.report.comparison import LEVEL, alpha_groups, point_rows
+from ercstudy.platform.report.importance import importance_lines
+from ercstudy.platform.report.scaling import scaling_section
+from ercstudy.platform.study import leaderboard
+from ercstudy.platform.study.optuna_store import OptunaStore, read_study
+from ercstudy.platform.study.spec import Study, point_label
+from ercstudy.platform.study.tables import markdown_table
+from ercstudy.platform.tracking import client as tracking
 
 
 @dataclass(frozen=True)
@@ -172,18 +174,18 @@ def write_report(study: Study, state: Any, out: str | None = None, *, storage: s
     """
     import tempfile
 
-    from . import storage as store
-    from .runner import study_path
+    from ercstudy.platform.cluster import storage as store
+    from ercstudy.platform.study.driver import study_path
 
     if budget is not None and not (math.isfinite(budget) and budget > 0):
-        from .runner import StudyError
+        from ercstudy.platform.study.driver import StudyError
 
         raise StudyError(f"--budget {budget:g}: a compute budget is a positive number of FLOPs, e.g. 1e21")
     try:
         target = store.resolve(out) if out else study_path(storage, study.name) / "report"
         store.check(target)
     except store.StorageError as err:
-        from .runner import StudyError
+        from ercstudy.platform.study.driver import StudyError
 
         raise StudyError(str(err)) from None
     with tempfile.TemporaryDirectory(prefix="ercstudy-report-") as tmp:

@@ -19,8 +19,8 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from .optuna_store import OptunaStore
-from .study import Study, arm_points, corner_points, is_empty, point_label, seeds
+from ercstudy.platform.study.optuna_store import OptunaStore
+from ercstudy.platform.study.spec import Study, arm_points, corner_points, is_empty, point_label, seeds
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from .study import Study
+from ercstudy.platform.study.spec import Study
 
 TOP_MIN = 2  # points in the best set, at least
 ADVISED_TOP = 5  # Optuna's advice for a stable analysis
@@ -111,7 +111,7 @@ def _has(t: Any, target: Any) -> bool:
 
 def importance_lines(study: Study, optuna_study: Any, *, where: str) -> tuple[list[str], dict[str, Any]]:
     """The report's importance section and its data (fits.json), or one line that says why there is none."""
-    from .tables import markdown_table
+    from ercstudy.platform.study.tables import markdown_table
 
     head = ["", f"## Parameter importances ({METHOD})", ""]
     if optuna_study is None:

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ercstudy.trainables.config import ResourcesConfig, TrialConfig, read_yaml
-from ercstudy.trainables.harness import check as harness_check
-from ercstudy.trainables.harness import with_absolute_paths
+from ercstudy.trainables.lm_eval_adapter import check as harness_check
+from ercstudy.trainables.lm_eval_adapter import with_absolute_paths
 from ercstudy.trainables.validation import ConfigError, from_dict, require
 
 SECTIONS = ("name", "base", "search", "objective", "scheduler", "resources", "tracking", "storage")
@@ -192,7 +192,7 @@ class Study:
     tracking: TrackingConfig
     constraints: tuple[Constraint, ...]
     source: str = ""
-    storage: str | None = None  # the study's `storage:` (platform/storage.py); --storage overrides it
+    storage: str | None = None  # the study's `storage:` (platform/cluster/storage.py); --storage overrides it
 
     @property
     def objective(self) -> Objective:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .study import Study
+from ercstudy.platform.study.spec import Study
 
 MARKERS = {"completed": ("o", "completed"), "stopped_early": ("v", "stopped early"),
            "stopped_nonfinite": ("X", "stopped: non-finite loss"), "failed": ("x", "failed (no value)")}
@@ -150,7 +150,7 @@ def _alpha_label(t: dict[str, Any]) -> str:
 
 def eps_over_training(study: Study, trials: list[dict[str, Any]], client: Any, out: Path) -> str | None:
     """The paper's specialization-tracking figure: eps (mean over layers and experts) over training per alpha."""
-    from .tracking import metric_curves
+    from ercstudy.platform.tracking.client import metric_curves
 
     plt = _plt()
     curves = [(t, c["eps_mean"]) for t in trials if (c := metric_curves(client, t["run_id"], ["eps_mean"])).get("eps_mean")]
