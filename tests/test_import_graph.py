@@ -1,10 +1,14 @@
-"""The package's import graph: no cycles (imports inside functions and TYPE_CHECKING blocks count),
-and the data plane (ercstudy.trainables) imports nothing from the control plane (ercstudy.platform)."""
+"""The package's import graph: no cycles (imports inside functions and TYPE_CHECKING blocks count), the control
+plane's layers import only downward, and the data plane (ercstudy.trainables) imports nothing from the control plane
+(ercstudy.platform)."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ercstudy"
+
+# The control plane, top to bottom: a module may import its own layer and the layers below it, never one above.
+LAYERS = ("cli", "report", "study", "data", "tracking", "cluster")
 
 
 def module_name(path: Path) -> str:
@@ -40,6 +44,14 @@ def graph() -> dict[str, set[str]]:
     return {m: imports(p, set(files)) for m, p in files.items()}
 
 
+def layer(module: str) -> int | None:
+    """The rank of a control-plane module's layer (0 = the top), None outside the control plane's layers."""
+    parts = module.split(".")
+    if parts[:2] != ["ercstudy", "platform"] or len(parts) < 3:
+        return None
+    return LAYERS.index(parts[2]) if parts[2] in LAYERS else None
+
+
 def test_the_package_has_no_import_cycles():
     g = graph()
     assert "ercstudy.trainables.worker" in g and "ercstudy.platform.study.driver" in g
@@ -60,13 +72,27 @@ def test_the_package_has_no_import_cycles():
             visit(m, [m])
 
 
+def test_every_control_plane_module_lives_in_a_layer():
+    loose = [m for m in graph() if m.startswith("ercstudy.platform.") and layer(m) is None]
+    assert not loose, f"modules outside {LAYERS}: {loose}"
+
+
+def test_the_control_plane_imports_only_downward():
+    upward = {m: sorted(d for d in deps if layer(d) is not None and layer(d) < layer(m))
+              for m, deps in graph().items() if layer(m) is not None}
+    assert not {m: d for m, d in upward.items() if d}
+
+
 def test_the_data_plane_imports_nothing_from_the_control_plane():
     offenders = {m: sorted(d for d in deps if d.startswith("ercstudy.platform"))
                  for m, deps in graph().items() if m.startswith("ercstudy.trainables")}
     assert not {m: d for m, d in offenders.items() if d}
 
 
-def test_the_graph_sees_lazy_imports():
-    """A check that cannot fail proves nothing: the walker finds imports inside functions."""
+def test_the_graph_sees_lazy_imports_and_upward_ones():
+    """A check that cannot fail proves nothing: the walker finds imports inside functions, and ranks layers."""
     g = graph()
     assert "ercstudy.trainables.parallelize" in g["ercstudy.trainables.checkpoint"]  # imported inside load()
+    assert "ercstudy.platform.study.trial" in g["ercstudy.platform.cli"]  # imported inside a command
+    assert layer("ercstudy.platform.cli") < layer("ercstudy.platform.report.figures") < layer("ercstudy.platform.study.spec")
+    assert layer("ercstudy.platform.tracking.client") < layer("ercstudy.platform.cluster.storage")

@@ -19,6 +19,7 @@ from ercstudy.platform.report.importance import (
     top_count,
 )
 from ercstudy.platform.study.optuna_store import OptunaStore, read_study
+from ercstudy.platform.study.plan import plan_study
 from ercstudy.platform.study.search import build_search
 from ercstudy.platform.study.spec import parse_study
 
@@ -50,7 +51,7 @@ def run_points(search, n, start=0):
 def test_local_storage_keeps_optuna_db_in_the_study_directory_and_resumes(tmp_path):
     study = study_spec()
     directory = tmp_path / "results" / study.name
-    search = build_search(study, str(directory))
+    search = build_search(plan_study(study), str(directory))
     run_points(search, 3)
     assert (directory / "optuna.db").is_file()
     loaded = optuna.load_study(study_name=study.name, storage=f"sqlite:///{directory}/optuna.db")  # what the dashboard reads
@@ -58,7 +59,7 @@ def test_local_storage_keeps_optuna_db_in_the_study_directory_and_resumes(tmp_pa
     assert set(loaded.trials[0].user_attrs) == {"alpha_star", "eps_mean"}
     search.suggest("t3")  # asked, still running when the driver stops
     search.save(str(tmp_path / "searcher.pkl"))
-    restored = build_search(study, str(directory))
+    restored = build_search(plan_study(study), str(directory))
     restored.restore(str(tmp_path / "searcher.pkl"))
     restored.on_trial_complete("t3", {"step": 60, "total_steps": 60, "eval/loss": 2.5})  # the running trial is told
     run_points(restored, 2, start=4)
@@ -73,11 +74,11 @@ def test_a_trial_told_before_a_driver_kill_reports_again_after_resume_without_er
     data["search"].update(sampler="random", num_trials=4)  # ASHA on: single-objective reports go to Optuna
     study = parse_study(data)
     directory = tmp_path / "results" / study.name
-    search = build_search(study, str(directory))
+    search = build_search(plan_study(study), str(directory))
     search.suggest("t0")
     search.save(str(tmp_path / "searcher.pkl"))  # Tune's last save: t0 still running
     search.on_trial_complete("t0", {"step": 60, "total_steps": 60, "eval/loss": 2.5})  # told; then the kill
-    restored = build_search(study, str(directory))
+    restored = build_search(plan_study(study), str(directory))
     restored.restore(str(tmp_path / "searcher.pkl"))
     restored.on_trial_result("t0", {"step": 60, "total_steps": 60, "eval/loss": 2.5, "resumed_from_step": 60})
     restored.on_trial_complete("t0", {"step": 60, "total_steps": 60, "eval/loss": 2.5})
@@ -91,16 +92,16 @@ def test_remote_storage_copies_the_cache_to_the_bucket_and_fetches_it_on_resume(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-a"))
     study = study_spec()
     directory = f"{bucket}/studies/{study.name}"
-    search = build_search(study, directory)
+    search = build_search(plan_study(study), directory)
     run_points(search, 2)
     fs, path = pafs.FileSystem.from_uri(f"{directory}/optuna.db")
     assert fs.get_file_info(path).type == pafs.FileType.File  # copied at each point told
     assert str(OptunaStore(directory).local).startswith(str(tmp_path / "cache-a"))
     search.save(str(tmp_path / "searcher.pkl"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-b"))  # resumed on another machine: an empty cache
-    restored = build_search(study, directory)
+    restored = build_search(plan_study(study), directory)
     restored.restore(str(tmp_path / "searcher.pkl"))
-    assert [t.number for t in restored.study.get_trials()] == [0, 1]
+    assert [t.number for t in restored.optuna_study.get_trials()] == [0, 1]
     run_points(restored, 1, start=2)
     with read_study(directory, study.name) as s:
         assert [t.state for t in s.trials] == [TrialState.COMPLETE] * 3
@@ -111,7 +112,7 @@ def test_remote_storage_copies_the_cache_to_the_bucket_and_fetches_it_on_resume(
 def test_importances_find_the_param_that_matters_and_refuse_too_few_points(tmp_path):
     study = study_spec(num_trials=40)
     directory = tmp_path / study.name
-    search = build_search(study, str(directory))
+    search = build_search(plan_study(study), str(directory))
     run_points(search, MIN_TRIALS - 1)
     with read_study(str(directory), study.name) as s:
         lines, _ = importance_lines(study, s, where="x")
@@ -157,9 +158,9 @@ def test_a_point_with_seeds_records_the_mean_of_alpha_star(tmp_path):
     data["search"] = {**data["search"], "params": {"erc.alpha": [0.5]}, "sampler": "grid", "num_trials": 1, "repeats": 2,
                       "constraints": []}
     study = parse_study(data)
-    search = build_search(study, str(tmp_path / "s"))
+    search = build_search(plan_study(study), str(tmp_path / "s"))
     for tid, a in (("a", 1.0), ("b", 2.0)):
         search.suggest(tid)
         search.on_trial_complete(tid, {"step": 60, "total_steps": 60, "eval/loss": 3.0, "alpha_star": a})
-    (t,) = search.study.get_trials()
+    (t,) = search.optuna_study.get_trials()
     assert t.user_attrs == {"alpha_star": pytest.approx(1.5)} and t.state == TrialState.COMPLETE

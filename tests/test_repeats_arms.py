@@ -9,8 +9,9 @@ import yaml
 from optuna.trial import TrialState
 
 from ercstudy.platform.cli import main
+from ercstudy.platform.study.plan import plan_study
 from ercstudy.platform.study.search import build_search, point_tags
-from ercstudy.platform.study.spec import arm_points, load_study, num_points, num_trials, parse_study, seeds
+from ercstudy.platform.study.spec import load_study, parse_study
 from ercstudy.trainables.validation import ConfigError
 
 QUICKSTART = yaml.safe_load(open("search_spaces/quickstart.yaml"))
@@ -31,10 +32,10 @@ def result(step, total=60, **metrics):
 
 def test_the_papers_sweep_counts_its_trials_and_seeds():
     study = load_study("search_spaces/alpha_epsilon.yaml")
-    assert num_points(study) == 6 * 2 * 2 and study.search.repeats == 3 and seeds(study) == [0, 1, 2]
-    assert arm_points(study) == [("baseline", {"erc.enabled": False, "moe.num_experts": 16}),
+    assert plan_study(study).points == 6 * 2 * 2 and study.search.repeats == 3 and plan_study(study).seeds == (0, 1, 2)
+    assert list(plan_study(study).arms) == [("baseline", {"erc.enabled": False, "moe.num_experts": 16}),
                                  ("baseline", {"erc.enabled": False, "moe.num_experts": 64})]
-    assert num_trials(study) == (24 + 2) * 3 and study.search.baseline_arm == "baseline"
+    assert plan_study(study).num_trials == (24 + 2) * 3 and study.search.baseline_arm == "baseline"
     assert study.scheduler.type == "none" and study.base_config.erc.router_grad is False
 
 
@@ -65,13 +66,13 @@ def test_invalid_repeats_and_arms_are_refused_naming_the_key(change, where):
 def test_arm_lists_are_crossed():
     study = parse_study(spec(search={"arms": {"baseline": {"erc.enabled": False, "moe.num_experts": [4, 8]},
                                               "strict": {"erc.alpha": 0.3}}}))
-    assert [a for a, _ in arm_points(study)] == ["baseline", "baseline", "strict"]
-    assert num_trials(study) == (2 + 3) * 2
+    assert [a for a, _ in list(plan_study(study).arms)] == ["baseline", "baseline", "strict"]
+    assert plan_study(study).num_trials == (2 + 3) * 2
 
 
 def test_each_point_runs_at_every_seed_and_optuna_sees_the_mean():
     study = parse_study(spec())
-    search = build_search(study)
+    search = build_search(plan_study(study))
     configs = [search.suggest(f"t{i}") for i in range(6)]  # 1 arm point + 2 grid points, 2 seeds each
     assert [c["point"]["arm"] for c in configs] == ["baseline"] * 2 + ["search"] * 4
     assert [c["params"]["train.seed"] for c in configs] == [0, 1] * 3
@@ -84,11 +85,11 @@ def test_each_point_runs_at_every_seed_and_optuna_sees_the_mean():
         search.on_trial_complete(tid, result(60, **{"eval/loss": 9.0}))
     search.on_trial_result("t2", result(20, **{"eval/loss": 2.5}))  # several seeds: no intermediate values
     search.on_trial_complete("t2", result(60, **{"eval/loss": 2.0}))
-    assert search.study.trials[0].state == TrialState.RUNNING  # its other seed still runs
+    assert search.optuna_study.trials[0].state == TrialState.RUNNING  # its other seed still runs
     search.on_trial_complete("t3", result(60, **{"eval/loss": 3.0}))
     search.on_trial_complete("t4", result(60, **{"eval/loss": 1.0}))
     search.on_trial_complete("t5", None, error=True)
-    trials = search.study.get_trials(deepcopy=False)
+    trials = search.optuna_study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
     assert trials[0].value == pytest.approx(2.5) and trials[0].intermediate_values == {}
     restored = pickle.loads(pickle.dumps(search.__dict__))  # Tune saves the searcher with its state
@@ -97,6 +98,6 @@ def test_each_point_runs_at_every_seed_and_optuna_sees_the_mean():
 
 def test_plain_studies_keep_plain_configs():
     data = spec(search={"repeats": 1, "arms": {}})
-    search = build_search(parse_study(data))
+    search = build_search(plan_study(parse_study(data)))
     config = search.suggest("a")
     assert set(config) == {"params"} and "train.seed" not in config["params"] and point_tags(config) == {}

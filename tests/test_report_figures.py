@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from ercstudy.platform.cli import main
 from ercstudy.platform.study.driver import SPEC_FILE, STATE_FILE, StudyState, study_path
+from ercstudy.platform.study.plan import plan_study
 from ercstudy.platform.study.search import build_search, point_tags
 from ercstudy.platform.study.spec import parse_study
 from ercstudy.platform.tracking import client as tracking
@@ -38,7 +39,7 @@ def spec(tmp_path):
 
 def synthetic_metrics(cfg, rng):
     """A Chinchilla-shaped loss in the trial's N and D, a learning-rate bowl, seeded noise; ERC lowers alpha*."""
-    N, D = cfg.num_active_params(), cfg.steps * cfg.train.global_batch_size * cfg.model.seq_len
+    N, D = cfg.num_active_params(), cfg.trained_tokens
     loss = (1.5 + 60 / N**0.3 + 90 / D**0.3) * (1 + 0.02 * (math.log10(cfg.train.lr) + 2.5) ** 2) * math.exp(rng.normal(0, 0.002))
     alpha_star = (0.6 * cfg.erc.alpha + 0.3 if cfg.erc.enabled else 4.5) + rng.normal(0, 0.05)
     n = cfg.moe.num_experts
@@ -59,7 +60,7 @@ def study_dir(tmp_path_factory):
     exp = c.create_experiment("figs")
     parent = c.create_run(exp, run_name="figs", tags={tracking.STUDY_TAG: "figs"}).info.run_id
     StudyState("figs", data["tracking"]["uri"], exp, parent).write(directory / STATE_FILE)
-    search = build_search(study, str(directory))
+    search = build_search(plan_study(study), str(directory))
     rng = np.random.default_rng(0)
     for i in range(15):  # the baseline arm, then 14 sampled points
         tid = f"t{i:02d}"

@@ -1,6 +1,6 @@
-"""tracking.StepBuffer: each step reaches MLflow once, with the values of the attempt that continued."""
+"""StepBuffer: each step reaches MLflow once, with the values of the attempt that continued."""
 
-from ercstudy.platform.tracking.client import StepBuffer
+from ercstudy.platform.tracking.step_buffer import StepBuffer
 
 
 def report(step, value, total=40):

@@ -14,6 +14,7 @@ from ercstudy.netutil import free_ports
 from ercstudy.platform.cli import main
 from ercstudy.platform.report.study_report import best_alpha, fit_power_law
 from ercstudy.platform.study.driver import Capacity, StudyError, concurrency, leaderboard
+from ercstudy.platform.study.plan import plan_study
 from ercstudy.platform.study.spec import corner_points, parse_study
 from ercstudy.platform.tracking.client import TrackingError, check_reachable, resolve_uri
 
@@ -118,9 +119,9 @@ def test_dry_run_lists_every_model_shape(capsys):
 def test_a_study_asking_for_gpus_the_cluster_lacks_fails_fast():
     study = parse_study(spec(resources={"num_workers": 2, "gpus_per_worker": 1}))
     with pytest.raises(StudyError, match=r"a trial needs 2 GPU\(s\).*has 0"):
-        concurrency(study, Capacity(cpus=16, gpus=0, autoscaling=False))
-    assert concurrency(study, Capacity(cpus=16, gpus=8, autoscaling=True)) == 4  # min(8 // 2, num_trials 4)
-    assert concurrency(parse_study(QUICKSTART), Capacity(cpus=2, gpus=0, autoscaling=False)) == 2
+        concurrency(plan_study(study), Capacity(cpus=16, gpus=0, autoscaling=False))
+    assert concurrency(plan_study(study), Capacity(cpus=16, gpus=8, autoscaling=True)) == 4  # min(8 // 2, num_trials 4)
+    assert concurrency(plan_study(parse_study(QUICKSTART)), Capacity(cpus=2, gpus=0, autoscaling=False)) == 2
 
 
 def test_a_study_whose_shards_ray_data_reads_leaves_it_a_cpu():
@@ -129,11 +130,11 @@ def test_a_study_whose_shards_ray_data_reads_leaves_it_a_cpu():
         base = {**QUICKSTART["base"], "data": {"kind": "parquet", "path": "data/shards", "reader": reader}}
         return parse_study(spec(base=base, resources={"num_workers": 1, "cpus_per_worker": 1}))
 
-    assert concurrency(study("direct"), Capacity(cpus=2, gpus=0, autoscaling=False)) == 2
-    assert concurrency(study("ray_data"), Capacity(cpus=2, gpus=0, autoscaling=False)) == 1
-    assert concurrency(study("direct"), Capacity(cpus=1, gpus=0, autoscaling=False)) == 1
+    assert concurrency(plan_study(study("direct")), Capacity(cpus=2, gpus=0, autoscaling=False)) == 2
+    assert concurrency(plan_study(study("ray_data")), Capacity(cpus=2, gpus=0, autoscaling=False)) == 1
+    assert concurrency(plan_study(study("direct")), Capacity(cpus=1, gpus=0, autoscaling=False)) == 1
     with pytest.raises(StudyError, match=r"needs 1 CPU\(s\) and 1 left free for Ray Data's reads .*has 1"):
-        concurrency(study("ray_data"), Capacity(cpus=1, gpus=0, autoscaling=False))
+        concurrency(plan_study(study("ray_data")), Capacity(cpus=1, gpus=0, autoscaling=False))
 
 
 def test_tracking_uri_and_unreachable_server(tmp_path, monkeypatch, capsys):

@@ -3,7 +3,7 @@
 import pytest
 
 from ercstudy.platform.tracking import client as tracking
-from ercstudy.platform.tracking.train_callback import MLflowTrainCallback
+from ercstudy.platform.tracking.callbacks import MLflowTrainCallback
 
 
 @pytest.fixture()

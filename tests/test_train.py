@@ -51,7 +51,7 @@ def config(**sections) -> TrialConfig:
 def runs(ray_session, shards, tmp_path_factory):
     from ercstudy.platform.study.trial import run_trial
     from ercstudy.platform.tracking import client as tracking
-    from ercstudy.platform.tracking.train_callback import MLflowTrainCallback
+    from ercstudy.platform.tracking.callbacks import MLflowTrainCallback
 
     storage = str(tmp_path_factory.mktemp("trials"))
     half = {"cpus_per_worker": 0.5}  # all three runs at once on the 2 CPUs of the shared Ray: 4 workers

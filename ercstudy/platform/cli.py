@@ -41,7 +41,7 @@ def _fail(message: str, code: int = 2) -> int:
 
 def describe(cfg) -> str:
     """One paragraph on what a trial will train, computed from the config alone."""
-    tokens = cfg.steps * cfg.train.global_batch_size * cfg.model.seq_len
+    tokens = cfg.trained_tokens
     return (
         f"model: {cfg.num_params() / 1e6:.2f}M params, {cfg.num_active_params() / 1e6:.2f}M active, "
         f"{cfg.flops_per_token() / 1e6:.1f} MFLOP/token (train) | MoE: {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, "
@@ -86,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(describe(cfg), flush=True)
     from ercstudy.platform.cluster.ray_runtime import ray_session
     from ercstudy.platform.study import progress
-    from ercstudy.platform.tracking.train_callback import MLflowTrainCallback
+    from ercstudy.platform.tracking.callbacks import MLflowTrainCallback
 
     # one MLflow run per trial, logged live by the Train controller; a resumed trial continues its run
     c = tracking.client(uri)
@@ -167,6 +167,7 @@ def _local_devices() -> tuple[int, int]:
 
 def cmd_dry_run(args: argparse.Namespace) -> int:
     from ercstudy.platform.study.dry_run import dry_run_lines
+    from ercstudy.platform.study.plan import plan_study
 
     try:
         study = _load_study(args.spec)
@@ -174,7 +175,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
         return _fail(str(err))
     cpus, gpus = _local_devices()
     print(f"study {study.name} ({args.spec}): distinct model shapes in the space")
-    print("\n".join(dry_run_lines(study, cpus=cpus, gpus=gpus)))
+    print("\n".join(dry_run_lines(plan_study(study), cpus=cpus, gpus=gpus)))
     return 0
 
 

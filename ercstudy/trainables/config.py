@@ -19,7 +19,7 @@ from ercstudy.trainables.moe import MoEConfig
 from ercstudy.trainables.validation import ConfigError, from_dict, require, to_dict
 
 # A report key: the worker's first report after a restore carries the reports its checkpoint holds (a list of
-# them), so that a study driver that died before it logged them logs them once (platform/tracking.StepBuffer).
+# them), so that a study driver that died before it logged them logs them once (platform/tracking/step_buffer.py).
 RESTORED_KEY = "restored_history"
 CONFIG_KEY = "trial_config"  # train_loop_config[CONFIG_KEY]: the TrialConfig itself (Ray pickles it once)
 
@@ -187,6 +187,11 @@ class TrialConfig:
     def steps(self) -> int:
         """Optimizer steps: the token budget over the tokens of one global batch."""
         return max(1, self.train.tokens // (self.train.global_batch_size * self.model.seq_len))
+
+    @property
+    def trained_tokens(self) -> int:
+        """Tokens the trial trains on: its steps x the sequences of a global batch x their length."""
+        return self.steps * self.train.global_batch_size * self.model.seq_len
 
     @property
     def grad_accum(self) -> int:

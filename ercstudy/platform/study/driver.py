@@ -32,12 +32,14 @@ from ray import tune
 from ercstudy.platform.cluster import storage as store
 from ercstudy.platform.cluster.capacity import Capacity, cluster_capacity, cpu_need
 from ercstudy.platform.study import leaderboard as ranking
-from ercstudy.platform.study.search import build_scheduler, build_search
-from ercstudy.platform.study.spec import Study, apply_params, num_trials, parse_study
+from ercstudy.platform.study.plan import StudyPlan, plan_study
+from ercstudy.platform.study.progress import ProgressCallback
+from ercstudy.platform.study.search import build_scheduler, build_search, point_tags
+from ercstudy.platform.study.spec import Study, apply_params, parse_study
 from ercstudy.platform.study.tables import text_table
 from ercstudy.platform.tracking import client as tracking
 from ercstudy.platform.tracking import outbox
-from ercstudy.platform.tracking.callbacks import MLflowStudyCallback, ProgressCallback
+from ercstudy.platform.tracking.callbacks import MLflowStudyCallback
 
 STATE_FILE = "study.json"
 SPEC_FILE = "study.yaml"
@@ -79,8 +81,9 @@ def trial_resources(study: Study) -> tuple[int, int]:
     return r.num_workers * r.cpus_per_worker, r.num_workers * r.gpus_per_worker
 
 
-def concurrency(study: Study, cap: Capacity) -> int:
+def concurrency(plan: StudyPlan, cap: Capacity) -> int:
     """Trials that can run at once; a study that can never run one is refused here, not left waiting."""
+    study = plan.study
     cpus, gpus = trial_resources(study)
     need, spare, words = cpu_need(cpus, study.base_config.data)
     where = "an autoscaling cluster at its largest" if cap.autoscaling else "this Ray cluster"
@@ -92,12 +95,12 @@ def concurrency(study: Study, cap: Capacity) -> int:
     if cap.cpus == float("inf"):
         print("ercstudy: the cluster's autoscaler does not publish its largest size (Ray's v1 autoscaler): trial resources "
               "are not checked against it, and search.max_concurrent (else every trial) bounds the trials at once", file=sys.stderr)
-        return max(1, min(study.search.max_concurrent or num_trials(study), num_trials(study)))
+        return max(1, min(study.search.max_concurrent or plan.num_trials, plan.num_trials))
     fit = int((cap.cpus - spare) // cpus)  # cpus > 0 (resources.cpus_per_worker may be a fraction)
     if gpus:
         fit = min(fit, int(cap.gpus // gpus))
     wanted = study.search.max_concurrent or fit
-    return max(1, min(wanted, fit, num_trials(study)))
+    return max(1, min(wanted, fit, plan.num_trials))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +185,7 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
     """
     from ercstudy.platform.cluster.ray_runtime import ray_session
 
+    plan = plan_study(study)
     # the storage first, before tracking and Ray: a bad one is one line, and no trial or parent run exists yet
     try:
         directory = study_path(storage, study.name, multi_node=address is not None)
@@ -196,17 +200,17 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
     uri, c = open_tracking(study, state=state, directory=directory)  # before any Ray resource: an unreachable server fails here
     with ray_session(address, verbose=verbose) as logs:
         cap = cluster_capacity()
-        max_concurrent = concurrency(study, cap)
+        max_concurrent = concurrency(plan, cap)
         # the parent run only once nothing can refuse the study: a refused study leaves no RUNNING run behind
         state = state or create_parent_run(study, uri, c)
         if not resume:
             (directory / SPEC_FILE).write_text(spec_text(study))
             state.write(directory / STATE_FILE)
-        print(f"study {study.name}: {num_trials(study)} trials, up to {max_concurrent} at once "
+        print(f"study {study.name}: {plan.num_trials} trials, up to {max_concurrent} at once "
               f"({cap.cpus:g} CPUs, {cap.gpus:g} GPUs{', autoscaling' if cap.autoscaling else ''}); results: {directory}", flush=True)
         print(f"MLflow: {state.tracking_uri} | experiment {study.experiment!r} | parent run {state.parent_run_id}", flush=True)
         print(f"Ray's logs (workers, DeepSpeed): {logs.where()}" + ("" if verbose else "; --verbose shows them here too"), flush=True)
-        results = fit(study, directory, state, resume=resume, max_concurrent=max_concurrent, progress_every_s=progress_every_s,
+        results = fit(plan, directory, state, resume=resume, max_concurrent=max_concurrent, progress_every_s=progress_every_s,
                       verbose=verbose)
     # out of Ray now: no line that Ray streams can follow the leaderboard
     board = leaderboard(study, results)
@@ -215,9 +219,10 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
     return board
 
 
-def fit(study: Study, directory: store.Location, state: StudyState, *, resume: bool, max_concurrent: int,
+def fit(plan: StudyPlan, directory: store.Location, state: StudyState, *, resume: bool, max_concurrent: int,
         progress_every_s: float, verbose: bool = False) -> list[tuple[dict, dict, Any, str]]:
     """The Tune run (new, or restored from STORAGE/NAME); returns each trial's (metrics, config, error, path)."""
+    study = plan.study
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # eval metrics come every eval.every steps only
     if not verbose:
         # Tune's default output engine prints its experiment box and "View detailed results here" even
@@ -225,9 +230,10 @@ def fit(study: Study, directory: store.Location, state: StudyState, *, resume: b
         # its legacy engine, which this variable selects, prints nothing at 0.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(study_trial, TRIAL_ACTOR)
-    callbacks = [MLflowStudyCallback(study, state.tracking_uri, state.experiment_id, state.parent_run_id,
-                                     outbox=str(directory / outbox.OUTBOX)),
-                 ProgressCallback(study, every_s=progress_every_s)]
+    callbacks = [MLflowStudyCallback(study.name, state.tracking_uri, state.experiment_id, state.parent_run_id,
+                                     outbox=str(directory / outbox.OUTBOX), trial_config=plan.trial_config,
+                                     point_tags=point_tags),
+                 ProgressCallback(plan, every_s=progress_every_s)]
     run_config = tune.RunConfig(
         name=study.name, storage_path=str(directory.parent), callbacks=callbacks, verbose=0,
         failure_config=tune.FailureConfig(max_failures=0),  # Train retries workers itself (train.max_failures)
@@ -243,7 +249,7 @@ def fit(study: Study, directory: store.Location, state: StudyState, *, resume: b
             trainable,
             param_space={"base": study.base, "train_storage": str(directory / "train")},
             tune_config=tune.TuneConfig(
-                search_alg=build_search(study, str(directory)), scheduler=build_scheduler(study), num_samples=num_trials(study),
+                search_alg=build_search(plan, str(directory)), scheduler=build_scheduler(plan), num_samples=plan.num_trials,
                 max_concurrent_trials=max_concurrent, metric=study.objective.metric, mode=study.objective.mode,
                 trial_dirname_creator=lambda t: t.trial_id,
             ),

@@ -8,7 +8,8 @@ search, the objective and how many trials this machine runs at once; then the st
 
 from __future__ import annotations
 
-from ercstudy.platform.study.spec import Study, arm_points, corner_points, num_points, num_trials
+from ercstudy.platform.study.plan import StudyPlan
+from ercstudy.platform.study.spec import corner_points
 from ercstudy.platform.study.tables import text_table
 from ercstudy.trainables.config import TrialConfig
 
@@ -20,11 +21,11 @@ ASSUMED_MFU = 0.3
 SHAPE_FIELDS = ("model.", "moe.num_experts", "moe.top_k", "moe.expert_dim", "moe.moe_every")
 
 
-def model_shapes(study: Study) -> dict[tuple, tuple[TrialConfig, int]]:
+def model_shapes(plan: StudyPlan) -> dict[tuple, tuple[TrialConfig, int]]:
     """Distinct model shapes among the representative points: shape key -> (a config, how many points)."""
     shapes: dict[tuple, tuple[TrialConfig, int]] = {}
-    for point in corner_points(study):
-        cfg = study.trial_config(point)
+    for point in corner_points(plan.study):
+        cfg = plan.trial_config(point)
         key = tuple(sorted((p, v) for p, v in point.items() if p.startswith(SHAPE_FIELDS) or p == "train.tokens"))
         prev = shapes.get(key)
         shapes[key] = (prev[0] if prev else cfg, (prev[1] if prev else 0) + 1)
@@ -54,13 +55,14 @@ def memory_per_worker_gb(cfg: TrialConfig, *, gpu: bool) -> float:
     return (weights_grads + optimizer + activations) / 1e9
 
 
-def dry_run_lines(study: Study, *, cpus: int, gpus: int) -> list[str]:
+def dry_run_lines(plan: StudyPlan, *, cpus: int, gpus: int) -> list[str]:
     """What `ercstudy dry-run` prints: one row per distinct model shape in the space."""
+    study = plan.study
     gpu = study.base_config.resources.gpus_per_worker > 0
     columns = ("shape", "params", "active", "MFLOP/tok", "tokens", "steps", "mem/worker", "points")
     rows = []
-    for key, (cfg, count) in model_shapes(study).items():
-        tokens = cfg.steps * cfg.train.global_batch_size * cfg.model.seq_len
+    for key, (cfg, count) in model_shapes(plan).items():
+        tokens = cfg.trained_tokens
         rows.append({"shape": ", ".join(f"{p.split('.')[-1]}={v}" for p, v in key) or "base",
                      "params": f"{cfg.num_params() / 1e6:.2f}M", "active": f"{cfg.num_active_params() / 1e6:.2f}M",
                      "MFLOP/tok": f"{cfg.flops_per_token() / 1e6:.1f}", "tokens": f"{tokens:,}", "steps": cfg.steps,
@@ -69,10 +71,10 @@ def dry_run_lines(study: Study, *, cpus: int, gpus: int) -> list[str]:
     res = study.base_config.resources
     need_cpu, need_gpu = res.num_workers * res.cpus_per_worker, res.num_workers * res.gpus_per_worker
     fit = cpus // need_cpu if not need_gpu else min(cpus // need_cpu, gpus // need_gpu)
-    cap = min(fit, study.search.max_concurrent or fit, study.search.num_trials)
+    cap = min(fit, study.search.max_concurrent or fit, plan.num_trials)
     lines += [
         "",
-        f"search: {study.search.sampler}, {num_points(study)} point(s) over {', '.join(study.search.params)}"
+        f"search: {study.search.sampler}, {plan.points} point(s) over {', '.join(study.search.params)}"
         + (f"; constraints: {'; '.join(c.text for c in study.constraints)}" if study.constraints else ""),
         f"objective: {', '.join(f'{o.metric} ({o.mode})' for o in study.objectives)}; scheduler: {study.scheduler.type}"
         + (f" (grace {study.scheduler.grace_period} {study.scheduler.time_attr}s, reduction {study.scheduler.reduction_factor:g})"
@@ -80,37 +82,37 @@ def dry_run_lines(study: Study, *, cpus: int, gpus: int) -> list[str]:
         f"per trial: {res.num_workers} worker(s) x ({res.cpus_per_worker} CPU, {res.gpus_per_worker} GPU), ep_size {res.ep_size}; "
         f"this machine ({cpus} CPUs, {gpus} GPUs) runs {cap} trial(s) at once"
         + ("" if cap else " -- none: it lacks the resources of one trial; run on a cluster (--address)"),
-        *budget_lines(study),
+        *budget_lines(plan),
     ]
     return lines
 
 
 def trial_flops(cfg: TrialConfig) -> float:
     """Training FLOPs of one trial: FLOPs per token x the tokens its steps train on (evals not counted)."""
-    return cfg.flops_per_token() * cfg.steps * cfg.train.global_batch_size * cfg.model.seq_len
+    return cfg.flops_per_token() * cfg.trained_tokens
 
 
-def budget_lines(study: Study, *, peak_tflops: float = ASSUMED_PEAK_TFLOPS, mfu: float = ASSUMED_MFU) -> list[str]:
+def budget_lines(plan: StudyPlan, *, peak_tflops: float = ASSUMED_PEAK_TFLOPS, mfu: float = ASSUMED_MFU) -> list[str]:
     """The study's trial count and compute: every point at every seed and every fixed arm at the same seeds.
 
     Grid studies sum their actual points; other samplers take the mean trial of the space's corners
     times the number of points (an estimate: the sampler picks the points).
     """
-    s = study.search
-    points, arms = num_points(study), arm_points(study)
+    study, s = plan.study, plan.study.search
+    points, arms = plan.points, plan.arms
     if s.sampler == "grid":
-        sampled = sum(trial_flops(study.trial_config(p)) for p in corner_points(study, limit=10**6, full=True)[:points])
+        sampled = sum(trial_flops(plan.trial_config(p)) for p in corner_points(study, limit=10**6, full=True)[:points])
         how = "the grid's points"
     else:
-        corners = [trial_flops(study.trial_config(p)) for p in corner_points(study)]
+        corners = [trial_flops(plan.trial_config(p)) for p in corner_points(study)]
         sampled = points * sum(corners) / len(corners)
         how = "estimated: points x the mean trial of the space's corners"
-    arm_flops = sum(trial_flops(study.trial_config(p)) for _, p in arms)
-    flops = (sampled + arm_flops) * s.repeats
+    arm_flops = sum(trial_flops(plan.trial_config(p)) for _, p in arms)
+    flops = (sampled + arm_flops) * len(plan.seeds)
     res = study.base_config.resources
     gpus = res.num_workers * res.gpus_per_worker
     lines = [
-        f"trials: {num_trials(study)} = ({points} point(s) + {len(arms)} fixed-arm point(s)"
+        f"trials: {plan.num_trials} = ({points} point(s) + {len(arms)} fixed-arm point(s)"
         + (f": {', '.join(dict.fromkeys(a for a, _ in arms))}" if arms else "") + f") x {s.repeats} seed(s)",
         f"training compute: {flops:.3g} FLOPs ({how})",
     ]

@@ -13,8 +13,14 @@ from __future__ import annotations
 import queue as stdlib_queue
 import sys
 import threading
+import time
 from typing import Any, TextIO
 
+from ray import tune
+
+from ercstudy.platform.study.plan import StudyPlan
+from ercstudy.platform.study.tables import cell
+from ercstudy.platform.tracking import client as tracking
 from ercstudy.trainables.config import TrialConfig
 
 _END = "ercstudy.progress.end"  # what stop() puts last: the reader ends on it
@@ -94,3 +100,44 @@ class TrainProgress:
             print(f"resumed from checkpoint at step {resumed}", file=self.out, flush=True)
         line = f"stopping: {item['stop_reason']}" if item.get("stop_reason") else progress_line(self.cfg, item)
         print(line, file=self.out, flush=True)
+
+
+class ProgressCallback(tune.Callback):
+    """A compact table of the trials every `every_s` seconds, and a line per finished trial."""
+
+    def __init__(self, plan: StudyPlan, every_s: float = 30.0):
+        self.plan, self.study, self.every_s = plan, plan.study, every_s
+        self.last = 0.0
+        self.started = time.monotonic()
+
+    @property
+    def out(self) -> Any:
+        return sys.stdout
+
+    def _row(self, trial: Any, status: str | None = None) -> str:
+        r = trial.last_result or {}
+        status = status or trial.status
+        params = " ".join(f"{p.split('.')[-1]}={cell(v)}" for p, v in trial.config.get("params", {}).items())
+        objs = " ".join(f"{o.metric}={cell(r[o.metric])}" for o in self.study.objectives if o.metric in r)
+        step = f"step {r['step']}/{r.get('total_steps', '?')}" if "step" in r else "starting"
+        return f"  {trial.trial_id:<14} {status:<13} {step:<14} {params} | {objs}"
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s or not trials:
+            return
+        self.last = now
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        print(f"[{self.study.name}] {now - self.started:,.0f} s | {done}/{self.plan.num_trials} trials done, "
+              f"{sum(t.status == 'RUNNING' for t in trials)} running", file=self.out, flush=True)
+        for t in trials:
+            print(self._row(t), file=self.out, flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # Tune marks the trial TERMINATED only after its callbacks: say how it ended instead
+        final = trial.last_result or {}
+        status = tracking.trial_status(final, final.get("total_steps"))
+        print(f"[{self.study.name}] finished{self._row(trial, status)[1:]}", file=self.out, flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"[{self.study.name}] FAILED  {self._row(trial)[2:]} (error: {trial.error_file})", file=self.out, flush=True)

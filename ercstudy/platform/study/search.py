@@ -20,7 +20,8 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from ercstudy.platform.study.optuna_store import OptunaStore
-from ercstudy.platform.study.spec import Study, arm_points, corner_points, is_empty, point_label, seeds
+from ercstudy.platform.study.plan import StudyPlan
+from ercstudy.platform.study.spec import Study, is_empty, point_label
 
 logger = logging.getLogger(__name__)
 
@@ -105,28 +106,27 @@ class StudySearch(Searcher):
     seeds as user attrs (RECORDED).
     """
 
-    def __init__(self, space: DefineByRun, *, metric: str | list[str], mode: str | list[str], sampler: Any, study_name: str,
+    def __init__(self, plan: StudyPlan, *, metric: str | list[str], mode: str | list[str], sampler: Any,
                  store: OptunaStore | None = None):
         import optuna
 
         super().__init__(metric=metric, mode=mode)
         modes = mode if isinstance(mode, list) else [mode]
         directions = ["minimize" if m == "min" else "maximize" for m in modes]
-        self.space = space
+        self.space = DefineByRun(plan.study)
         self.store = store  # the study's optuna.db (optuna_store.py); None: in memory only (tests)
         if store is None:
-            self.study = optuna.create_study(sampler=sampler, pruner=optuna.pruners.NopPruner(), study_name=study_name,
-                                             directions=directions)
+            self.optuna_study = optuna.create_study(sampler=sampler, pruner=optuna.pruners.NopPruner(),
+                                                    study_name=plan.name, directions=directions)
         else:
             store.reset()
-            self.study = store.create(study_name, directions, sampler)
-        study = space.study
-        self.seeds = seeds(study)
-        self.tagged = study.search.repeats > 1 or bool(study.search.arms)  # plain studies keep plain configs
+            self.optuna_study = store.create(plan.name, directions, sampler)
+        self.seeds = list(plan.seeds)
+        self.tagged = len(plan.seeds) > 1 or bool(plan.arms)  # plain studies keep plain configs
         self.trials: dict[str, Any] = {}  # Tune trial id -> Optuna trial (sampled points)
         self.configs: dict[str, dict[str, Any]] = {}  # Tune trial id -> the config it was given
         self.queue: list[dict[str, Any]] = [self._config(params, f"{arm}:{point_label(params)}", arm, r)
-                                            for arm, params in arm_points(study) for r in range(len(self.seeds))]
+                                            for arm, params in plan.arms for r in range(len(self.seeds))]
         self.ended: dict[int, dict[str, tuple[Any, list[float] | None]]] = {}  # Optuna number -> Tune id -> (state, values)
         self.told: set[str] = set()
         self.results: dict[int, dict[str, dict[str, float]]] = {}  # Optuna number -> Tune id -> its final RECORDED metrics
@@ -140,7 +140,7 @@ class StudySearch(Searcher):
         if trial_id in self.configs:
             return self.configs[trial_id]
         if not self.queue:  # a new point: one trial per seed
-            optuna_trial = self.study.ask()
+            optuna_trial = self.optuna_study.ask()
             params = self.space(optuna_trial)["params"]
             self.queue = [{**self._config(params, f"p{optuna_trial.number}", "search", r), "optuna": optuna_trial}
                           for r in range(len(self.seeds))]
@@ -194,14 +194,14 @@ class StudySearch(Searcher):
             values = [sum(v[i] for _, v in ended.values()) / len(ended) for i in range(len(metrics))]
         else:
             state, values = (TrialState.FAIL if TrialState.FAIL in states else TrialState.PRUNED), None
-        stored = next((t for t in self.study.get_trials(deepcopy=False) if t.number == optuna_trial.number), None)
+        stored = next((t for t in self.optuna_study.get_trials(deepcopy=False) if t.number == optuna_trial.number), None)
         if stored is not None and stored.state.is_finished():
             # told before a driver kill that came before Tune saved this searcher: optuna.db has it already
             return
         for key, value in recorded(ended_results.values()).items():
             optuna_trial.set_user_attr(key, value)
         try:
-            self.study.tell(optuna_trial, values if values is None or len(values) > 1 else values[0], state=state)
+            self.optuna_study.tell(optuna_trial, values if values is None or len(values) > 1 else values[0], state=state)
         except RuntimeError as err:  # the grid sampler stops the study after its last point: nothing to do
             logger.info("optuna: %s", err)
         if self.store is not None:
@@ -213,7 +213,7 @@ class StudySearch(Searcher):
         state = dict(self.__dict__)
         if self.store is not None:
             self.store.save()
-            state["study"] = (self.study.study_name, self.study.sampler)
+            state["optuna_study"] = (self.optuna_study.study_name, self.optuna_study.sampler)
             state["trials"] = {tid: t._trial_id for tid, t in self.trials.items()}
             state["queue"] = [{**c, "optuna": c["optuna"]._trial_id} if "optuna" in c else c for c in self.queue]
         with open(checkpoint_path, "wb") as f:
@@ -228,11 +228,12 @@ class StudySearch(Searcher):
         if store is not None:
             if not store.fetch():
                 raise RuntimeError(f"the study's Optuna store {store.location} is missing: the searcher cannot resume")
-            name, sampler = state["study"]
-            study = store.load(name, sampler)
-            state["study"] = study
-            state["trials"] = {tid: optuna.Trial(study, i) for tid, i in state["trials"].items()}
-            state["queue"] = [{**c, "optuna": optuna.Trial(study, c["optuna"])} if "optuna" in c else c for c in state["queue"]]
+            name, sampler = state["optuna_study"]
+            optuna_study = store.load(name, sampler)
+            state["optuna_study"] = optuna_study
+            state["trials"] = {tid: optuna.Trial(optuna_study, i) for tid, i in state["trials"].items()}
+            state["queue"] = [{**c, "optuna": optuna.Trial(optuna_study, c["optuna"])} if "optuna" in c else c
+                              for c in state["queue"]]
         self.__dict__.update(state)
 
 
@@ -256,43 +257,29 @@ def point_tags(config: dict[str, Any]) -> dict[str, str]:
     return {f"ercstudy.{'point' if k == 'id' else k}": str(v) for k, v in point.items()}
 
 
-def build_search(study: Study, directory: str | None = None) -> StudySearch:
+def build_search(plan: StudyPlan, directory: str | None = None) -> StudySearch:
     """The study's searcher; with `directory` (STORAGE/NAME) its Optuna study persists in DIRECTORY/optuna.db."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    study = plan.study
     metrics = [o.metric for o in study.objectives]
     modes = [o.mode for o in study.objectives]
     return StudySearch(
-        DefineByRun(study),
+        plan,
         metric=metrics if study.multi_objective else metrics[0],
         mode=modes if study.multi_objective else modes[0],
         sampler=optuna_sampler(study),
-        study_name=study.name,
         store=OptunaStore(directory) if directory is not None else None,
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Early stopping
-
-
-def budget(study: Study) -> int:
-    """The longest trial of the space in scheduler.time_attr units (steps or tokens): ASHA's max_t."""
-    longest = 0
-    for point in corner_points(study):
-        cfg = study.trial_config(point)
-        tokens = cfg.steps * cfg.train.global_batch_size * cfg.model.seq_len
-        longest = max(longest, cfg.steps if study.scheduler.time_attr == "step" else tokens)
-    return longest
-
-
-def build_scheduler(study: Study) -> Any:
+def build_scheduler(plan: StudyPlan) -> Any:
     """ASHA on the primary objective (metric and mode come from TuneConfig), or None."""
     from ray.tune.schedulers import ASHAScheduler
 
-    s = study.scheduler
+    s = plan.study.scheduler
     if s.type == "none":
         return None
-    return ASHAScheduler(time_attr=s.time_attr, max_t=budget(study), grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    return ASHAScheduler(time_attr=s.time_attr, max_t=plan.budget, grace_period=s.grace_period, reduction_factor=s.reduction_factor)

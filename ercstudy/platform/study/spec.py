@@ -507,23 +507,6 @@ def corner_points(study: Study, limit: int = 4096, *, full: bool = False) -> lis
     return points
 
 
-def num_points(study: Study) -> int:
-    """Points the sampler proposes: search.num_trials, at most the number of grid points for the grid sampler."""
-    if study.search.sampler == "grid":
-        return min(study.search.num_trials, len(corner_points(study, limit=10**6, full=True)))
-    return study.search.num_trials
-
-
-def num_trials(study: Study) -> int:
-    """Trials to run (Tune's samples): every point at every seed, and every fixed arm at every seed."""
-    return (num_points(study) + len(arm_points(study))) * study.search.repeats
-
-
-def seeds(study: Study) -> list[int]:
-    """The train.seed of each repeat: the base seed, + 1, ..., the same for every point and arm."""
-    return [study.base_config.train.seed + r for r in range(study.search.repeats)]
-
-
 # ---------------------------------------------------------------------------------------------
 # Fixed arms
 

@@ -1,25 +1,25 @@
-"""The study driver's Tune callbacks: every trial's MLflow child run, and the progress the terminal shows.
+"""The MLflow callbacks: a study's (Tune, in the driver) and `ercstudy train`'s (Ray Train, in its controller).
 
-Both run in the driver, Tune's event loop: MLflow has one writer per study (a SQLite store takes
-that), and the terminal gets ercstudy's lines only. Tune pickles them with its experiment state,
-so that `ercstudy resume` gets them back.
+`MLflowStudyCallback` runs in the study driver, Tune's event loop: MLflow has one writer per study (a
+SQLite store takes that). Tune pickles it with its experiment state, so that `ercstudy resume` gets it
+back. `MLflowTrainCallback` runs in the Train controller, not on the workers, and logs one trial live
+(beside trial.ReportQueueCallback, which forwards each report to the driver, which prints it: progress.py).
+Both hold a trial's reports until a checkpoint covers them (step_buffer.py).
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.train import UserCallback
 
-from ercstudy.platform.study.search import point_tags
-from ercstudy.platform.study.spec import Study, num_trials
-from ercstudy.platform.study.tables import cell
 from ercstudy.platform.tracking import client as tracking
 from ercstudy.platform.tracking import outbox
+from ercstudy.platform.tracking.step_buffer import StepBuffer
 from ercstudy.trainables.config import RESTORED_KEY
 
 
@@ -28,13 +28,16 @@ class MLflowStudyCallback(tune.Callback):
 
     outbox: where the writes wait while the server does not answer (outbox.py; the runner shares it)."""
 
-    def __init__(self, study: Study, uri: str, experiment_id: str, parent_run_id: str, outbox: str | None = None):
-        self.study, self.uri, self.experiment_id, self.parent_run_id = study, uri, experiment_id, parent_run_id
+    def __init__(self, study_name: str, uri: str, experiment_id: str, parent_run_id: str, *, outbox: str | None = None,
+                 trial_config: Callable[[dict[str, Any]], Any], point_tags: Callable[[dict[str, Any]], dict[str, str]]):
+        self.study_name, self.uri, self.experiment_id, self.parent_run_id = study_name, uri, experiment_id, parent_run_id
         self.outbox = outbox
+        self.trial_config = trial_config  # a trial's params -> its TrialConfig (the study's plan builds each once)
+        self.point_tags = point_tags  # a trial's Tune config -> the MLflow tags of its point
         self.runs: dict[str, str] = {}
-        # per trial: reports held until a checkpoint covers them (each step once in MLflow, see tracking.StepBuffer);
+        # per trial: reports held until a checkpoint covers them (each step once in MLflow, see StepBuffer);
         # a resumed study starts each buffer at the last step its run already holds
-        self.buffers: dict[str, tracking.StepBuffer] = {}
+        self.buffers: dict[str, StepBuffer] = {}
         self._client = None
         self._reconciled = False
 
@@ -56,10 +59,10 @@ class MLflowStudyCallback(tune.Callback):
         # while the server does not answer, a pending run made when the outbox is written back
         run_id, logged = self.client.trial_run(
             experiment_id=self.experiment_id, parent_run_id=self.parent_run_id, trial_id=trial.trial_id,
-            name=f"{self.study.name}-{trial.trial_id}", config=self.study.trial_config(params).to_dict(), params=params,
-            tags={tracking.TRIAL_TAG: trial.trial_id, tracking.STUDY_TAG: self.study.name, **point_tags(trial.config)},
+            name=f"{self.study_name}-{trial.trial_id}", config=self.trial_config(params).to_dict(), params=params,
+            tags={tracking.TRIAL_TAG: trial.trial_id, tracking.STUDY_TAG: self.study_name, **self.point_tags(trial.config)},
         )
-        self.buffers.setdefault(trial.trial_id, tracking.StepBuffer(logged))
+        self.buffers.setdefault(trial.trial_id, StepBuffer(logged))
         self.runs[trial.trial_id] = run_id
         return run_id
 
@@ -83,9 +86,9 @@ class MLflowStudyCallback(tune.Callback):
         for trial in ended:
             (self.on_trial_error if trial.status == "ERROR" else self.on_trial_complete)(iteration, trials, trial)
 
-    def _buffer(self, trial: Any) -> tuple[tracking.StepBuffer, str]:
+    def _buffer(self, trial: Any) -> tuple[StepBuffer, str]:
         run_id = self.run_id(trial)  # first: a resumed trial's buffer starts from its run's history
-        return self.buffers.setdefault(trial.trial_id, tracking.StepBuffer()), run_id
+        return self.buffers.setdefault(trial.trial_id, StepBuffer()), run_id
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         buffer, run_id = self._buffer(trial)
@@ -105,7 +108,7 @@ class MLflowStudyCallback(tune.Callback):
         final = trial.last_result or {}
         status = tracking.trial_status(final, final.get("total_steps"))
         note = final.get("stop_reason") or ("stopped by ASHA at step {}".format(final.get("step")) if status == "stopped_early" else "")
-        if status == "stopped_early" and self.study.trial_config(trial.config["params"]).eval.harness.enabled:
+        if status == "stopped_early" and self.trial_config(trial.config["params"]).eval.harness.enabled:
             # the workers were stopped with the trial: no evaluation at its last checkpoint (README: a study's lm-eval tasks)
             self.client.set_tag(self.run_id(trial), tracking.HARNESS_TAG, f"not evaluated at the end: stopped by ASHA at step "
                                 f"{final.get('step')} (harness/ metrics exist for the eval.harness.at steps before it, if any)")
@@ -119,42 +122,25 @@ class MLflowStudyCallback(tune.Callback):
         self.client.finish_trial_run(self.run_id(trial), "failed", trial.last_result or {}, note=error)
 
 
-class ProgressCallback(tune.Callback):
-    """A compact table of the trials every `every_s` seconds, and a line per finished trial."""
+class MLflowTrainCallback(UserCallback):
+    """Logs every report of one trial to one MLflow run (made by the driver), as checkpoints cover them.
 
-    def __init__(self, study: Study, every_s: float = 30.0):
-        self.study, self.every_s = study, every_s
-        self.last = 0.0
-        self.started = time.monotonic()
+    notes: a queue that the driver prints from (progress.TrainProgress): a logging failure is said there too.
+    """
 
-    @property
-    def out(self) -> Any:
-        return sys.stdout
+    def __init__(self, uri: str, run_id: str, notes: Any = None, *, logged: int = -1):
+        self.uri, self.run_id, self.notes = uri, run_id, notes
+        # each step once: a restarted worker group's repeated steps replace the held ones; `logged`: the last
+        # step the run already holds (a resumed `ercstudy train`)
+        self.buffer = StepBuffer(logged)
 
-    def _row(self, trial: Any, status: str | None = None) -> str:
-        r = trial.last_result or {}
-        status = status or trial.status
-        params = " ".join(f"{p.split('.')[-1]}={cell(v)}" for p, v in trial.config.get("params", {}).items())
-        objs = " ".join(f"{o.metric}={cell(r[o.metric])}" for o in self.study.objectives if o.metric in r)
-        step = f"step {r['step']}/{r.get('total_steps', '?')}" if "step" in r else "starting"
-        return f"  {trial.trial_id:<14} {status:<13} {step:<14} {params} | {objs}"
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        try:
+            for held in self.buffer.add(metrics[0], checkpointed=checkpoint is not None):
+                tracking.log_result(tracking.client(self.uri), self.run_id, held)
+        except Exception as err:  # tracking must never stop training: say so and go on
+            message = f"ercstudy: MLflow logging failed at step {metrics[0].get('step')}: {type(err).__name__}: {err}"
+            print(message, flush=True)
+            if self.notes is not None:
+                self.notes.put({"message": message})
 
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        now = time.monotonic()
-        if now - self.last < self.every_s or not trials:
-            return
-        self.last = now
-        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        print(f"[{self.study.name}] {now - self.started:,.0f} s | {done}/{num_trials(self.study)} trials done, "
-              f"{sum(t.status == 'RUNNING' for t in trials)} running", file=self.out, flush=True)
-        for t in trials:
-            print(self._row(t), file=self.out, flush=True)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        # Tune marks the trial TERMINATED only after its callbacks: say how it ended instead
-        final = trial.last_result or {}
-        status = tracking.trial_status(final, final.get("total_steps"))
-        print(f"[{self.study.name}] finished{self._row(trial, status)[1:]}", file=self.out, flush=True)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        print(f"[{self.study.name}] FAILED  {self._row(trial)[2:]} (error: {trial.error_file})", file=self.out, flush=True)

@@ -1,7 +1,7 @@
 """MLflow: one parent run per study, one nested child run per trial (or one run per `ercstudy train`).
 
 All writes come from one place per run: the study driver (a Tune callback) or the Ray Train
-controller of a single trial (train_callback.py), never from the workers, so a local SQLite
+controller of a single trial (callbacks.py), never from the workers, so a local SQLite
 store sees one writer. The tracking URI is resolved to an absolute one (Ray's processes run in
 other working directories) and checked before any trial starts.
 """
@@ -157,46 +157,6 @@ def tag_filter(**tags: str) -> str:
 def last_logged_step(c: Any, run_id: str) -> int:
     """The last training step a run holds in MLflow (-1 for none): where a resumed trial's logging picks up."""
     return max((m.step for m in c.get_metric_history(run_id, "lm_loss")), default=-1)
-
-
-class StepBuffer:
-    """A trial's reports, held until a checkpoint covers them, so that MLflow records each step once,
-    with the values of the run that continued.
-
-    A worker group that Ray Train restarts resumes from its last checkpoint and reports the steps
-    after it again: the held reports of the failed attempt at those steps are dropped instead of
-    logged twice. Reports are released at a checkpoint, at the trial's last report and when the
-    trial ends (`flush`); steps at or below `logged` (already in MLflow, e.g. before a driver
-    restart) are never released again.
-    """
-
-    def __init__(self, logged: int = -1):
-        self.logged = logged
-        self.pending: list[dict[str, Any]] = []
-
-    def add(self, result: dict[str, Any], *, checkpointed: bool) -> list[dict[str, Any]]:
-        """Hold `result`; return the reports to log now (in step order)."""
-        step = int(result.get("step", 0))
-        self.pending = [r for r in self.pending if int(r.get("step", 0)) < step]  # a restart repeats these
-        self.pending.append(result)
-        last = step >= int(result.get("total_steps", step + 1)) or bool(result.get("stop_reason"))
-        return self.flush() if checkpointed or last else []
-
-    def restored(self, reports: list[dict[str, Any]], upto: int) -> list[dict[str, Any]]:
-        """The reports a restored checkpoint holds (the worker's first report after a restore, up to step
-        `upto`): those MLflow does not have yet, e.g. when a driver died after Ray Train had the checkpoint and
-        before it logged the reports before it, to log now."""
-        out = [r for r in reports if self.logged < int(r.get("step", 0)) <= upto]
-        if out:
-            self.logged = int(out[-1].get("step", 0))
-        return out
-
-    def flush(self) -> list[dict[str, Any]]:
-        out = [r for r in self.pending if int(r.get("step", 0)) > self.logged]
-        self.pending = []
-        if out:
-            self.logged = int(out[-1].get("step", 0))
-        return out
 
 
 def log_result(c: Any, run_id: str, result: dict[str, Any], *, timestamp_ms: int | None = None) -> None:

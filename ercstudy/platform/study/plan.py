@@ -1,0 +1,58 @@
+"""A study planned once: what its spec implies, computed at the start and read by everything downstream.
+
+The spec (spec.py) says what the researcher wrote; the plan says what it means in trials: the points
+the sampler proposes, the fixed-arm points, the seeds every point and arm runs at, the trial count
+(Tune's samples), ASHA's budget (the longest trial of the space), and each point's trial config,
+built once. The driver, the searcher, the scheduler, the progress lines and the dry run take the plan
+instead of recomputing these from the spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ercstudy.platform.study.spec import Study, arm_points, corner_points
+from ercstudy.trainables.config import TrialConfig
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    study: Study
+    points: int  # points the sampler proposes: search.num_trials, at most the grid's points for the grid sampler
+    arms: tuple[tuple[str, dict[str, Any]], ...]  # (arm name, params) of every fixed-arm point, lists crossed
+    seeds: tuple[int, ...]  # the train.seed of each repeat: the base seed, + 1, ..., the same for every point and arm
+    budget: int  # the longest trial of the space in scheduler.time_attr units (steps or tokens): ASHA's max_t
+    _configs: dict[tuple, TrialConfig] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.study.name
+
+    @property
+    def num_trials(self) -> int:
+        """Trials to run (Tune's samples): every point at every seed, and every fixed arm at every seed."""
+        return (self.points + len(self.arms)) * len(self.seeds)
+
+    def trial_config(self, params: dict[str, Any]) -> TrialConfig:
+        """The trial config of one point (the base with the params set), built once per point."""
+        key = config_key(params)
+        if key not in self._configs:
+            self._configs[key] = self.study.trial_config(params)
+        return self._configs[key]
+
+
+def config_key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in params.items()))
+
+
+def plan_study(study: Study) -> StudyPlan:
+    """The plan of a validated study (parse_study has walked its space: every corner is a valid trial config)."""
+    points = study.search.num_trials
+    if study.search.sampler == "grid":
+        points = min(points, len(corner_points(study, limit=10**6, full=True)))
+    configs = {config_key(c): study.trial_config(c) for c in corner_points(study)}
+    by_steps = study.scheduler.time_attr == "step"
+    return StudyPlan(study=study, points=points, arms=tuple(arm_points(study)),
+                     seeds=tuple(study.base_config.train.seed + r for r in range(study.search.repeats)),
+                     budget=max(cfg.steps if by_steps else cfg.trained_tokens for cfg in configs.values()), _configs=configs)
