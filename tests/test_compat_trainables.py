@@ -1,6 +1,6 @@
 """The private DeepSpeed and Ray APIs that ercstudy.trainables.private_apis relies on are still there.
 
-Each test names what moved; when one fails after an upgrade, fix compat.py (and only it)."""
+Each test names what moved; when one fails after an upgrade, fix private_apis.py (and only it)."""
 
 import inspect
 
@@ -19,11 +19,11 @@ def test_deepspeed_op_compatibility_table():
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
-    from ercstudy.trainables import private_apis as compat
+    from ercstudy.trainables import private_apis
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     assert builder is not None and isinstance(builder.NAME, str), "DeepSpeed's CPU accelerator has no ShareMemCommBuilder"
-    compat.skip_cpu_shm_comm_build()
+    private_apis.skip_cpu_shm_comm_build()
     table = deepspeed.ops.__dict__.get("__compatible_ops__")
     assert isinstance(table, dict) and table.get(builder.NAME) is False, "deepspeed.ops.__compatible_ops__ changed shape"
     import importlib
@@ -35,12 +35,25 @@ def test_deepspeed_op_compatibility_table():
 def test_ray_train_report_logger():
     import logging
 
-    from ercstudy.trainables import private_apis as compat
+    from ercstudy.trainables import private_apis
 
-    logger = compat.ray_train_report_logger()
+    logger = private_apis.ray_train_report_logger()
     assert logger is not None, "ray.train.v2._internal.execution.context moved (checked on ray 2.60.0)"
     import ray.train.v2._internal.execution.context as context
 
     assert isinstance(logger, logging.Logger) and logger.name == context.__file__
     source = inspect.getsource(context)
     assert "logging.getLogger(__file__)" in source, "Ray Train's report logger is no longer named by its file path"
+
+
+def test_deepspeeds_engine_still_keeps_its_checkpoint_engine_and_parsed_config():
+    """replace_checkpoint_engine sets the engine's `checkpoint_engine` and builds the new one from its `_config`."""
+    import inspect
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    source = inspect.getsource(DeepSpeedEngine)
+    for attribute in ("self.checkpoint_engine", "self._config"):
+        assert attribute in source, f"DeepSpeedEngine has no {attribute} any more: update private_apis.replace_checkpoint_engine"
+    assert list(inspect.signature(TorchCheckpointEngine.__init__).parameters)[:2] == ["self", "config_params"]

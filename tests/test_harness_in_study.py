@@ -101,8 +101,9 @@ def test_a_failed_evaluation_is_the_evaluations_reason_on_the_run_not_the_trials
     from mlflow.tracking import MlflowClient
 
     from ercstudy.platform.tracking import client as tracking
+    from ercstudy.trainables import reports
     from ercstudy.trainables.config import TrialConfig
-    from ercstudy.trainables.lm_eval_adapter import ERROR_KEY, FAILED_METRIC, TrialHarness
+    from ercstudy.trainables.lm_eval_adapter import FAILED_METRIC, TrialHarness
     from ercstudy.trainables.model import MoELM
 
     moved = tmp_path / "harness"
@@ -113,7 +114,7 @@ def test_a_failed_evaluation_is_the_evaluations_reason_on_the_run_not_the_trials
     shutil.rmtree(moved / "data")
     model = MoELM(cfg.model, cfg.moe, seed=0)
     out = TrialHarness(cfg, rank=0, device=torch.device("cpu"))(model, STEPS)
-    assert out[FAILED_METRIC] == 1.0 and "next_line.jsonl" in out[ERROR_KEY] and model.training
+    assert out[FAILED_METRIC] == 1.0 and "next_line.jsonl" in out[reports.HARNESS_ERROR] and model.training
     c = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run_id = c.create_run(c.create_experiment("failed")).info.run_id
     tracking.log_result(c, run_id, {"step": STEPS, "lm_loss": 5.0, **out})

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from ercstudy.trainables import private_apis as compat
+from ercstudy.trainables import private_apis
 from ercstudy.trainables.config import TrainConfig
 
 
@@ -95,7 +95,7 @@ class CheckpointWriter:
         self._uploaded = threading.Event()
         self._uploaded.set()  # nothing in flight yet
         if asynchronous:
-            engine.checkpoint_engine = HostSnapshotEngine(getattr(engine, "_config", None))
+            private_apis.replace_checkpoint_engine(engine, HostSnapshotEngine)
         self.engine = engine
         self.last_save_s: float | None = None  # how long the last save held the training step
 
@@ -121,7 +121,7 @@ class CheckpointWriter:
         def upload(checkpoint: Any, dir_name: str) -> Any:
             try:
                 wait_written(pending)
-                return compat.persist_checkpoint(checkpoint, dir_name)
+                return private_apis.persist_checkpoint(checkpoint, dir_name)
             finally:
                 uploaded.set()
 

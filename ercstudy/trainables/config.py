@@ -18,9 +18,6 @@ from ercstudy.trainables.model import ModelConfig, flops_per_token, moe_layer_id
 from ercstudy.trainables.moe import MoEConfig
 from ercstudy.trainables.validation import ConfigError, from_dict, require, to_dict
 
-# A report key: the worker's first report after a restore carries the reports its checkpoint holds (a list of
-# them), so that a study driver that died before it logged them logs them once (platform/tracking/step_buffer.py).
-RESTORED_KEY = "restored_history"
 CONFIG_KEY = "trial_config"  # train_loop_config[CONFIG_KEY]: the TrialConfig itself (Ray pickles it once)
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ercstudy.trainables import private_apis as compat
+from ercstudy.trainables import private_apis
 from ercstudy.trainables.config import TrialConfig
 from ercstudy.trainables.model import MoELM
 
@@ -98,7 +98,7 @@ def build_engine(cfg: TrialConfig, device: torch.device, *, rank: int) -> Engine
     )
 
     if device.type == "cpu":
-        compat.skip_cpu_shm_comm_build()
+        private_apis.skip_cpu_shm_comm_build()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")  # reuses Ray's process group
     ep = cfg.resources.ep_size
     model = parallelize(MoELM(cfg.model, cfg.moe, seed=cfg.train.seed), cfg.moe, ep_size=ep, ep_rank=rank % ep)

@@ -11,8 +11,8 @@ In a trial (`TrialHarness`, called by worker.train at `eval.harness.at` steps) t
 trial's devices: on rank 0 alone, or, under expert parallelism (ep_size > 1, where a forward is a
 collective over the expert-parallel group), on every rank with the same requests in the same order.
 Its metrics (`harness/<task>/<metric>`) join the step's report; lm-eval's results JSON rides along
-under RESULTS_KEY (the driver makes it an artifact of the trial's MLflow run, never a metric); a
-failure is that evaluation's, not the trial's: `harness/failed` 1 and its reason under ERROR_KEY.
+under reports.HARNESS_RESULTS (the driver makes it an artifact of the trial's MLflow run, never a metric); a
+failure is that evaluation's, not the trial's: `harness/failed` 1 and its reason under reports.HARNESS_ERROR.
 
 Tasks from local files (an lm-eval task YAML whose `dataset_path: json` points at a local JSONL
 file, evals/tasks/) are found through `include_path`, their relative data files under `data_dir`:
@@ -30,12 +30,11 @@ from typing import Any
 
 import torch
 
+from ercstudy.trainables import reports
 from ercstudy.trainables.lm_eval_config import HarnessConfig, with_absolute_paths  # noqa: F401  (the section lives beside evals' EvalConfig)
 from ercstudy.trainables.validation import ConfigError
 
 INSTALL_HINT = "lm-evaluation-harness is not installed: pip install 'ercstudy[evals]'"
-RESULTS_KEY = "harness_results"  # a report's lm-eval results JSON (a string): an artifact, not a metric
-ERROR_KEY = "harness_error"  # why a report's harness evaluation failed (a string)
 FAILED_METRIC = "harness/failed"  # 1.0 when the evaluation at this step failed, else 0.0
 LOCAL_LOADERS = ("json", "csv", "parquet", "text", "arrow")  # datasets' packaged loaders of local data_files
 
@@ -353,7 +352,7 @@ class TrialHarness:
         except Exception as err:  # the evaluation fails, not the trial: the reason goes to the trial's run
             reason = f"{type(err).__name__}: {err}".strip().splitlines()[0][:500]
             print(f"harness evaluation at step {step} failed: {reason}", file=sys.stderr, flush=True)
-            return {FAILED_METRIC: 1.0, ERROR_KEY: reason}
+            return {FAILED_METRIC: 1.0, reports.HARNESS_ERROR: reason}
         finally:
             model.train(was_training)
-        return {**flat_metrics(results), FAILED_METRIC: 0.0, RESULTS_KEY: json.dumps(results, default=str)}
+        return {**flat_metrics(results), FAILED_METRIC: 0.0, reports.HARNESS_RESULTS: json.dumps(results, default=str)}

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
-from ercstudy.trainables import private_apis as compat
+from ercstudy.trainables import private_apis
 from ercstudy.trainables.expert_keys import stack_expert_keys, unstack_expert_keys
 from ercstudy.trainables.moe import (
     GroupedExperts,
@@ -166,7 +166,7 @@ class GroupedEPMoE(GroupedMoE, MoE):
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by the engine at deepspeed.initialize, as for DeepSpeed's own MoE layers."""
-        self.ep_group = compat.expert_parallel_group(self.ep_size, use_data_before_expert_parallel=use_data_before_expert_parallel_)
+        self.ep_group = private_apis.expert_parallel_group(self.ep_size, use_data_before_expert_parallel=use_data_before_expert_parallel_)
 
     def run_experts(self, x_SD: Tensor, tokens_per_expert_E: Tensor, weights_S: Tensor) -> Tensor:
         """As GroupedMoE.run_experts; the routing weights stay on this rank and scale the rows that come back."""

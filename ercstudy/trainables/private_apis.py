@@ -1,7 +1,8 @@
-"""Every private API of DeepSpeed and Ray that the data plane uses, in one place.
+"""Every private API of DeepSpeed and Ray that the data plane uses, in one place (tests/test_private_apis.py
+finds any other use).
 
 Each has no public counterpart in the versions checked (deepspeed 0.19.8, ray 2.60.0); each is
-used only through this module, and tests/test_compat_trainables.py fails loudly, naming the
+used only through this module, and tests/test_compat_trainables.py (its canaries) fails loudly, naming the
 attribute, when an upgrade moves or removes one.
 """
 
@@ -68,3 +69,13 @@ def persist_checkpoint(checkpoint: Any, dir_name: str) -> Any:
     import ray.train
 
     return ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
+
+
+def replace_checkpoint_engine(engine: Any, engine_class: Any) -> None:
+    """Make a DeepSpeed engine save through `engine_class` (a TorchCheckpointEngine subclass) instead of its own.
+
+    DeepSpeed picks its checkpoint engine from its config alone (torch, Nebula, decoupled) and offers no way to
+    hand it one; its engine keeps the one it uses in `checkpoint_engine` and builds them from its private parsed
+    config (deepspeed/runtime/engine.py, `_configure_checkpointing`), which the new engine is given as well.
+    """
+    engine.checkpoint_engine = engine_class(getattr(engine, "_config", None))

@@ -20,17 +20,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ercstudy.trainables import private_apis as compat
+from ercstudy.trainables import private_apis, reports
 from ercstudy.trainables.checkpoint import CHECKPOINT_TAG
 from ercstudy.trainables.checkpoint import save as save_checkpoint
 from ercstudy.trainables.checkpoint_writer import CheckpointSchedule, CheckpointWriter
-from ercstudy.trainables.config import CONFIG_KEY, RESTORED_KEY, TrialConfig
+from ercstudy.trainables.config import CONFIG_KEY, TrialConfig
 from ercstudy.trainables.data import GlobalBatchStream, build_train_data
 from ercstudy.trainables.devices import device_peak_flops
 from ercstudy.trainables.engine import build_engine
 from ercstudy.trainables.erc import resolve_epsilon
 from ercstudy.trainables.evals import build_evaluator
-from ercstudy.trainables.lm_eval_adapter import RESULTS_KEY, TrialHarness
+from ercstudy.trainables.lm_eval_adapter import TrialHarness
 from ercstudy.trainables.specialization import layer_metric_tensors, to_host
 from ercstudy.trainables.step import Trial, Window, coupling, train_step
 
@@ -62,7 +62,7 @@ def make_trial(cfg: TrialConfig, *, rank: int, world: int, device: torch.device,
 def restore(trial: Trial, checkpoint_dir: str) -> None:
     """Load a checkpoint of the trial's (collective): weights, optimizer, LR schedule, step and history."""
     _, client_state = trial.engine.load_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
-    trial.step, trial.history = client_state["step"], list(client_state["history"])
+    trial.step, trial.history = client_state[reports.STEP], list(client_state["history"])
     trial.resumed_from = trial.step
 
 
@@ -111,7 +111,7 @@ def window_metrics(trial: Trial, window: Window) -> dict[str, Any]:
     grad_norm = host["own_norm"] if ds_norm is None or not math.isfinite(float(ds_norm)) else float(ds_norm)
     metrics: dict[str, Any] = {
         "step": trial.step,
-        "total_steps": cfg.steps,
+        reports.TOTAL_STEPS: cfg.steps,
         "tokens": trial.step * cfg.train.global_batch_size * cfg.model.seq_len,
         "lm_loss": lm,
         "lb_loss": lb,
@@ -126,9 +126,9 @@ def window_metrics(trial: Trial, window: Window) -> dict[str, Any]:
     if peak:
         metrics["mfu"] = cfg.flops_per_token() * metrics["tokens_per_s"] / (peak * trial.world)
     if trial.step == cfg.steps:
-        metrics["coupling_matrix"] = m_clean.float().cpu().tolist()  # [L, n, n], for the trial's heatmaps
+        metrics[reports.COUPLING_MATRIX] = m_clean.float().cpu().tolist()  # [L, n, n], for the trial's heatmaps
     if nonfinite > 0 or not math.isfinite(lm):
-        metrics["stop_reason"] = f"non-finite loss within steps {trial.step - window.steps + 1}..{trial.step} (lm_loss={lm})"
+        metrics[reports.STOP_REASON] = f"non-finite loss within steps {trial.step - window.steps + 1}..{trial.step} (lm_loss={lm})"
     return metrics
 
 
@@ -161,17 +161,17 @@ def train(trial: Trial, report: Callable[..., None]) -> None:
             continue
         metrics = window_metrics(trial, window)
         if trial.resumed_from is not None:  # the first report after a restore says where it resumed
-            metrics["resumed_from_step"], trial.resumed_from = trial.resumed_from, None
+            metrics[reports.RESUMED_FROM_STEP], trial.resumed_from = trial.resumed_from, None
             # and carries the reports up to that checkpoint: a study driver that died after Ray Train had the
             # checkpoint but before it logged the reports before it logs them now (each step once in MLflow)
-            metrics[RESTORED_KEY] = list(trial.history)
-        stop = "stop_reason" in metrics
+            metrics[reports.RESTORED_HISTORY] = list(trial.history)
+        stop = reports.STOP_REASON in metrics
         every = cfg.eval.every
         if trial.evaluator is not None and not stop and ((every and trial.step % every == 0) or trial.step == cfg.steps):
             metrics.update(trial.evaluator(trial.model))  # collective: every rank evaluates its share
         if trial.harness is not None and not stop and trial.harness.due(trial.step):
             metrics.update(trial.harness(trial.model, trial.step))  # lm-eval tasks; a failure is the evaluation's only
-        trial.history.append({k: v for k, v in metrics.items() if k not in (RESULTS_KEY, RESTORED_KEY)})  # checkpoints carry it
+        trial.history.append({k: v for k, v in metrics.items() if k not in (reports.HARNESS_RESULTS, reports.RESTORED_HISTORY)})  # checkpoints carry it
         save = not stop and trial.checkpoints.due(trial.step)
         report(trial, metrics, checkpoint=save)
         if save:
@@ -226,13 +226,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     cfg = config[CONFIG_KEY]
     if not isinstance(cfg, TrialConfig):
         raise TypeError(f"train_loop_config[{CONFIG_KEY!r}] must be a TrialConfig, got {type(cfg).__name__}")
-    report_logger = compat.ray_train_report_logger()
+    report_logger = private_apis.ray_train_report_logger()
     if report_logger is not None:
         report_logger.setLevel(logging.WARNING)  # Ray 2.60 logs every report, all metrics included, at INFO
     trial = setup_trial(cfg)
     if trial.step >= cfg.steps and trial.history:
         # resumed after the end (the driver died before it saw the last report): say the final result again
-        save_and_report(trial, {**trial.history[-1], "resumed_from_step": trial.step, RESTORED_KEY: list(trial.history)},
+        save_and_report(trial, {**trial.history[-1], reports.RESUMED_FROM_STEP: trial.step, reports.RESTORED_HISTORY: list(trial.history)},
                         checkpoint=False)
     train(trial, save_and_report)
     return trial.history if trial.rank == 0 else []

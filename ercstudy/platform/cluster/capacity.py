@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ercstudy.platform.cluster import private_apis as compat
+from ercstudy.platform.cluster import private_apis
 
 
 @dataclass(frozen=True)
@@ -23,13 +23,28 @@ def cluster_capacity() -> Capacity:
     now = ray.cluster_resources()
     cpus, gpus = now.get("CPU", 0.0), now.get("GPU", 0.0)
     try:
-        most = compat.autoscaler_max_resources()
-        unknown_largest = not most and compat.autoscaler_running()
+        most = private_apis.autoscaler_max_resources()
+        unknown_largest = not most and private_apis.autoscaler_running()
     except Exception:  # a Ray whose internals moved (tests/test_compat_platform.py names it): today's resources only
         most, unknown_largest = {}, False
     if unknown_largest:  # Ray's v1 autoscaler: it adds nodes, but does not say how many it may (Ray Train checks nothing then either)
         return Capacity(float("inf"), float("inf"), True)
     return Capacity(max(cpus, most.get("CPU", 0)), max(gpus, most.get("GPU", 0)), bool(most))
+
+
+# A custom resource that the head node declares (cluster.yaml's head type, the private local Ray): a study's trial
+# drivers ask a sliver of it, to live on the head (study/driver.py), as Ray's Train-inside-Tune guide pins them. A
+# cluster that does not declare it (KubeRay, a user's own) pins them by Ray's internal head resource instead.
+HEAD_RESOURCE = "ercstudy_head"
+HEAD_SLOTS = 1000  # how much of it the head declares: trial drivers at once (each asks 1 / HEAD_SLOTS)
+
+
+def head_pin() -> dict[str, float]:
+    """The resource request that places an actor on the connected cluster's head node."""
+    import ray
+
+    name = HEAD_RESOURCE if HEAD_RESOURCE in ray.cluster_resources() else private_apis.HEAD_NODE_RESOURCE
+    return {name: 1 / HEAD_SLOTS}
 
 
 # CPUs left free beside the trials when Ray Data reads the shards (data.reader: ray_data): it lists and samples the

@@ -1,7 +1,10 @@
-"""The private Ray internals the control plane relies on, each in one place, for want of a public API.
+"""Every private API of Ray and Optuna that the control plane relies on, in one place, for want of a public one:
+internal functions, the head node's internal resource, and Ray's internal settings (RAY_* variables that its
+documentation does not give users).
 
-Checked against ray 2.60.0. tests/test_compat_platform.py fails, naming the internal, when one of
-them moves or changes its signature: update this module (and the version above) then.
+Checked against ray 2.60.0 and optuna 5.0. tests/platform/cluster/test_private_apis.py fails, naming the
+internal, when one of them moves or changes its signature: update this module (and the versions above) then;
+tests/test_private_apis.py fails when a private name is used anywhere else.
 """
 
 from __future__ import annotations
@@ -10,6 +13,49 @@ import json
 from typing import Any
 
 CHECKED_RAY = "2.60.0"
+CHECKED_OPTUNA = "5.0"
+
+# Ray's internal resource of its head node (ray/_private/ray_constants.py HEAD_NODE_RESOURCE_NAME): the trial's
+# driver actor asks a sliver of it to run on the head (study/driver.py TRIAL_ACTOR). The public way, a custom
+# resource that the cluster config declares on the head, is used where a cluster declares it (HEAD_RESOURCE).
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
+def private_node_settings(timeout_s: float) -> dict[str, str]:
+    """Ray's internal settings for a private single-node Ray (cluster/ray_runtime.py), as `ray start` reads them
+    from its environment."""
+    return {
+        "RAY_DASHBOARD_STARTUP_TIMEOUT_S": str(int(timeout_s)),  # Ray's default, 60 s, is short on a busy machine
+        # One node: the GCS health check of its own raylet can only kill it, when the raylet is slow to
+        # answer (Ray's default: 5 missed checks of 10 s) because the CPUs are busy training; allow minutes.
+        "RAY_health_check_timeout_ms": "30000",
+        "RAY_health_check_failure_threshold": "60",
+        # A worker process that has not registered within 60 s (Ray's default) is given up on and another
+        # one started while the first goes on importing; when importing is slow because the CPUs are
+        # contended, every new start makes it slower still, a cascade of duplicate workers.
+        "RAY_worker_register_timeout_seconds": "600",
+        # On SIGTERM `ray start --block` drains the node first, for up to 30 s while any worker lease is
+        # held (for Serve replicas behind a load balancer). A private node that is going away has
+        # nothing to hand over: it made every `ercstudy run` / `train` end 30 s late.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        # No Prometheus exporter on the node's agent: a private node has no Prometheus to feed, and the
+        # exporter listens on every interface and answers without the token.
+        "RAY_enable_metrics_collection": "0",
+    }
+
+
+# The driver's own internal settings on a private Ray: no worker prestarted for it (it runs no tasks of its own),
+# and no preemption watcher in Ray Train's controller (a laptop is never preempted; the watcher polls the GCS).
+PRIVATE_DRIVER_SETTINGS = {"RAY_prestart_worker_first_driver": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+# Ray Train's workers: a worker's prints go to its log once, not twice (stdout + Train's logger).
+WORKER_SETTINGS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def optuna_trial_id(trial: Any) -> int:
+    """An Optuna Trial's id in its storage, which `optuna.Trial(study, trial_id)` takes to rebuild it (the searcher's
+    pickle holds ids, not trials). Optuna has only `number` publicly, and no public way from a number to a Trial."""
+    return trial._trial_id
 
 
 def autoscaler_max_resources() -> dict[str, float]:

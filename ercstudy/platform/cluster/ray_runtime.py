@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
+import json
 import logging
 import os
 import subprocess
@@ -32,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ercstudy.netutil import free_ports
-from ercstudy.platform.cluster import private_apis as compat
+from ercstudy.platform.cluster import private_apis
+from ercstudy.platform.cluster.capacity import HEAD_RESOURCE, HEAD_SLOTS
 
 START_TIMEOUT_S = 300.0  # seconds on a laptop; minutes where Ray's daemons compete for few CPUs
 DRIVER_LOG = "ercstudy-driver.log"
@@ -94,35 +96,22 @@ def start_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIM
     """Start a private head node on loopback; returns once it accepts drivers."""
     temp_dir = tempfile.mkdtemp(prefix="ercstudy-ray-")  # short: Ray's socket paths must fit in 107 bytes
     node_id = os.urandom(28).hex()
-    agent_flags = compat.agent_port_names()  # port-file name -> `ray start` flag
+    agent_flags = private_apis.agent_port_names()  # port-file name -> `ray start` flag
     gcs_port, dashboard_port, *agent_ports = free_ports(2 + len(agent_flags))
     ports = dict(zip(agent_flags, agent_ports))
     cmd = [
         sys.executable, "-c", RAY_START, "start", "--head", "--block", "--disable-usage-stats",
         "--node-ip-address=127.0.0.1", f"--port={gcs_port}", f"--temp-dir={temp_dir}", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        f"--resources={json.dumps({HEAD_RESOURCE: HEAD_SLOTS})}",  # the trials' drivers live on the head (capacity.py)
         *(f"{flag}={ports[name]}" for name, flag in agent_flags.items()),
     ]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     # The node id is normally random; fixing it lets us name the port files before the raylet looks for them.
-    env = {**os.environ, compat.FIXED_NODE_ID_ENV: node_id}
-    env.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", str(int(timeout_s)))  # Ray's default, 60 s, is as short for the same reason
-    # One node: the GCS health check of its own raylet can only kill it, when the raylet is slow to
-    # answer (Ray's default: 5 missed checks of 10 s) because the CPUs are busy training; allow minutes.
-    env.setdefault("RAY_health_check_timeout_ms", "30000")
-    env.setdefault("RAY_health_check_failure_threshold", "60")
-    # A worker process that has not registered within 60 s (Ray's default) is given up on and another
-    # one started while the first goes on importing; when importing is slow because the CPUs are
-    # contended, every new start makes it slower still, a cascade of duplicate workers.
-    env.setdefault("RAY_worker_register_timeout_seconds", "600")
-    # On SIGTERM `ray start --block` drains the node first, for up to 30 s while any worker lease is
-    # held (for Serve replicas behind a load balancer). A private node that is going away has
-    # nothing to hand over: it made every `ercstudy run` / `train` end 30 s late.
-    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
-    # No Prometheus exporter on the node's agent: a private node has no Prometheus to feed, and the
-    # exporter listens on every interface and answers without the token.
-    env.setdefault("RAY_enable_metrics_collection", "0")
+    env = {**os.environ, private_apis.FIXED_NODE_ID_ENV: node_id}
+    for key, value in private_apis.private_node_settings(timeout_s).items():  # a user's own setting wins
+        env.setdefault(key, value)
     # Ray's own processes find "their" Ray by RAY_ADDRESS, else by looking for one on this machine: with two on it
     # (a second study, the tests' clusters) that lookup fails, e.g. in Ray Train's placement-group cleaner, whose
     # thread then dies and leaves the placement groups of a killed driver's trials holding the CPUs for good.
@@ -144,7 +133,7 @@ def start_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIM
             sessions = [p for p in Path(temp_dir).glob("session_*") if p.is_dir() and not p.is_symlink()]
             if sessions:
                 for name, port in ports.items():
-                    compat.persist_port(str(sessions[0]), node_id, name, port)
+                    private_apis.persist_port(str(sessions[0]), node_id, name, port)
                 written = True
         if "Ray runtime started" in Path(log_path).read_text(errors="replace"):
             return local
@@ -186,12 +175,12 @@ def use_token_if_available(address: str | None = None) -> bool:
         return False
     if not explicit and address and "://" not in address and address != "auto":
         try:
-            if compat.gcs_takes_clients_without_a_token(address):
+            if private_apis.gcs_takes_clients_without_a_token(address):
                 return False
         except Exception:  # unreachable, or Ray's internals moved: send the token, as before, and let ray.init say why
             pass
     os.environ["RAY_AUTH_MODE"] = "token"
-    compat.reload_ray_config()
+    private_apis.reload_ray_config()
     return True
 
 
@@ -199,7 +188,7 @@ def enable_token_auth(token_path: str) -> None:
     """Token authentication for the Ray this process starts and for this process's clients of it."""
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = token_path
-    compat.reload_ray_config()
+    private_apis.reload_ray_config()
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = True) -> RayLogs:
@@ -226,8 +215,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbo
     if address:
         use_token_if_available(address)
     if not address:
-        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        for key, value in private_apis.PRIVATE_DRIVER_SETTINGS.items():
+            os.environ.setdefault(key, value)
         if _local is None or _local.process.poll() is not None:
             print("ercstudy: starting a local Ray instance (seconds on a laptop, minutes on a small busy machine)", file=sys.stderr, flush=True)
             # Ray's core servers listen on every interface whatever --node-ip-address says: token
@@ -235,7 +224,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbo
             # instance's token (a file only this user can read; this process and Ray's inherit its path)
             token = new_token_file()
             enable_token_auth(token)
-            compat.reach_ray_on_loopback()  # the node on 127.0.0.1, not the machine's network address
+            private_apis.reach_ray_on_loopback()  # the node on 127.0.0.1, not the machine's network address
             _local = start_local_ray(num_cpus)
             _local.token_dir = os.path.dirname(token)
             atexit.register(stop_local_ray)
@@ -252,7 +241,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbo
     if pending is not None:
         pending.write_to(os.path.join(_logs.directory, DRIVER_LOG) if _logs.directory else None)
         raylet = logging.getLogger(RAY_LOGGER + ".driver_messages")
-        compat.divert_driver_messages(lambda lines: [raylet.warning(line) for line in lines])
+        private_apis.divert_driver_messages(lambda lines: [raylet.warning(line) for line in lines])
     return _logs
 
 

@@ -30,7 +30,7 @@ import yaml
 from ray import tune
 
 from ercstudy.platform.cluster import storage as store
-from ercstudy.platform.cluster.capacity import Capacity, cluster_capacity, cpu_need
+from ercstudy.platform.cluster.capacity import Capacity, cluster_capacity, cpu_need, head_pin
 from ercstudy.platform.study import leaderboard as ranking
 from ercstudy.platform.study.plan import StudyPlan, plan_study
 from ercstudy.platform.study.progress import ProgressCallback
@@ -40,6 +40,7 @@ from ercstudy.platform.study.tables import text_table
 from ercstudy.platform.tracking import client as tracking
 from ercstudy.platform.tracking import outbox
 from ercstudy.platform.tracking.callbacks import MLflowStudyCallback
+from ercstudy.trainables import reports
 
 STATE_FILE = "study.json"
 SPEC_FILE = "study.yaml"
@@ -47,8 +48,8 @@ SYNC_PERIOD_S = 10
 # The trial's driver only waits on its TorchTrainer: no CPU. It lives on the head node, with Ray Train's controller
 # (which Ray Train puts on the node of the actor that calls fit()): a worker node lost (a spot GPU node preempted, an
 # autoscaled node gone) then takes only workers, which Ray Train restarts from the last checkpoint; on any other node
-# it would take the trial's driver with it, and the trial would fail. The head resource is fractional: 1000 at once.
-TRIAL_ACTOR = {"CPU": 0, "memory": 64 * 1024**2, "node:__internal_head__": 0.001}
+# it would take the trial's driver with it, and the trial would fail. The head pin is fractional (capacity.HEAD_SLOTS at once).
+TRIAL_ACTOR = {"CPU": 0, "memory": 64 * 1024**2}  # and capacity.head_pin()
 
 
 class StudyError(RuntimeError):
@@ -229,7 +230,7 @@ def fit(plan: StudyPlan, directory: store.Location, state: StudyState, *, resume
         # at verbose=0 (TuneTerminalReporter.experiment_started in ray/tune/experimental/output.py);
         # its legacy engine, which this variable selects, prints nothing at 0.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    trainable = tune.with_resources(study_trial, TRIAL_ACTOR)
+    trainable = tune.with_resources(study_trial, {**TRIAL_ACTOR, **head_pin()})
     callbacks = [MLflowStudyCallback(study.name, state.tracking_uri, state.experiment_id, state.parent_run_id,
                                      outbox=str(directory / outbox.OUTBOX), trial_config=plan.trial_config,
                                      point_tags=point_tags),
@@ -265,9 +266,9 @@ def leaderboard(study: Study, results: list[tuple]) -> list[dict[str, Any]]:
     """
     rows = []
     for metrics, config, error, *path in results:
-        status = tracking.trial_status(metrics, metrics.get("total_steps"), error=error is not None)
-        row = {"trial": metrics.get("trial_id") or (Path(path[0]).name if path else ""), "status": status,
-               "step": metrics.get("step"), **config.get("params", {})}
+        status = tracking.trial_status(metrics, metrics.get(reports.TOTAL_STEPS), error=error is not None)
+        row = {"trial": metrics.get(reports.TRIAL_ID) or (Path(path[0]).name if path else ""), "status": status,
+               "step": metrics.get(reports.STEP), **config.get("params", {})}
         row.update(ranking.metric_columns(study, metrics))  # the objectives, then any harness/ metrics
         rows.append(row)
     return ranking.rank(study, rows)

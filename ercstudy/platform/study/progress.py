@@ -21,6 +21,7 @@ from ray import tune
 from ercstudy.platform.study.plan import StudyPlan
 from ercstudy.platform.study.tables import cell
 from ercstudy.platform.tracking import client as tracking
+from ercstudy.trainables import reports
 from ercstudy.trainables.config import TrialConfig
 
 _END = "ercstudy.progress.end"  # what stop() puts last: the reader ends on it
@@ -29,7 +30,7 @@ _END = "ercstudy.progress.end"  # what stop() puts last: the reader ends on it
 def progress_line(cfg: TrialConfig, m: dict[str, Any]) -> str:
     """One report as a line: step, losses, specialization, eval, lr, throughput."""
     parts = [
-        f"step {m['step']:>{len(str(cfg.steps))}}/{cfg.steps}",
+        f"step {m[reports.STEP]:>{len(str(cfg.steps))}}/{cfg.steps}",
         f"lm {m['lm_loss']:.4f}",
         f"lb {m['lb_loss']:.4f}",
         f"erc {m['erc_loss']:.2e}",
@@ -55,15 +56,15 @@ def report_queue() -> Any:
 
 
 class TrainProgress:
-    """Prints a line per report of one trial, in a thread of the driver, as reports arrive in `reports`
+    """Prints a line per report of one trial, in a thread of the driver, as reports arrive in `queue`
     (a ray.util.queue.Queue that the Train controller puts them into; any queue with put/get works).
 
     Use it as a context manager around the trial: leaving the block waits until every report put
     before it has been printed, so that the caller's summary comes last.
     """
 
-    def __init__(self, cfg: TrialConfig, reports: Any, *, out: TextIO | None = None):
-        self.cfg, self.reports, self.out = cfg, reports, out or sys.stdout
+    def __init__(self, cfg: TrialConfig, queue: Any, *, out: TextIO | None = None):
+        self.cfg, self.queue, self.out = cfg, queue, out or sys.stdout
         self.resumed: int | None = None  # the last resumed_from_step a report carried
         self._thread = threading.Thread(target=self._read, name="ercstudy-train-progress", daemon=True)
 
@@ -72,13 +73,13 @@ class TrainProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.reports.put(_END)
+        self.queue.put(_END)
         self._thread.join()
 
     def _read(self) -> None:
         while True:
             try:
-                item = self.reports.get(block=True)
+                item = self.queue.get(block=True)
             except stdlib_queue.Empty:  # ray.util.queue.Empty is one
                 continue
             if item == _END:
@@ -93,12 +94,12 @@ class TrainProgress:
             print(item["message"], file=self.out, flush=True)
             return
         resumed = None
-        if "resumed_from_step" in item:  # the worker's first report after a restore says where it started
-            resumed = item["resumed_from_step"] if item["resumed_from_step"] != self.resumed else None
-            self.resumed = item["resumed_from_step"]
+        if reports.RESUMED_FROM_STEP in item:  # the worker's first report after a restore says where it started
+            resumed = item[reports.RESUMED_FROM_STEP] if item[reports.RESUMED_FROM_STEP] != self.resumed else None
+            self.resumed = item[reports.RESUMED_FROM_STEP]
         if resumed:
             print(f"resumed from checkpoint at step {resumed}", file=self.out, flush=True)
-        line = f"stopping: {item['stop_reason']}" if item.get("stop_reason") else progress_line(self.cfg, item)
+        line = f"stopping: {item[reports.STOP_REASON]}" if item.get(reports.STOP_REASON) else progress_line(self.cfg, item)
         print(line, file=self.out, flush=True)
 
 
@@ -119,7 +120,7 @@ class ProgressCallback(tune.Callback):
         status = status or trial.status
         params = " ".join(f"{p.split('.')[-1]}={cell(v)}" for p, v in trial.config.get("params", {}).items())
         objs = " ".join(f"{o.metric}={cell(r[o.metric])}" for o in self.study.objectives if o.metric in r)
-        step = f"step {r['step']}/{r.get('total_steps', '?')}" if "step" in r else "starting"
+        step = f"step {r[reports.STEP]}/{r.get(reports.TOTAL_STEPS, '?')}" if "step" in r else "starting"
         return f"  {trial.trial_id:<14} {status:<13} {step:<14} {params} | {objs}"
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
@@ -136,7 +137,7 @@ class ProgressCallback(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         # Tune marks the trial TERMINATED only after its callbacks: say how it ended instead
         final = trial.last_result or {}
-        status = tracking.trial_status(final, final.get("total_steps"))
+        status = tracking.trial_status(final, final.get(reports.TOTAL_STEPS))
         print(f"[{self.study.name}] finished{self._row(trial, status)[1:]}", file=self.out, flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

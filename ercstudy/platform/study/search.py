@@ -19,9 +19,11 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from ercstudy.platform.cluster.private_apis import optuna_trial_id
 from ercstudy.platform.study.optuna_store import OptunaStore
 from ercstudy.platform.study.plan import StudyPlan
 from ercstudy.platform.study.spec import Study, is_empty, point_label
+from ercstudy.trainables import reports
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ class StudySearch(Searcher):
             from optuna.exceptions import UpdateFinishedTrialError
 
             try:
-                self.trials[trial_id].report(value, int(result.get("step", result.get("training_iteration", 0))))
+                self.trials[trial_id].report(value, int(result.get(reports.STEP, result.get("training_iteration", 0))))
             except UpdateFinishedTrialError:
                 # told before a driver kill that came before Tune saved this searcher (optuna.db has its end), and
                 # resumed: the restored trial says its last result again
@@ -173,8 +175,8 @@ class StudySearch(Searcher):
 
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         values = [result.get(m) for m in metrics] if result else [None]
-        finished = bool(result) and int(result.get("step", 0)) >= int(result.get("total_steps", 0))
-        if error or (result or {}).get("stop_reason"):
+        finished = bool(result) and int(result.get(reports.STEP, 0)) >= int(result.get(reports.TOTAL_STEPS, 0))
+        if error or (result or {}).get(reports.STOP_REASON):
             state, values = TrialState.FAIL, None
         elif not finished or any(v is None or not math.isfinite(v) for v in values):
             state, values = TrialState.PRUNED, None
@@ -214,8 +216,8 @@ class StudySearch(Searcher):
         if self.store is not None:
             self.store.save()
             state["optuna_study"] = (self.optuna_study.study_name, self.optuna_study.sampler)
-            state["trials"] = {tid: t._trial_id for tid, t in self.trials.items()}
-            state["queue"] = [{**c, "optuna": c["optuna"]._trial_id} if "optuna" in c else c for c in self.queue]
+            state["trials"] = {tid: optuna_trial_id(t) for tid, t in self.trials.items()}
+            state["queue"] = [{**c, "optuna": optuna_trial_id(c["optuna"])} if "optuna" in c else c for c in self.queue]
         with open(checkpoint_path, "wb") as f:
             pickle.dump(state, f)
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from ray.train import UserCallback
 
+from ercstudy.platform.cluster import private_apis
+from ercstudy.trainables import reports
 from ercstudy.trainables.config import CONFIG_KEY, TrialConfig
 
 
@@ -74,8 +76,7 @@ def run_trial(cfg: TrialConfig, *, name: str, storage_path: str, callbacks: list
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # DeepSpeed picks its accelerator once, at import: each worker names its own, from its resources
             # (a worker inherits its node's environment, and a driver on a CPU machine may have set cpu there).
-            # RAY_TRAIN_ENABLE_PRINT_PATCH=0: a worker's prints go to its log once, not twice (stdout + Train's logger).
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}},
+            worker_runtime_env={"env_vars": {**private_apis.WORKER_SETTINGS, "DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}},
             callbacks=callbacks or [],
             # Ray Train's INFO lines repeat every metric of every report; its warnings stay. Progress is ours.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
@@ -86,31 +87,28 @@ def run_trial(cfg: TrialConfig, *, name: str, storage_path: str, callbacks: list
     except Exception as err:  # TrainingFailedError: workers failed more than max_failures times
         return TrialResult([], None, os.path.join(storage_path, name), f"{type(err).__name__}: {err}".splitlines()[0], None)
     history = list(result.return_value or [])
-    stop_reason = history[-1].get("stop_reason") if history else None
+    stop_reason = history[-1].get(reports.STOP_REASON) if history else None
     error = f"{type(result.error).__name__}: {result.error}".splitlines()[0] if result.error else None
     return TrialResult(history, result.checkpoint.path if result.checkpoint else None, result.path, error, stop_reason)
 
 
 class ReportQueueCallback(UserCallback):
-    """Puts rank 0's metrics of every report into `reports`, a ray.util.queue.Queue read in another process:
+    """Puts rank 0's metrics of every report into `queue`, a ray.util.queue.Queue read in another process:
     `ercstudy train`'s progress lines (progress.py), a study trial's reports to Tune (tune_trial). It runs in the
     Train controller. `drop`: keys not forwarded (the coupling matrices: too large for a progress queue, and no line
     shows them); `checkpoint_key`: where the path of the report's checkpoint rides along, if it has one."""
 
-    def __init__(self, reports: Any, *, drop: tuple[str, ...] = ("coupling_matrix",), checkpoint_key: str | None = None):
-        self.reports, self.drop, self.checkpoint_key = reports, drop, checkpoint_key
+    def __init__(self, queue: Any, *, drop: tuple[str, ...] = (reports.COUPLING_MATRIX,), checkpoint_key: str | None = None):
+        self.queue, self.drop, self.checkpoint_key = queue, drop, checkpoint_key
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         forwarded = {k: v for k, v in metrics[0].items() if k not in self.drop}
         if self.checkpoint_key and checkpoint is not None:
             forwarded[self.checkpoint_key] = checkpoint.path
         try:
-            self.reports.put(forwarded)
+            self.queue.put(forwarded)
         except Exception as err:  # the reader went away (a stopped trial): never stop training for it
-            print(f"ercstudy: could not forward the report of step {metrics[0].get('step')}: {type(err).__name__}: {err}", flush=True)
-
-
-CHECKPOINT_KEY = "checkpoint_path"  # a forwarded report's checkpoint, as Ray's TuneReportCallback names it
+            print(f"ercstudy: could not forward the report of step {metrics[0].get(reports.STEP)}: {type(err).__name__}: {err}", flush=True)
 
 
 def tune_trial(cfg: TrialConfig, *, name: str, storage_path: str) -> TrialResult:
@@ -135,22 +133,22 @@ def tune_trial(cfg: TrialConfig, *, name: str, storage_path: str) -> TrialResult
     # at its rung, not some steps later); on this trial actor's node (the head, runner.TRIAL_ACTOR), so that a lost
     # worker node does not take the queue, and every report after it, with it
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    reports = Queue(maxsize=1, actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
         try:
             outcome["result"] = run_trial(cfg, name=name, storage_path=storage_path,
-                                          callbacks=[ReportQueueCallback(reports, drop=(), checkpoint_key=CHECKPOINT_KEY)])
+                                          callbacks=[ReportQueueCallback(queue, drop=(), checkpoint_key=reports.CHECKPOINT_PATH)])
         except BaseException as err:  # raised in the trial's thread below
             outcome["error"] = err
 
     fitting = threading.Thread(target=fit, name="ercstudy-fit", daemon=True)
     fitting.start()
     # once fit() has returned, every report was put (a put returns once the queue holds it): what is left is there
-    while fitting.is_alive() or not reports.empty():
+    while fitting.is_alive() or not queue.empty():
         try:
-            tune.report(reports.get(timeout=1.0))
+            tune.report(queue.get(timeout=1.0))
         except Empty:
             pass
     if "error" in outcome:

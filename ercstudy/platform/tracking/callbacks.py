@@ -20,7 +20,7 @@ from ray.train import UserCallback
 from ercstudy.platform.tracking import client as tracking
 from ercstudy.platform.tracking import outbox
 from ercstudy.platform.tracking.step_buffer import StepBuffer
-from ercstudy.trainables.config import RESTORED_KEY
+from ercstudy.trainables import reports
 
 
 class MLflowStudyCallback(tune.Callback):
@@ -92,10 +92,10 @@ class MLflowStudyCallback(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         buffer, run_id = self._buffer(trial)
-        if result.get(RESTORED_KEY) and result.get("resumed_from_step") is not None:
-            for report in buffer.restored(result[RESTORED_KEY], int(result["resumed_from_step"])):
+        if result.get(reports.RESTORED_HISTORY) and result.get(reports.RESUMED_FROM_STEP) is not None:
+            for report in buffer.restored(result[reports.RESTORED_HISTORY], int(result[reports.RESUMED_FROM_STEP])):
                 self.client.log_result(run_id, report)
-        for held in buffer.add(result, checkpointed=bool(result.get("checkpoint_path"))):
+        for held in buffer.add(result, checkpointed=bool(result.get(reports.CHECKPOINT_PATH))):
             self.client.log_result(run_id, held)
 
     def _flush(self, trial: Any) -> None:
@@ -106,12 +106,12 @@ class MLflowStudyCallback(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._flush(trial)
         final = trial.last_result or {}
-        status = tracking.trial_status(final, final.get("total_steps"))
-        note = final.get("stop_reason") or ("stopped by ASHA at step {}".format(final.get("step")) if status == "stopped_early" else "")
+        status = tracking.trial_status(final, final.get(reports.TOTAL_STEPS))
+        note = final.get(reports.STOP_REASON) or (f"stopped by ASHA at step {final.get(reports.STEP)}" if status == "stopped_early" else "")
         if status == "stopped_early" and self.trial_config(trial.config["params"]).eval.harness.enabled:
             # the workers were stopped with the trial: no evaluation at its last checkpoint (README: a study's lm-eval tasks)
             self.client.set_tag(self.run_id(trial), tracking.HARNESS_TAG, f"not evaluated at the end: stopped by ASHA at step "
-                                f"{final.get('step')} (harness/ metrics exist for the eval.harness.at steps before it, if any)")
+                                f"{final.get(reports.STEP)} (harness/ metrics exist for the eval.harness.at steps before it, if any)")
         self.client.finish_trial_run(self.run_id(trial), status, final, note=note)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -139,7 +139,7 @@ class MLflowTrainCallback(UserCallback):
             for held in self.buffer.add(metrics[0], checkpointed=checkpoint is not None):
                 tracking.log_result(tracking.client(self.uri), self.run_id, held)
         except Exception as err:  # tracking must never stop training: say so and go on
-            message = f"ercstudy: MLflow logging failed at step {metrics[0].get('step')}: {type(err).__name__}: {err}"
+            message = f"ercstudy: MLflow logging failed at step {metrics[0].get(reports.STEP)}: {type(err).__name__}: {err}"
             print(message, flush=True)
             if self.notes is not None:
                 self.notes.put({"message": message})

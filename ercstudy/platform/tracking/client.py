@@ -18,13 +18,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from ercstudy.trainables import reports
+
 DEFAULT_DB = "mlflow.db"
 STATUS_TAG = "ercstudy.status"  # completed | stopped_early | stopped_nonfinite | failed | running
 TRIAL_TAG = "ercstudy.trial_id"
 STUDY_TAG = "ercstudy.study"
 PARENT_TAG = "mlflow.parentRunId"
 HARNESS_TAG = "ercstudy.harness"  # a trial run's lm-eval state: evaluated at step N | failed at step N: why | not evaluated: why
-LIVE_SKIP = ("coupling_matrix", "stop_reason", "checkpoint_path", "resumed_from_step")
 
 
 class TrackingError(RuntimeError):
@@ -134,7 +135,7 @@ def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {
         k: float(v) for k, v in result.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in LIVE_SKIP and math.isfinite(float(v))
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in reports.NOT_METRICS and math.isfinite(float(v))
     }
 
 
@@ -166,7 +167,7 @@ def log_result(c: Any, run_id: str, result: dict[str, Any], *, timestamp_ms: int
     (MLflow drops a metric identical in key, value, step and time)."""
     from mlflow.entities import Metric
 
-    step = int(result.get("step", 0))
+    step = int(result.get(reports.STEP, 0))
     now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
     metrics = [Metric(k.replace("@", "_"), v, now, step) for k, v in numeric_metrics(result).items() if k != "step"]
     for i in range(0, len(metrics), 900):  # MLflow's batch limit is 1000 metrics
@@ -177,14 +178,14 @@ def log_result(c: Any, run_id: str, result: dict[str, Any], *, timestamp_ms: int
 def log_harness(c: Any, run_id: str, result: dict[str, Any]) -> None:
     """A report's eval.harness evaluation beside its metrics: lm-eval's results JSON as the artifact
     harness/results_step<N>.json, and the tag HARNESS_TAG (a failure's reason in it)."""
-    from ercstudy.trainables.lm_eval_adapter import ERROR_KEY, RESULTS_KEY
 
-    step = int(result.get("step", 0))
-    if isinstance(result.get(RESULTS_KEY), str):
-        c.log_text(run_id, result[RESULTS_KEY], f"harness/results_step{step}.json")
+
+    step = int(result.get(reports.STEP, 0))
+    if isinstance(result.get(reports.HARNESS_RESULTS), str):
+        c.log_text(run_id, result[reports.HARNESS_RESULTS], f"harness/results_step{step}.json")
         c.set_tag(run_id, HARNESS_TAG, f"evaluated at step {step}")
-    elif isinstance(result.get(ERROR_KEY), str):
-        c.set_tag(run_id, HARNESS_TAG, f"failed at step {step}: {result[ERROR_KEY]}"[:4000])
+    elif isinstance(result.get(reports.HARNESS_ERROR), str):
+        c.set_tag(run_id, HARNESS_TAG, f"failed at step {step}: {result[reports.HARNESS_ERROR]}"[:4000])
 
 
 def start_trial_run(c: Any, exp_id: str, *, name: str, config: dict[str, Any], params: dict[str, Any] | None = None,
@@ -214,9 +215,9 @@ def log_trial_config(c: Any, run_id: str, config: dict[str, Any], params: dict[s
 def trial_status(final: dict[str, Any] | None, total_steps: int | None, *, error: bool = False) -> str:
     if error:
         return "failed"
-    if final and final.get("stop_reason"):
+    if final and final.get(reports.STOP_REASON):
         return "stopped_nonfinite"
-    if final and total_steps and int(final.get("step", 0)) < total_steps:
+    if final and total_steps and int(final.get(reports.STEP, 0)) < total_steps:
         return "stopped_early"
     return "completed"
 
@@ -269,7 +270,7 @@ def log_trial_artifacts(c: Any, run_id: str, final: dict[str, Any]) -> None:
         fig.tight_layout()
         c.log_figure(run_id, fig, "plots/specialization.png")
         plt.close(fig)
-    m = final.get("coupling_matrix")
+    m = final.get(reports.COUPLING_MATRIX)
     if m:
         L = len(m)
         fig, axes = plt.subplots(1, L, figsize=(3.6 * L, 3.2), squeeze=False)

@@ -29,6 +29,7 @@ from typing import Any
 
 from ercstudy.platform.cluster import storage as store
 from ercstudy.platform.tracking import client as tracking
+from ercstudy.trainables import reports
 
 OUTBOX = "mlflow-outbox"
 RETRY_EVERY_S = 15.0  # between tries while the server does not answer
@@ -162,10 +163,9 @@ class Tracker:
         return made or (f"{PENDING}{experiment_id}/{parent_run_id}/{trial_id}", -1)
 
     def log_result(self, run_id: str, result: dict[str, Any]) -> None:
-        from ercstudy.trainables.lm_eval_adapter import ERROR_KEY, RESULTS_KEY
 
         kept = {**tracking.numeric_metrics(result), "step": int(result.get("step", 0)),
-                **{k: result[k] for k in (RESULTS_KEY, ERROR_KEY) if isinstance(result.get(k), str)}}
+                **{k: result[k] for k in (reports.HARNESS_RESULTS, reports.HARNESS_ERROR) if isinstance(result.get(k), str)}}
         self._write("log_result", run_id, result=kept, timestamp_ms=int(time.time() * 1000))
 
     def finish_trial_run(self, run_id: str, status: str, final: dict[str, Any] | None, *, note: str = "") -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ercstudy.trainables import reports
+
 
 class StepBuffer:
     """A trial's reports, held until a checkpoint covers them, so that MLflow records each step once,
@@ -22,24 +24,24 @@ class StepBuffer:
 
     def add(self, result: dict[str, Any], *, checkpointed: bool) -> list[dict[str, Any]]:
         """Hold `result`; return the reports to log now (in step order)."""
-        step = int(result.get("step", 0))
-        self.pending = [r for r in self.pending if int(r.get("step", 0)) < step]  # a restart repeats these
+        step = int(result.get(reports.STEP, 0))
+        self.pending = [r for r in self.pending if int(r.get(reports.STEP, 0)) < step]  # a restart repeats these
         self.pending.append(result)
-        last = step >= int(result.get("total_steps", step + 1)) or bool(result.get("stop_reason"))
+        last = step >= int(result.get(reports.TOTAL_STEPS, step + 1)) or bool(result.get(reports.STOP_REASON))
         return self.flush() if checkpointed or last else []
 
-    def restored(self, reports: list[dict[str, Any]], upto: int) -> list[dict[str, Any]]:
+    def restored(self, history: list[dict[str, Any]], upto: int) -> list[dict[str, Any]]:
         """The reports a restored checkpoint holds (the worker's first report after a restore, up to step
         `upto`): those MLflow does not have yet, e.g. when a driver died after Ray Train had the checkpoint and
         before it logged the reports before it, to log now."""
-        out = [r for r in reports if self.logged < int(r.get("step", 0)) <= upto]
+        out = [r for r in history if self.logged < int(r.get(reports.STEP, 0)) <= upto]
         if out:
-            self.logged = int(out[-1].get("step", 0))
+            self.logged = int(out[-1].get(reports.STEP, 0))
         return out
 
     def flush(self) -> list[dict[str, Any]]:
-        out = [r for r in self.pending if int(r.get("step", 0)) > self.logged]
+        out = [r for r in self.pending if int(r.get(reports.STEP, 0)) > self.logged]
         self.pending = []
         if out:
-            self.logged = int(out[-1].get("step", 0))
+            self.logged = int(out[-1].get(reports.STEP, 0))
         return out
