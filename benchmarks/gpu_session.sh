@@ -25,7 +25,7 @@ part() {  # part NAME TIMEOUT COMMAND...
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-part gpu-tests "${TEST_TIMEOUT:-900}" python -m pytest -q -m gpu tests/test_benchmarks.py
+part gpu-tests "${TEST_TIMEOUT:-900}" python -m pytest -q -m gpu tests/benchmarks/test_benchmarks.py
 part moe_layer "${MOE_TIMEOUT:-600}" python benchmarks/moe_layer.py --out "$OUT/moe_layer-cuda.json"
 part erc_overhead "${ERC_TIMEOUT:-600}" python benchmarks/erc_overhead.py --out "$OUT/erc_overhead-cuda.json"
 part train_step "${STEP_TIMEOUT:-900}" python benchmarks/train_step.py --layers "${LAYERS:-6}" --out "$OUT/train_step-cuda.json"

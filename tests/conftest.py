@@ -36,10 +36,10 @@ torch.set_num_threads(1)
 # process of its own, one after another from as soon as the session has collected them. Most of their minutes are
 # waits on Ray (nodes, worker processes, the autoscaler), not CPU: they overlap the rest of the suite instead of
 # adding to it, and one at a time they leave the suite's own tests most of the machine.
-# A test marked @pytest.mark.background("name") runs tests/scenarios/name.py; the `scenario` fixture waits for it
+# A test marked @pytest.mark.background("name") runs tests/integration/scenarios/name.py; the `scenario` fixture waits for it
 # and returns the dict it wrote (its result.json), or fails with the tail of its log.
 
-SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+SCENARIOS = Path(__file__).resolve().parent / "integration" / "scenarios"
 
 
 class _Scenario:
@@ -63,7 +63,7 @@ def _run_in_turn(scenarios: list) -> None:
     import time
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "PYTEST_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(SCENARIOS.parents[1]), str(SCENARIOS.parent)])
+    env["PYTHONPATH"] = os.pathsep.join([str(SCENARIOS.parents[2]), str(SCENARIOS.parents[1])])  # the repository, tests/
     for sc in scenarios:
         if not _stopping:
             with (sc.out / "scenario.log").open("w") as log:
@@ -353,3 +353,14 @@ def single_process_group():
                 dist.destroy_process_group()
         for k, v in saved_env.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def read_split(out: Path, split: str):
+    """A split of prepared shards as arrays: (tokens [rows, seq_len + 1], domains [rows])."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(p) for p in sorted((out / split).glob("*.parquet"))]
+    tokens = np.concatenate([np.stack(t.column("tokens").to_numpy(zero_copy_only=False)) for t in tables])
+    domains = np.concatenate([t.column("domain").to_numpy() for t in tables])
+    return tokens, domains

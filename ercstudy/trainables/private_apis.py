@@ -1,8 +1,8 @@
-"""Every private API of DeepSpeed and Ray that the data plane uses, in one place (tests/test_private_apis.py
+"""Every private API of DeepSpeed and Ray that the data plane uses, in one place (tests/test_private_api_fence.py
 finds any other use).
 
 Each has no public counterpart in the versions checked (deepspeed 0.19.8, ray 2.60.0); each is
-used only through this module, and tests/test_compat_trainables.py (its canaries) fails loudly, naming the
+used only through this module, and tests/trainables/test_data_plane_private_apis.py (its canaries) fails loudly, naming the
 attribute, when an upgrade moves or removes one.
 """
 

@@ -25,7 +25,7 @@ def cluster_capacity() -> Capacity:
     try:
         most = private_apis.autoscaler_max_resources()
         unknown_largest = not most and private_apis.autoscaler_running()
-    except Exception:  # a Ray whose internals moved (tests/test_compat_platform.py names it): today's resources only
+    except Exception:  # a Ray whose internals moved (tests/platform/cluster/test_private_apis.py names it): today's resources only
         most, unknown_largest = {}, False
     if unknown_largest:  # Ray's v1 autoscaler: it adds nodes, but does not say how many it may (Ray Train checks nothing then either)
         return Capacity(float("inf"), float("inf"), True)

@@ -4,7 +4,7 @@ documentation does not give users).
 
 Checked against ray 2.60.0 and optuna 5.0. tests/platform/cluster/test_private_apis.py fails, naming the
 internal, when one of them moves or changes its signature: update this module (and the versions above) then;
-tests/test_private_apis.py fails when a private name is used anywhere else.
+tests/test_private_api_fence.py fails when a private name is used anywhere else.
 """
 
 from __future__ import annotations

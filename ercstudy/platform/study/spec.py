@@ -324,6 +324,8 @@ def parse_study(data: Any, *, source: str = "") -> Study:
         base["resources"] = {**(base.get("resources") or {}), **resources}
     base = with_absolute_paths(base)  # eval.harness's directories, read from here: the trials run elsewhere
     base_cfg = from_dict(TrialConfig, base, prefix="base")
+    if base_cfg.data.path and isinstance(base.get("data"), dict):
+        base["data"]["path"] = base_cfg.data.path  # absolute, read from here (DataConfig): the trials run elsewhere
 
     search_raw = dict(_section(data, "search"))
     params_raw = search_raw.pop("params", None) or {}

@@ -1,6 +1,6 @@
 """Checkpoints behind the step: host snapshots that later training cannot change, writes whose errors surface,
-and the schedule by steps or by time. (Real DeepSpeed saves through this engine in tests/test_expert_parallel.py,
-and every Ray Train trial of tests/test_train.py checkpoints, resumes and uploads through it.)"""
+and the schedule by steps or by time. (Real DeepSpeed saves through this engine in tests/trainables/test_parallelize.py,
+and every Ray Train trial of tests/integration/test_trial.py checkpoints, resumes and uploads through it.)"""
 
 import collections
 import time

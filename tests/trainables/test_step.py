@@ -3,7 +3,7 @@
 Every call that would block on the device (Tensor.item, .tolist, .cpu, .nonzero, bool(tensor)) is
 counted, by the file that made it. The dense path makes none of its own; what DeepSpeed makes is
 pinned here too, so that a change in either shows up. The expert-parallel path (one exchange of the
-split sizes per MoE layer and micro-batch) is counted in tests/test_expert_parallel.py.
+split sizes per MoE layer and micro-batch) is counted in tests/trainables/test_parallelize.py.
 """
 
 import collections
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import single_process_group
-from test_bf16_engine import config
+from test_engine import config
 
 SYNCS = ("item", "tolist", "cpu", "nonzero", "__bool__")
-REPO = Path(__file__).resolve().parents[1]  # callers inside the repository are named relative to it
+REPO = Path(__file__).resolve().parents[2]  # callers inside the repository are named relative to it
 
 
 class SyncCounter:

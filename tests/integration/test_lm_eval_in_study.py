@@ -1,6 +1,6 @@
 """lm-eval tasks inside a study (`eval.harness`): the refusals before anything starts, relative paths, a failed
 evaluation that the trial survives, the paper's suite preset. A study whose trials run the tasks end to end (and
-rank by a harness metric): tests/test_study_seeds_run.py, which shares its trials with the seeds and arms.
+rank by a harness metric): tests/integration/test_study_seeds_run.py, which shares its trials with the seeds and arms.
 """
 
 import copy
@@ -127,7 +127,7 @@ def test_the_paper_suite_preset_validates_once_its_ten_local_copies_exist_and_na
     from ercstudy.trainables.lm_eval_adapter import data_files, leaf_configs, task_manager
     from ercstudy.trainables.validation import ConfigError
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     data = yaml.safe_load((repo / "search_spaces" / "paper_suite.yaml").read_text())
     harness = data["base"]["eval"]["harness"]
     assert len(harness["tasks"]) == 10

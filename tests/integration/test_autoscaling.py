@@ -5,7 +5,7 @@ autoscaler on a real head: when the study's trial asks for CPUs the head does no
 autoscaler starts a worker node (a real raylet on this machine), the trial trains there, and once the
 node has been idle for `idle_timeout_minutes` the autoscaler removes it (timed: from the study's end to the
 last node gone). The cluster runs with token authentication, as cluster.yaml's, and the study is submitted
-through the Jobs API with the token. The run itself is tests/scenarios/autoscaling.py, in a process of its own
+through the Jobs API with the token. The run itself is tests/integration/scenarios/autoscaling.py, in a process of its own
 from the session's start (conftest).
 
 AutoscalingCluster itself is not used: its start() runs `ray stop --force` (every Ray on the machine,

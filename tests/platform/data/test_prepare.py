@@ -1,22 +1,14 @@
 """`ercstudy prepare-data`: real text -> BPE -> Parquet token shards; one-line errors."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import SEQ, shakespeare_text
+from conftest import SEQ, read_split, shakespeare_text
 
 from ercstudy.platform.cli import main
 from ercstudy.trainables.shards import ShardMeta
-
-
-def read_split(out: Path, split: str):
-    tables = [pq.read_table(p) for p in sorted((out / split).glob("*.parquet"))]
-    tokens = np.concatenate([np.stack(t.column("tokens").to_numpy(zero_copy_only=False)) for t in tables])
-    domains = np.concatenate([t.column("domain").to_numpy() for t in tables])
-    return tokens, domains
 
 
 def test_shards_hold_the_tokenized_corpus(shards):

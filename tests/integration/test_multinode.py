@@ -8,7 +8,7 @@ worker group from the last checkpoint on the capacity that is back, the study fi
 each step once.
 
 Storage is a directory every node sees (one machine: the same disk; on a cloud cluster, S3 or NFS). The run
-itself is tests/scenarios/multinode.py, in a process of its own from the session's start (conftest).
+itself is tests/integration/scenarios/multinode.py, in a process of its own from the session's start (conftest).
 """
 
 import pytest

@@ -1,4 +1,4 @@
-"""Scenario of tests/test_multinode.py, run in a process of its own (conftest's background scenarios).
+"""Scenario of tests/integration/test_multinode.py, run in a process of its own (conftest's background scenarios).
 
 A local multi-node Ray (ray.cluster_utils.Cluster: real GCS, real raylets, one machine): a head that holds no
 CPU and two worker nodes of one CPU each. A study's one trial of two one-CPU workers can only run spread over

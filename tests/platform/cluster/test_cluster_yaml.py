@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-CLUSTER = Path(__file__).resolve().parents[1] / "cluster.yaml"
+CLUSTER = Path(__file__).resolve().parents[3] / "cluster.yaml"
 
 
 def prepared(config):

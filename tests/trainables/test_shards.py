@@ -3,8 +3,7 @@ and a resumed worker starts at its step's rows without reading the ones before."
 
 import numpy as np
 import pytest
-from conftest import SEQ
-from test_prepare_data import read_split
+from conftest import SEQ, read_split
 
 from ercstudy.trainables.data import ParquetStream, RayDataStream
 from ercstudy.trainables.shards import ROW_GROUP_ROWS, ShardMeta

@@ -1,7 +1,7 @@
 """`ercstudy submit` to the Jobs API of the shared local Ray (a cluster's head serves the same API), of a study
 whose data is in a bucket: the job ships code, never data, and the trial's worker streams its batches and its
 held-out set from S3 (conftest's moto server; the worker inherits the AWS_* environment, as a cluster node's
-processes do), its batches read by Ray Data (data.reader: ray_data). A cluster that autoscales from zero for the submitted study: tests/test_autoscaling.py."""
+processes do), its batches read by Ray Data (data.reader: ray_data). A cluster that autoscales from zero for the submitted study: tests/integration/test_autoscaling.py."""
 
 import json
 import math
@@ -15,7 +15,7 @@ import yaml
 from conftest import SEQ, own_line, prepare_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1800)]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OWN_LINE = own_line("submitted")
 STEPS = 20
 

@@ -1,4 +1,4 @@
-"""The quickstart study end to end, with its storage in a bucket: tests/scenarios/study_in_bucket.py, in a
+"""The quickstart study end to end, with its storage in a bucket: tests/integration/scenarios/study_in_bucket.py, in a
 process of its own from the session's start (conftest), on a Ray of its own and the session's S3 server.
 
 One run covers: Tune + Optuna trials of TorchTrainer workers (the quickstart's search, on Parquet shards of real

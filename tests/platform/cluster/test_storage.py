@@ -4,7 +4,7 @@ Units: platform/cluster/storage.py's locations (resolve, read, write, list, uplo
 the checkpoint `ercstudy eval` finds). Refusals: a bad storage is one line on stderr and exit 2
 before Ray, MLflow or any trial. End to end (the quickstart study in a bucket, its driver killed, resumed from
 a fresh working directory, then `report` and `eval` from the bucket alone, with every working directory
-deleted): tests/test_study_run.py.
+deleted): tests/integration/test_study_run.py.
 """
 
 import time
@@ -19,7 +19,7 @@ from ercstudy.platform.cli import main
 from ercstudy.platform.cluster import storage as store
 from ercstudy.trainables.checkpoint import CheckpointError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Scenario of tests/test_study_run.py, run in a process of its own (conftest's background scenarios), on a local
+"""Scenario of tests/integration/test_study_run.py, run in a process of its own (conftest's background scenarios), on a local
 Ray of its own (ercstudy's private one: loopback, token) and the session's S3 server (moto, conftest).
 
 The quickstart study's search (search_spaces/quickstart.yaml: TPE over alpha, experts, top-k and the learning
@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import yaml
 from conftest import SEQ, prepare_shards, shakespeare_text
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def ercstudy(*args, cwd, env, timeout=900):

@@ -166,8 +166,8 @@ def bf16_clip_norm(backend: str, rank: int, world: int, device) -> tuple[float, 
 
 
 def expert_parallel_syncs(rank: int, world: int, device, steps: int = 2):
-    """Host syncs over `steps` whole steps of grouped ep_size 2 (tests/test_host_syncs.py counts them)."""
-    from test_host_syncs import SyncCounter
+    """Host syncs over `steps` whole steps of grouped ep_size 2 (tests/trainables/test_step.py counts them)."""
+    from test_step import SyncCounter
 
     from ercstudy.trainables.step import Window, train_step
     from ercstudy.trainables.worker import make_trial

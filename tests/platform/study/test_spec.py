@@ -17,6 +17,7 @@ from ercstudy.platform.study.driver import Capacity, StudyError, concurrency, le
 from ercstudy.platform.study.plan import plan_study
 from ercstudy.platform.study.spec import corner_points, parse_study
 from ercstudy.platform.tracking.client import TrackingError, check_reachable, resolve_uri
+from ercstudy.trainables.config import TrialConfig
 
 QUICKSTART = yaml.safe_load(open("search_spaces/quickstart.yaml"))
 
@@ -103,9 +104,15 @@ def test_corners_of_the_narrowed_space():
     assert sorted({p["moe.top_k"] for p in corner_points(fixed)}) == list(range(1, 9))
 
 
-def test_base_config_is_parsed_once():
-    study = parse_study(spec())
-    assert study.base_config is study.base_config
+def test_a_relative_data_path_reaches_the_trials_absolute(tmp_path, monkeypatch):
+    """The trials build their configs in Tune's working directories: a study's relative data.path is read from where
+    the study is parsed, as `ercstudy train` reads it."""
+    monkeypatch.chdir(tmp_path)
+    study = parse_study(spec(base={**QUICKSTART["base"], "data": {"kind": "parquet", "path": "data/shards"}}))
+    assert study.base["data"]["path"] == str(tmp_path / "data" / "shards")
+    assert study.trial_config({}).data.path == str(tmp_path / "data" / "shards")
+    monkeypatch.chdir("/")  # elsewhere, as a trial: the same path
+    assert TrialConfig.from_dict(study.base).data.path == str(tmp_path / "data" / "shards")
 
 
 def test_dry_run_lists_every_model_shape(capsys):

@@ -12,7 +12,7 @@ by side with the 2-worker one (each in a Ray task, as Tune runs trials), half a 
     reason at the step-20 report
   - `ep`: 2 workers, grouped backend, ep_size 2 (experts split over the workers)
     -> the same loss trajectory as `resumed` (same seed and global batch): expert parallelism
-    and the resume are exact through Ray Train (tests/test_expert_parallel.py checks both
+    and the resume are exact through Ray Train (tests/trainables/test_parallelize.py checks both
     backends under expert parallelism on a plain two-process group, in CI)
 
 Also: the `shards` trial's loop in this process (worker.make_trial + worker.train, no Ray Train).
@@ -91,14 +91,22 @@ def test_evaluation_at_the_end_is_reported_with_the_training_metrics(runs):
     assert final["eval/loss"] < history[0]["lm_loss"]
 
 
+def restores(result) -> list[tuple[int, int]]:
+    """(step, the checkpoint's step) of every first report after a restore."""
+    return [(m["step"], m["resumed_from_step"]) for m in result.history if "resumed_from_step" in m]
+
+
 def test_killed_worker_resumes_from_checkpoint_without_losing_or_repeating_steps(runs):
     result = runs["resumed"]
+    # the crash at step 32 restored the checkpoint of step 20 (checkpoint_every 20); its first report is step 25's
+    assert restores(result) == [(25, 20)]
     steps = [m["step"] for m in result.history]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS
 
 
 def test_resumed_trajectory_matches_an_uninterrupted_run(runs):
     result = runs["resumed"]
+    assert restores(result) and not restores(runs["ep"])  # one trajectory went through a restore, the other did not
     # the trajectory after the kill continues the one before it: the same as the uninterrupted `ep` run
     for resumed, reference in zip(result.history, runs["ep"].history):
         assert resumed["lm_loss"] == pytest.approx(reference["lm_loss"], rel=2e-3), resumed["step"]

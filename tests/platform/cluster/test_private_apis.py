@@ -53,7 +53,7 @@ def test_autoscaler_status_is_read_as_before():
 @pytest.mark.ray
 def test_a_head_without_an_autoscaling_config_has_no_autoscaler(ray_session):
     """The private Ray's head runs Ray's read-only monitor: no autoscaler that could add nodes (the study's resource
-    check then refuses what does not fit; tests/test_autoscaling.py has a real autoscaler)."""
+    check then refuses what does not fit; tests/integration/test_autoscaling.py has a real autoscaler)."""
     import time
 
     deadline = time.monotonic() + 30

@@ -97,7 +97,7 @@ def submit_study(tmp_path, data_path: str):
 
     project = tmp_path / "project"
     project.mkdir(exist_ok=True)
-    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml").read_text())
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "search_spaces" / "quickstart.yaml").read_text())
     data["base"]["data"] = {"kind": "parquet", "path": data_path}
     data["base"]["model"]["vocab_size"] = 320
     data["base"]["model"]["seq_len"] = SEQ

@@ -5,7 +5,7 @@ and the no-ERC baseline arm, each at 2 seeds, fourteen TorchTrainer trials on Pa
 and a loglikelihood_rolling one, from JSONL) on its own worker at its last step (`eval.harness`), and the study
 ranks by a harness metric. Then `ercstudy report` from MLflow holds each point's interval, the paired difference
 to the baseline at equal seeds, the parameter importances from the study's Optuna store and the scaling fits.
-(Refusals of bad harness configs, and a failed evaluation: tests/test_harness_in_study.py.)"""
+(Refusals of bad harness configs, and a failed evaluation: tests/integration/test_lm_eval_in_study.py.)"""
 
 import csv
 import json

@@ -117,7 +117,7 @@ def fake_ray(monkeypatch):
                                      checkpoint_path=f"{storage_path}/{name}/checkpoint_000005", error=None, stop_reason=None)
 
     monkeypatch.setattr(ray_runtime, "ray_session", ray_session)
-    monkeypatch.setattr(tracking, "log_trial_artifacts", lambda *a: None)  # plots: tests/test_tracking.py
+    monkeypatch.setattr(tracking, "log_trial_artifacts", lambda *a: None)  # plots: tests/platform/tracking/test_callbacks.py
     monkeypatch.setattr(progress, "report_queue", queue.Queue)
     from ercstudy.platform.study.trial import ReportQueueCallback
 

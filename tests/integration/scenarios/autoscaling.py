@@ -1,4 +1,4 @@
-"""Scenario of tests/test_autoscaling.py, run in a process of its own (conftest's background scenarios): a local
+"""Scenario of tests/integration/test_autoscaling.py, run in a process of its own (conftest's background scenarios): a local
 autoscaling cluster from zero worker nodes (Ray's fake multi-node provider, a real autoscaler and raylets), a study
 submitted to it with `ercstudy submit`, and the wait until the autoscaler has removed its nodes again.
 Writes what the test checks to <out>/result.json.
