@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from ercstudy import __version__
 from ercstudy.trainables.validation import ConfigError
 
 STORAGE_ENV = "ERCSTUDY_STORAGE"
@@ -53,25 +54,27 @@ def describe(cfg) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ercstudy.platform.study.overrides import apply_overrides
     from ercstudy.platform.tracking import client as tracking
-    from ercstudy.trainables.config import TrialConfig, load_trial_config, read_yaml
+    from ercstudy.trainables.config import TrialConfig, read_yaml, trial_config_of
     from ercstudy.trainables.shards import DataError
 
     try:
-        cfg = load_trial_config(args.file)
+        spec = apply_overrides(read_yaml(args.file), args.overrides)
+        cfg = trial_config_of(spec, source=args.file)
         cfg.check_data()
         if cfg.eval.harness.enabled:  # lm-eval tasks, their data and the tokenizer, before anything starts
             from ercstudy.trainables import lm_eval_adapter as harness
 
             cfg = TrialConfig.from_dict(harness.with_absolute_paths(cfg.to_dict()))
             harness.check(cfg)
-        spec = read_yaml(args.file)
         study_tracking = (spec.get("tracking") or {}) if isinstance(spec, dict) and "base" in spec else {}
         uri = tracking.resolve_uri(study_tracking.get("uri"))
         tracking.check_reachable(uri)
     except (ConfigError, DataError, tracking.TrackingError) as err:
         return _fail(str(err))
-    name = args.name or Path(args.file).stem
+    # a study file's base trains under a name of its own: STORAGE/<stem> is the study's own directory
+    name = args.name or Path(args.file).stem + ("-train" if isinstance(spec, dict) and "base" in spec else "")
     from ercstudy.platform.cluster import storage as store
 
     try:
@@ -137,21 +140,64 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_study(path: str):
+def _load_study(args: argparse.Namespace):
     from ercstudy.platform.study.spec import load_study
 
-    return load_study(path)
+    return load_study(args.spec, getattr(args, "overrides", None) or ())
+
+
+def _planned_study(args: argparse.Namespace, *, data: bool = True):
+    """The study file with its overrides, validated and planned, and (data) its data checked: what validate and run
+    refuse before anything starts (ConfigError, DataError); dry-run plans a study whose data is not made yet."""
+    from ercstudy.platform.study.plan import check_data, plan_study
+
+    plan = plan_study(_load_study(args))
+    if data:
+        check_data(plan)
+    return plan
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from ercstudy.trainables.shards import DataError
+
     try:
-        study = _load_study(args.spec)
-    except ConfigError as err:
+        plan = _planned_study(args)
+    except (ConfigError, DataError) as err:
         return _fail(str(err))
+    study = plan.study
     params = ", ".join(study.search.params)
-    print(f"{args.spec}: ok | study {study.name}: {study.search.num_trials} trials ({study.search.sampler}) over {params}; "
+    print(f"{args.spec}: ok | study {study.name}: {plan.count_line()}; {study.search.sampler} over {params}; "
           f"objective {', '.join(f'{o.metric} ({o.mode})' for o in study.objectives)}")
     return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """The resolved config: a study file's (its base as the whole trial config) or a trial config's, defaults
+    included, as YAML that `run` / `train` take as it is."""
+    import yaml
+
+    from ercstudy.platform.study.overrides import apply_overrides
+    from ercstudy.platform.study.spec import parse_study, resolved_spec
+    from ercstudy.trainables.config import read_yaml, trial_config_of
+
+    try:
+        data = apply_overrides(read_yaml(args.file), args.overrides)
+        if isinstance(data, dict) and "base" in data:
+            out = resolved_spec(parse_study(data, source=args.file, overrides=tuple(args.overrides)))
+        else:
+            out = trial_config_of(data, source=args.file).to_dict()
+    except ConfigError as err:
+        return _fail(str(err))
+    header = f"# {args.file}" + (f" with {' '.join(args.overrides)}" if args.overrides else "") + ", resolved by ercstudy config\n"
+    print(header + yaml.safe_dump(out, sort_keys=False), end="")
+    return 0
+
+
+def default_device() -> str:
+    """`ercstudy eval`'s device when none is given: the GPU where there is one, as lm_eval's own default."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _local_devices() -> tuple[int, int]:
@@ -167,15 +213,15 @@ def _local_devices() -> tuple[int, int]:
 
 def cmd_dry_run(args: argparse.Namespace) -> int:
     from ercstudy.platform.study.dry_run import dry_run_lines
-    from ercstudy.platform.study.plan import plan_study
+    from ercstudy.trainables.shards import DataError
 
     try:
-        study = _load_study(args.spec)
-    except ConfigError as err:
+        plan = _planned_study(args, data=False)
+    except (ConfigError, DataError) as err:
         return _fail(str(err))
     cpus, gpus = _local_devices()
-    print(f"study {study.name} ({args.spec}): distinct model shapes in the space")
-    print("\n".join(dry_run_lines(plan_study(study), cpus=cpus, gpus=gpus)))
+    print(f"study {plan.name} ({args.spec}): distinct model shapes in the space")
+    print("\n".join(dry_run_lines(plan, cpus=cpus, gpus=gpus)))
     return 0
 
 
@@ -192,9 +238,11 @@ def _run(study, args: argparse.Namespace, *, resume: bool) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from ercstudy.trainables.shards import DataError
+
     try:
-        study = _load_study(args.spec)
-    except ConfigError as err:
+        study = _planned_study(args).study
+    except (ConfigError, DataError) as err:
         return _fail(str(err))
     return _run(study, args, resume=False)
 
@@ -213,7 +261,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from ray.job_submission import JobSubmissionClient
 
     try:
-        study = _load_study(args.spec)
+        study = _load_study(args)
     except ConfigError as err:
         return _fail(str(err))
     spec = os.path.relpath(os.path.abspath(args.spec), os.getcwd())
@@ -223,7 +271,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from ercstudy.trainables.shards import DataError
 
     try:  # the data stays where it lives: the workers read it there
-        check_cluster_data((study.base.get("data") or {}).get("path"), working_dir=os.getcwd())
+        check_cluster_data(((study.spec or {}).get("base", {}).get("data") or {}).get("path"), working_dir=os.getcwd())
     except DataError as err:
         return _fail(str(err))
     from ercstudy.platform.cluster import storage as store
@@ -233,7 +281,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         storage = str(store.resolve(storage, multi_node=True))
     except store.StorageError as err:
         return _fail(str(err))
-    entrypoint = f"ercstudy run {shlex.quote(spec)} --storage {shlex.quote(storage)}"
+    entrypoint = " ".join(["ercstudy run", shlex.quote(spec), *map(shlex.quote, study.overrides), "--storage", shlex.quote(storage)])
     from ercstudy.platform.cluster.ray_runtime import use_token_if_available
 
     use_token_if_available()  # a token-authenticated cluster (cluster.yaml) refuses the Jobs API without it
@@ -311,7 +359,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         with where.local_copy() as local:  # a checkpoint on remote storage: a temporary copy, deleted after
             results = harness.run_harness(str(local), tasks, include_path=args.include_path, config=args.config,
                                           limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                                          device=args.device, seed=args.seed)
+                                          device=args.device or default_device(), seed=args.seed)
     except (harness.HarnessError, CheckpointError, store.StorageError) as err:
         return _fail(str(err))
     from lm_eval.utils import make_table
@@ -328,10 +376,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ercstudy", description="MoE studies with the expert-router coupling (ERC) loss.")
+    parser.add_argument("--version", action="version", version=f"ercstudy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    overrides = dict(nargs="*", metavar="KEY=VALUE", default=[],
+                     help="set values of the file, by dotted path: base.erc.alpha=0.5 search.num_trials=8 "
+                          "base.moe.num_experts=[8,16] (values read as YAML)")
     train = sub.add_parser("train", help="run one trial (no Tune) on the local embedded Ray or RAY_ADDRESS")
     train.add_argument("file", help="a trial config YAML, or a study YAML whose `base:` is one")
-    train.add_argument("--name", help="run name (default: the file's stem); the run directory is STORAGE/NAME")
+    train.add_argument("overrides", **overrides)
+    train.add_argument("--name", help="run name (default: the file's stem, STEM-train for a study file); the run directory is STORAGE/NAME")
     storage_default = f"default: ${STORAGE_ENV}, else ./{DEFAULT_STORAGE}"
     verbose = "also show Ray's and DeepSpeed's output (workers, Train, Tune) here; it always goes to Ray's log files"
     train.add_argument("--storage", default=default_storage(), help=f"results directory ({storage_default})")
@@ -354,11 +407,17 @@ def build_parser() -> argparse.ArgumentParser:
                              ("dry-run", cmd_dry_run, "validate, then show the model shapes, budgets and memory of the space")):
         p = sub.add_parser(name, help=text)
         p.add_argument("spec", help="a study YAML (search_spaces/...)")
+        p.add_argument("overrides", **overrides)
         p.set_defaults(func=func)
+    config = sub.add_parser("config", help="print the resolved study or trial config, defaults included, as YAML that run/train take")
+    config.add_argument("file", help="a study YAML or a trial config YAML")
+    config.add_argument("overrides", **overrides)
+    config.set_defaults(func=cmd_config)
     address = "Ray cluster address (default: RAY_ADDRESS, else a local embedded Ray)"
     storage = f"results directory ({storage_default}); the study lives in STORAGE/NAME"
     run = sub.add_parser("run", help="run a study: Tune + Optuna (+ ASHA) over TorchTrainer trials, tracked in MLflow")
     run.add_argument("spec", help="a study YAML")
+    run.add_argument("overrides", **overrides)
     run.add_argument("--address", help=address)
     run.add_argument("--storage", default=default_storage(), action=_StorageFlag,
                      help=f"{storage}; a URI (s3://bucket/prefix, gs://...) or a path every node mounts; overrides the study's storage:")
@@ -372,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.set_defaults(func=cmd_resume)
     submit = sub.add_parser("submit", help="submit `ercstudy run SPEC` to a Ray cluster as a Ray job (this directory shipped)")
     submit.add_argument("spec", help="a study YAML, inside the current directory")
+    submit.add_argument("overrides", **overrides)
     submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265 (after `ray dashboard cluster.yaml`)")
     submit.add_argument("--storage", default=default_storage(), action=_StorageFlag,
                         help=f"where the study lives ({storage_default}, or the study's storage:): a URI (s3://bucket/prefix, "
@@ -391,16 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
                                        "checkpoint), or STUDY/TRIAL (that trial's newest checkpoint in --storage)")
     ev.add_argument("--storage", default=default_storage(), help=f"where STUDY/TRIAL is looked up ({storage_default})")
     ev.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. arc_easy_local,hellaswag_local")
-    ev.add_argument("--include-path", help="directory of local lm-eval task YAMLs (dataset_path: json + local data_files)")
+    ev.add_argument("--include-path", "--include_path", help="directory of local lm-eval task YAMLs (dataset_path: json + local data_files)")
     ev.add_argument("--config", help="the trial config (only for checkpoints that do not hold trial_config.yaml)")
     ev.add_argument("--limit", type=float, help="examples per task (an int), or a fraction of each task")
-    ev.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
-    ev.add_argument("--batch-size", type=int, default=16, help="rows per forward (default: 16)")
-    ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    ev.add_argument("--num-fewshot", "--num_fewshot", type=int, help="few-shot examples (default: each task's own)")
+    ev.add_argument("--batch-size", "--batch_size", type=int, default=16, help="rows per forward (default: 16)")
+    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda where there is a GPU, else cpu)")
     ev.add_argument("--seed", type=int, default=0, help="seed of few-shot sampling (default: 0)")
-    ev.add_argument("--output", help="write lm-eval's results JSON here")
-    ev.add_argument("--mlflow-run", help="log the results to this MLflow run (e.g. the trial's child run)")
-    ev.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    ev.add_argument("--output", "--output_path", "--output-path", dest="output", help="write lm-eval's results JSON here")
+    ev.add_argument("--mlflow-run", "--mlflow_run", help="log the results to this MLflow run (e.g. the trial's child run)")
+    ev.add_argument("--tracking-uri", "--tracking_uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     ev.set_defaults(func=cmd_eval)
     return parser
 

@@ -221,6 +221,33 @@ class TrialConfig:
         return to_dict(self)
 
 
+def yaml_loader() -> Any:
+    """PyYAML's safe loader, reading numbers as people write them: `3e-4`, `1E5`, `.5` are floats (YAML 1.2's
+    rule; PyYAML follows YAML 1.1, where a float needs a dot and `3e-4` is a string)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+        [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+    return Loader
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as Python values (numbers as people write them: yaml_loader); the one place ercstudy parses YAML."""
+    import yaml
+
+    return yaml.load(text, Loader=yaml_loader())
+
+
 def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file; a missing file or a syntax error is a ConfigError naming the file (and line)."""
     import yaml
@@ -229,7 +256,7 @@ def read_yaml(path: str | Path) -> Any:
     if not p.is_file():
         raise ConfigError("", f"{path}: no such file")
     try:
-        return yaml.safe_load(p.read_text())
+        return load_yaml(p.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -239,13 +266,17 @@ def read_yaml(path: str | Path) -> Any:
 
 def load_trial_config(path: str | Path) -> TrialConfig:
     """A trial config file, or a study file whose `base:` section is one."""
-    data = read_yaml(path)
+    return trial_config_of(read_yaml(path), source=str(path))
+
+
+def trial_config_of(data: Any, *, source: str) -> TrialConfig:
+    """The trial config of a parsed file: the file itself, or a study file's `base:` section."""
     if isinstance(data, dict) and "base" in data:
         try:
             return from_dict(TrialConfig, data["base"], prefix="base")
         except ConfigError as err:
-            raise ConfigError(err.path, f"{err.reason} (in {path})") from None
+            raise ConfigError(err.path, f"{err.reason} (in {source})") from None
     try:
         return TrialConfig.from_dict(data)
     except ConfigError as err:
-        raise ConfigError(err.path, f"{err.reason} (in {path})") from None
+        raise ConfigError(err.path, f"{err.reason} (in {source})") from None

@@ -79,6 +79,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(path, f"must be true or false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer():  # `1e5`, `2.0`: as researchers write token budgets
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(path, f"must be an integer, got {value!r}")
         return value

@@ -73,7 +73,7 @@ def test_every_trial_is_one_nested_mlflow_run_none_lost_none_duplicated_each_ste
     for r in children:
         status = r.data.tags["ercstudy.status"]
         assert status in ("completed", "stopped_early"), (status, r.data.tags.get("ercstudy.note"))
-        assert r.info.status == ("FINISHED" if status == "completed" else "KILLED")
+        assert r.info.status == "FINISHED"  # stopped_early too: ASHA's decision, not a crash (ercstudy.note says so)
         for p in ("erc.alpha", "moe.num_experts", "moe.top_k", "train.lr"):
             assert f"search.{p}" in r.data.params and p in r.data.params
         assert float(r.data.params["moe.top_k"]) <= float(r.data.params["moe.num_experts"])  # the constraint

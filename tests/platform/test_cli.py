@@ -3,6 +3,7 @@ shows ercstudy's lines (a line per report, the summary last), Ray's only with --
 defaults to $ERCSTUDY_STORAGE."""
 
 import pytest
+import yaml
 from conftest import SEQ
 
 from ercstudy.platform.cli import describe, main
@@ -105,6 +106,7 @@ def fake_ray(monkeypatch):
         events.append(("disconnect", None))
 
     def run_trial(cfg, *, name, storage_path, callbacks=None):
+        events.append(("trial", (name, cfg)))
         # reports at 10 .. 40; the workers die and resume from the checkpoint at 30 (the restored worker's
         # first report says so); then 40 .. 60
         history = ([report(s) for s in (10, 20, 30, 40)] + [report(40, resumed_from_step=30), report(50)]
@@ -132,7 +134,9 @@ def test_train_prints_a_line_per_report_then_the_summary_last(tmp_path, monkeypa
     path = tmp_path / "quick.yaml"
     path.write_text(open("search_spaces/quickstart.yaml").read())
     assert main(["train", str(path), "--storage", str(tmp_path / "runs"), *(["--verbose"] if verbose else [])]) == 0
-    assert fake_ray == [("connect", verbose), ("fit returned", None), ("disconnect", None)]
+    trial = [e for e in fake_ray if e[0] == "trial"]
+    assert [e for e in fake_ray if e[0] != "trial"] == [("connect", verbose), ("fit returned", None), ("disconnect", None)]
+    assert trial[0][1][0] == "quick-train"  # never the study's own STORAGE/quick
     out = capsys.readouterr().out.splitlines()
     steps = [line.split("|")[0].split()[1] for line in out if line.startswith("step ")]
     assert steps == ["10/60", "20/60", "30/60", "40/60", "40/60", "50/60", "60/60"]
@@ -142,7 +146,7 @@ def test_train_prints_a_line_per_report_then_the_summary_last(tmp_path, monkeypa
     logs = [line for line in out if line.startswith("Ray's logs (workers, DeepSpeed): /tmp/ercstudy-ray-x/session_1/logs")]
     assert len(logs) == 1 and logs[0].endswith("--verbose shows them here too") != verbose
     # the summary comes last, after every progress line
-    summary = out.index("finished quick: step 60 | lm_loss 3.4000 | alpha* 0.90 | eps 0.600")
+    summary = out.index("finished quick-train: step 60 | lm_loss 3.4000 | alpha* 0.90 | eps 0.600")  # a study file: its own name
     assert all(not line.startswith(("step ", "resumed")) for line in out[summary:])
     assert out[-1].startswith("MLflow UI: mlflow ui --backend-store-uri sqlite:///")
     assert out[-2] == "Ray's logs: /tmp/ercstudy-ray-x/session_1/logs"
@@ -247,3 +251,43 @@ def test_train_refuses_a_ray_data_trial_that_leaves_no_cpu_for_its_reads(ray_ses
     c = MlflowClient(uri)
     (run,) = c.search_runs([e.experiment_id for e in c.search_experiments()])
     assert run.info.status == "FAILED", run.info.status
+
+
+def test_train_takes_overrides_and_floats_as_researchers_write_them(tmp_path, monkeypatch, capsys, fake_ray):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    path = tmp_path / "trial.yaml"
+    path.write_text(open("search_spaces/quickstart.yaml").read())  # a study file: its base trains
+    assert main(["train", str(path), "base.train.lr=3e-4", "base.train.warmup_steps=1e1", "--storage", str(tmp_path / "runs")]) == 0
+    (name, cfg), = [e[1] for e in fake_ray if e[0] == "trial"]
+    assert cfg.train.lr == 3e-4 and cfg.train.warmup_steps == 10
+    assert main(["train", str(path), "base.train.lrr=3e-4", "--name", "x", "--storage", str(tmp_path / "runs")]) == 2
+    assert "base.train.lrr" in capsys.readouterr().err
+
+
+def test_version_and_config_of_a_trial_file(tmp_path, capsys):
+    import ercstudy
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"ercstudy {ercstudy.__version__}"
+    path = tmp_path / "t.yaml"
+    path.write_text("train: {lr: 3e-4}\n")
+    assert main(["config", str(path), "erc.alpha=0.25"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["train"]["lr"] == 3e-4 and resolved["erc"]["alpha"] == 0.25 and "moe" in resolved
+
+
+@pytest.mark.parametrize("data,expected", [
+    ({"kind": "parquet", "path": "no/such/shards"}, "no/such/shards"),
+])
+def test_a_study_whose_data_is_missing_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys, data, expected):
+    spec = yaml.safe_load(open("search_spaces/quickstart.yaml"))
+    spec["base"]["data"] = data
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    for command in ("validate", "run"):  # dry-run plans a study whose shards are not made yet
+        assert main([command, str(path)]) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ercstudy: error: data.path") and expected in err and "\n" not in err, (command, err)
+    assert not (tmp_path / "ercstudy_results").exists()  # refused before the study's directory, tracking or Ray

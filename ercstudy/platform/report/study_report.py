@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from ercstudy.platform.report import figures
 from ercstudy.platform.report.comparison import LEVEL, alpha_groups, point_rows
@@ -28,6 +27,7 @@ from ercstudy.platform.study.optuna_store import OptunaStore, read_study
 from ercstudy.platform.study.spec import Study, point_label
 from ercstudy.platform.study.tables import markdown_table
 from ercstudy.platform.tracking import client as tracking
+from ercstudy.trainables.config import load_yaml
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def study_trials(study: Study, state: Any) -> list[dict[str, Any]]:
                          max_results=10000)
     out = []
     for run in runs:
-        params = {k[len("search."):]: yaml.safe_load(v) for k, v in run.data.params.items() if k.startswith("search.")}
+        params = {k[len("search."):]: load_yaml(v) for k, v in run.data.params.items() if k.startswith("search.")}
         cfg = study.trial_config(params)
         m = run.data.metrics
         tokens = m.get("tokens", 0.0)

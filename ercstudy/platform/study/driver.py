@@ -41,6 +41,7 @@ from ercstudy.platform.tracking import client as tracking
 from ercstudy.platform.tracking import outbox
 from ercstudy.platform.tracking.callbacks import MLflowStudyCallback
 from ercstudy.trainables import reports
+from ercstudy.trainables.config import load_yaml
 
 STATE_FILE = "study.json"
 SPEC_FILE = "study.yaml"
@@ -142,12 +143,16 @@ def load_saved_study(storage: str, name: str) -> tuple[Study, StudyState]:
         where = storage if store.is_uri(storage) else os.path.abspath(os.path.expanduser(storage))
         raise StudyError(f"no study {name!r} in {where} (looked for {d / STATE_FILE}); `ercstudy run SPEC` starts one, "
                          f"--storage (or ERCSTUDY_STORAGE) says where studies are")
-    study = parse_study(yaml.safe_load((d / SPEC_FILE).read_text()), source=str(d / SPEC_FILE))
+    study = parse_study(load_yaml((d / SPEC_FILE).read_text()), source=str(d / SPEC_FILE))
     return study, StudyState.read(d / STATE_FILE)
 
 
 def spec_text(study: Study) -> str:
-    """The study's file as written (a study made in code, with no file: only its name)."""
+    """The study's file as written; with command-line overrides, the file they make (a study made in code, with no
+    file: only its name)."""
+    if study.overrides and study.spec is not None:
+        return (f"# {study.source or 'the study'} with the overrides {' '.join(study.overrides)}\n"
+                + yaml.safe_dump(study.spec, sort_keys=False))
     if study.source and not store.is_uri(study.source) and Path(study.source).is_file():
         return Path(study.source).read_text()
     return yaml.safe_dump({"name": study.name})
@@ -173,8 +178,10 @@ def create_parent_run(study: Study, uri: str, c: Any) -> StudyState:
     flat = tracking.flat_params({"search": {p: str(v) for p, v in study.search.params.items()}})
     flat.update({"sampler": study.search.sampler, "num_trials": str(study.search.num_trials),
                  "objective": ", ".join(f"{o.metric} ({o.mode})" for o in study.objectives), "scheduler": study.scheduler.type})
+    if study.overrides:
+        flat["overrides"] = " ".join(study.overrides)
     c.log_batch(pid, params=[Param(k, v[:500]) for k, v in flat.items()], synchronous=True)
-    c.log_text(pid, Path(study.source).read_text() if study.source and Path(study.source).is_file() else yaml.safe_dump(study.base), "study.yaml")
+    c.log_text(pid, spec_text(study) if study.source or study.overrides else yaml.safe_dump(study.base), "study.yaml")
     return StudyState(study.name, uri, exp_id, pid)
 
 
@@ -207,7 +214,7 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
         if not resume:
             (directory / SPEC_FILE).write_text(spec_text(study))
             state.write(directory / STATE_FILE)
-        print(f"study {study.name}: {plan.num_trials} trials, up to {max_concurrent} at once "
+        print(f"study {study.name}: {plan.count_line()}, up to {max_concurrent} at once "
               f"({cap.cpus:g} CPUs, {cap.gpus:g} GPUs{', autoscaling' if cap.autoscaling else ''}); results: {directory}", flush=True)
         print(f"MLflow: {state.tracking_uri} | experiment {study.experiment!r} | parent run {state.parent_run_id}", flush=True)
         print(f"Ray's logs (workers, DeepSpeed): {logs.where()}" + ("" if verbose else "; --verbose shows them here too"), flush=True)

@@ -112,8 +112,7 @@ def budget_lines(plan: StudyPlan, *, peak_tflops: float = ASSUMED_PEAK_TFLOPS, m
     res = study.base_config.resources
     gpus = res.num_workers * res.gpus_per_worker
     lines = [
-        f"trials: {plan.num_trials} = ({points} point(s) + {len(arms)} fixed-arm point(s)"
-        + (f": {', '.join(dict.fromkeys(a for a, _ in arms))}" if arms else "") + f") x {s.repeats} seed(s)",
+        plan.count_line(),
         f"training compute: {flops:.3g} FLOPs ({how})",
     ]
     if gpus:

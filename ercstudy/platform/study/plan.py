@@ -34,6 +34,11 @@ class StudyPlan:
         """Trials to run (Tune's samples): every point at every seed, and every fixed arm at every seed."""
         return (self.points + len(self.arms)) * len(self.seeds)
 
+    def count_line(self) -> str:
+        """The trial count in the words every command uses: `12 trials = (4 points + 2 arm points) x 2 seeds`."""
+        arms = f" + {len(self.arms)} arm point(s): {', '.join(dict.fromkeys(a for a, _ in self.arms))}" if self.arms else ""
+        return f"{self.num_trials} trials = ({self.points} point(s){arms}) x {len(self.seeds)} seed(s)"
+
     def trial_config(self, params: dict[str, Any]) -> TrialConfig:
         """The trial config of one point (the base with the params set), built once per point."""
         key = config_key(params)
@@ -56,3 +61,16 @@ def plan_study(study: Study) -> StudyPlan:
     return StudyPlan(study=study, points=points, arms=tuple(arm_points(study)),
                      seeds=tuple(study.base_config.train.seed + r for r in range(study.search.repeats)),
                      budget=max(cfg.steps if by_steps else cfg.trained_tokens for cfg in configs.values()), _configs=configs)
+
+
+def check_data(plan: StudyPlan) -> None:
+    """Every trial's data fits it, before anything starts: the shards exist and match the model (vocabulary,
+    sequence length), the batch and the held-out set (a DataError naming the key and the fix). Each distinct
+    (data, model) combination among the space's corners and the arms is checked once."""
+    configs = [*plan._configs.values(), *(plan.trial_config(p) for _, p in plan.arms)]
+    seen = set()
+    for cfg in configs:
+        key = (cfg.data, cfg.model.vocab_size, cfg.model.seq_len, cfg.train.global_batch_size, cfg.eval.sequences)
+        if key not in seen:
+            seen.add(key)
+            cfg.check_data()

@@ -104,12 +104,18 @@ class TrainProgress:
 
 
 class ProgressCallback(tune.Callback):
-    """A compact table of the trials every `every_s` seconds, and a line per finished trial."""
+    """The study's progress at most every `every_s` seconds, bounded to one screen whatever the trial count: a
+    summary (done, running, pending, the best so far), the running trials and the last few finished; and a line per
+    finished trial as it ends."""
+
+    RUNNING_SHOWN = 12  # running trials listed (the rest counted)
+    FINISHED_SHOWN = 3  # the latest finished trials listed
 
     def __init__(self, plan: StudyPlan, every_s: float = 30.0):
         self.plan, self.study, self.every_s = plan, plan.study, every_s
         self.last = 0.0
         self.started = time.monotonic()
+        self.finished: list[str] = []  # trial ids, in the order they ended
 
     @property
     def out(self) -> Any:
@@ -123,22 +129,45 @@ class ProgressCallback(tune.Callback):
         step = f"step {r[reports.STEP]}/{r.get(reports.TOTAL_STEPS, '?')}" if "step" in r else "starting"
         return f"  {trial.trial_id:<14} {status:<13} {step:<14} {params} | {objs}"
 
+    def _best(self, trials: list) -> str:
+        o = self.study.objective
+        scored = [(t.last_result[o.metric], t.trial_id) for t in trials if isinstance((t.last_result or {}).get(o.metric), (int, float))]
+        if not scored:
+            return ""
+        value, trial_id = (min if o.mode == "min" else max)(scored)
+        return f", best {o.metric} {cell(value)} ({trial_id})"
+
+    def screen(self, trials: list, now: float) -> list[str]:
+        """What one progress print shows: at most 2 + RUNNING_SHOWN + 1 + FINISHED_SHOWN + 1 lines."""
+        done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        running = [t for t in trials if t.status == "RUNNING"]
+        pending = self.plan.num_trials - len(done) - len(running)
+        lines = [f"[{self.study.name}] {now - self.started:,.0f} s | {len(done)}/{self.plan.num_trials} trials done, "
+                 f"{len(running)} running, {pending} pending{self._best(trials)}"]
+        lines += [self._row(t) for t in running[:self.RUNNING_SHOWN]]
+        if len(running) > self.RUNNING_SHOWN:
+            lines.append(f"  ... and {len(running) - self.RUNNING_SHOWN} more running")
+        by_id = {t.trial_id: t for t in done}
+        latest = [by_id[i] for i in self.finished if i in by_id][-self.FINISHED_SHOWN:]
+        if latest:
+            lines.append("  last finished:")
+            lines += [self._row(t) for t in latest]
+        return lines
+
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         now = time.monotonic()
         if now - self.last < self.every_s or not trials:
             return
         self.last = now
-        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        print(f"[{self.study.name}] {now - self.started:,.0f} s | {done}/{self.plan.num_trials} trials done, "
-              f"{sum(t.status == 'RUNNING' for t in trials)} running", file=self.out, flush=True)
-        for t in trials:
-            print(self._row(t), file=self.out, flush=True)
+        print("\n".join(self.screen(trials, now)), file=self.out, flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         # Tune marks the trial TERMINATED only after its callbacks: say how it ended instead
         final = trial.last_result or {}
         status = tracking.trial_status(final, final.get(reports.TOTAL_STEPS))
+        self.finished.append(trial.trial_id)
         print(f"[{self.study.name}] finished{self._row(trial, status)[1:]}", file=self.out, flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.finished.append(trial.trial_id)
         print(f"[{self.study.name}] FAILED  {self._row(trial)[2:]} (error: {trial.error_file})", file=self.out, flush=True)

@@ -18,6 +18,7 @@ import functools
 import math
 import operator
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -193,6 +194,8 @@ class Study:
     constraints: tuple[Constraint, ...]
     source: str = ""
     storage: str | None = None  # the study's `storage:` (platform/cluster/storage.py); --storage overrides it
+    overrides: tuple[str, ...] = ()  # `key=value`s from the command line (overrides.py), applied to the file
+    spec: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # the file as parsed, overrides applied
 
     @property
     def objective(self) -> Objective:
@@ -302,7 +305,7 @@ def _objectives(value: Any) -> tuple[Objective, ...]:
     return tuple(out)
 
 
-def parse_study(data: Any, *, source: str = "") -> Study:
+def parse_study(data: Any, *, source: str = "", overrides: tuple[str, ...] = ()) -> Study:
     if not isinstance(data, dict):
         raise ConfigError("", f"a study must be a mapping with sections {', '.join(SECTIONS)}, got {type(data).__name__}")
     for key in data:
@@ -390,7 +393,7 @@ def parse_study(data: Any, *, source: str = "") -> Study:
     storage = data.get("storage")
     require(storage is None or (isinstance(storage, str) and storage.strip() != ""), "storage",
             f"must be a path every node mounts or a URI such as s3://bucket/prefix, got {storage!r}")
-    study = Study(name, base, search, objectives, scheduler, tracking, constraints, source, storage)
+    study = Study(name, base, search, objectives, scheduler, tracking, constraints, source, storage, overrides, copy.deepcopy(data))
     check_space(study)
     if any(o.metric.startswith("harness/") for o in objectives):
         require(scheduler.type == "none" or base_cfg.eval.harness.at != "final", "scheduler.type",
@@ -411,12 +414,23 @@ def parse_study(data: Any, *, source: str = "") -> Study:
     return study
 
 
-def load_study(path: str | Path) -> Study:
-    data = read_yaml(path)
+def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
+    """A study file, with command-line overrides (`base.erc.alpha=0.5`, overrides.py) applied before validation."""
+    from ercstudy.platform.study.overrides import apply_overrides
+
+    data = apply_overrides(read_yaml(path), overrides)
     try:
-        return parse_study(data, source=str(path))
+        return parse_study(data, source=str(path), overrides=tuple(overrides))
     except ConfigError as err:
         raise ConfigError(err.path, f"{err.reason} (in {path})") from None
+
+
+def resolved_spec(study: Study) -> dict[str, Any]:
+    """The study as a file that `ercstudy run` accepts as it is: its sections as written (overrides applied), the
+    base as the whole trial config every trial starts from, defaults included (the resources section merged in)."""
+    spec = {k: v for k, v in copy.deepcopy(study.spec or {"name": study.name}).items() if k != "resources"}
+    spec["base"] = study.base_config.to_dict()
+    return spec
 
 
 def reported_metrics(cfg: TrialConfig) -> set[str]:

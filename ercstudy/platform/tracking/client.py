@@ -222,6 +222,12 @@ def trial_status(final: dict[str, Any] | None, total_steps: int | None, *, error
     return "completed"
 
 
+# MLflow's status of a trial's run by how it ended: a trial the scheduler stopped early ended as planned (FINISHED,
+# as Optuna's MLflow integration records pruned trials; `ercstudy.status` and `ercstudy.note` say how and why), one
+# that diverged FAILED; KILLED is left for runs a person or a crash ended.
+RUN_STATUS = {"completed": "FINISHED", "stopped_early": "FINISHED", "stopped_nonfinite": "FAILED", "failed": "FAILED"}
+
+
 def finish_trial_run(c: Any, run_id: str, status: str, final: dict[str, Any] | None, *, note: str = "") -> None:
     """Attach the run's plots and tables, then mark it (ercstudy.status tag last: it says the run is whole)."""
     if note:
@@ -232,7 +238,7 @@ def finish_trial_run(c: Any, run_id: str, status: str, final: dict[str, Any] | N
         if unavailable(err):  # the server, not the plots: the caller buffers the whole call (outbox.py)
             raise
         c.set_tag(run_id, "ercstudy.artifact_error", f"{type(err).__name__}: {err}"[:500])
-    c.set_terminated(run_id, status={"completed": "FINISHED", "failed": "FAILED"}.get(status, "KILLED"))
+    c.set_terminated(run_id, status=RUN_STATUS.get(status, "KILLED"))
     c.set_tag(run_id, STATUS_TAG, status)
 
 

@@ -148,7 +148,7 @@ def test_ercstudy_eval_runs_local_tasks_scores_like_the_training_scorer_and_logs
     run_id = client.create_run(client.create_experiment("harness")).info.run_id
     out = tmp_path / "results.json"
     assert main(["eval", str(directory), "--tasks", "shakespeare_mc,shakespeare_ppl", "--include-path", str(tasks),
-                 "--mlflow-run", run_id, "--tracking-uri", uri, "--output", str(out), "--batch-size", "8"]) == 0
+                 "--mlflow-run", run_id, "--tracking-uri", uri, "--output_path", str(out), "--batch_size", "8"]) == 0  # lm_eval's spellings
     printed = capsys.readouterr().out
     assert "shakespeare_mc" in printed and f"logged to MLflow run {run_id}" in printed
     results = json.loads(out.read_text())["results"]
@@ -225,3 +225,17 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused(saved, tmp_path, caps
     err = own_stderr(err)
     assert "this ran while loading" not in out + err
     assert err.startswith("ercstudy: error:") and "refused: it holds Python objects" in err and len(err.splitlines()) == 1, err
+
+
+def test_eval_takes_lm_evals_own_flag_spellings_and_the_gpu_by_default():
+    import torch
+
+    from ercstudy.platform.cli import build_parser, default_device
+
+    parser = build_parser()
+    ours = parser.parse_args(["eval", "c", "--tasks", "t", "--num-fewshot", "5", "--output", "o.json", "--batch-size", "4",
+                              "--include-path", "tasks"])
+    theirs = parser.parse_args(["eval", "c", "--tasks", "t", "--num_fewshot", "5", "--output_path", "o.json", "--batch_size", "4",
+                                "--include_path", "tasks"])
+    assert vars(ours) == vars(theirs) and ours.device is None
+    assert default_device() == ("cuda" if torch.cuda.is_available() else "cpu")

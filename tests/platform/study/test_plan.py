@@ -42,7 +42,7 @@ def test_the_papers_sweep_counts_its_trials_and_seeds():
 def test_dry_run_prints_the_trial_count_and_gpu_hours(capsys):
     assert main(["dry-run", "search_spaces/alpha_epsilon.yaml"]) == 0
     out = capsys.readouterr().out
-    assert "trials: 78 = (24 point(s) + 2 fixed-arm point(s): baseline) x 3 seed(s)" in out
+    assert "78 trials = (24 point(s) + 2 arm point(s): baseline) x 3 seed(s)" in out
     hours = next(line for line in out.splitlines() if line.startswith("GPU-hours: "))
     assert float(hours.split()[1].replace(",", "")) > 1 and "MFU 0.3" in hours
 

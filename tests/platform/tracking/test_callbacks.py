@@ -50,6 +50,20 @@ def test_trial_status():
     assert tracking.trial_status(report(30), 30, error=True) == "failed"
 
 
+@pytest.mark.parametrize("final,error,status,mlflow_status", [
+    (report(20), False, "stopped_early", "FINISHED"),  # ASHA's decision: the trial ended as planned
+    (report(20, stop_reason="non-finite loss"), False, "stopped_nonfinite", "FAILED"),
+    (report(30), True, "failed", "FAILED"),
+])
+def test_a_run_ends_in_the_mlflow_status_of_how_its_trial_ended(store, final, error, status, mlflow_status):
+    _, c, exp = store
+    run_id = tracking.start_trial_run(c, exp, name="trial", config={"erc": {"alpha": 0.8}})
+    tracking.finish_trial_run(c, run_id, tracking.trial_status(final, 30, error=error), final, note="why")
+    run = c.get_run(run_id)
+    assert (run.data.tags[tracking.STATUS_TAG], run.info.status) == (status, mlflow_status)
+    assert run.data.tags["ercstudy.note"] == "why"
+
+
 def test_a_failing_store_does_not_stop_training(tmp_path, capsys):
     cb = MLflowTrainCallback(f"sqlite:///{tmp_path}/missing/dir/mlflow.db", "no-such-run")
     cb.after_report(None, [report(10)], object())  # a checkpointed report is logged at once; no exception: training goes on
