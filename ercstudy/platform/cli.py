@@ -55,12 +55,13 @@ def describe(cfg) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ercstudy.platform.study.overrides import apply_overrides
+    from ercstudy.platform.study.presets import study_file
     from ercstudy.platform.tracking import client as tracking
     from ercstudy.trainables.config import TrialConfig, read_yaml, trial_config_of
     from ercstudy.trainables.shards import DataError
 
     try:
-        spec = apply_overrides(read_yaml(args.file), args.overrides)
+        spec = apply_overrides(read_yaml(study_file(args.file)), args.overrides)
         cfg = trial_config_of(spec, source=args.file)
         cfg.check_data()
         if cfg.eval.harness.enabled:  # lm-eval tasks, their data and the tokenizer, before anything starts
@@ -141,9 +142,19 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 
 def _load_study(args: argparse.Namespace):
+    from ercstudy.platform.study.presets import study_file
     from ercstudy.platform.study.spec import load_study
 
-    return load_study(args.spec, getattr(args, "overrides", None) or ())
+    return load_study(study_file(args.spec), getattr(args, "overrides", None) or ())
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from ercstudy.platform.study.presets import description, presets
+
+    for name, path in presets().items():
+        print(f"{name:<16} {description(path)}")
+    print("run one by name (`ercstudy run quickstart`), or copy it and edit: `ercstudy config quickstart > my_study.yaml`")
+    return 0
 
 
 def _planned_study(args: argparse.Namespace, *, data: bool = True):
@@ -177,11 +188,19 @@ def cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
     from ercstudy.platform.study.overrides import apply_overrides
+    from ercstudy.platform.study.presets import study_file
     from ercstudy.platform.study.spec import parse_study, resolved_spec
     from ercstudy.trainables.config import read_yaml, trial_config_of
 
+    if args.reference:
+        from ercstudy.platform.study.reference import reference
+
+        print(reference(), end="")
+        return 0
+    if not args.file:
+        return _fail("config: give a study or trial config file (or --reference)")
     try:
-        data = apply_overrides(read_yaml(args.file), args.overrides)
+        data = apply_overrides(read_yaml(study_file(args.file)), args.overrides)
         if isinstance(data, dict) and "base" in data:
             out = resolved_spec(parse_study(data, source=args.file, overrides=tuple(args.overrides)))
         else:
@@ -406,17 +425,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("validate", cmd_validate, "check a study file (no Ray started); errors exit 2"),
                              ("dry-run", cmd_dry_run, "validate, then show the model shapes, budgets and memory of the space")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("spec", help="a study YAML (search_spaces/...)")
+        p.add_argument("spec", help="a study YAML, or a preset's name (ercstudy presets)")
         p.add_argument("overrides", **overrides)
         p.set_defaults(func=func)
+    presets = sub.add_parser("presets", help="list the study presets that come with ercstudy (run one by name)")
+    presets.set_defaults(func=cmd_presets)
     config = sub.add_parser("config", help="print the resolved study or trial config, defaults included, as YAML that run/train take")
-    config.add_argument("file", help="a study YAML or a trial config YAML")
+    config.add_argument("file", nargs="?", help="a study YAML, a preset's name, or a trial config YAML")
+    config.add_argument("--reference", action="store_true", help="print the reference of every config field instead (docs/config.md)")
     config.add_argument("overrides", **overrides)
     config.set_defaults(func=cmd_config)
     address = "Ray cluster address (default: RAY_ADDRESS, else a local embedded Ray)"
     storage = f"results directory ({storage_default}); the study lives in STORAGE/NAME"
     run = sub.add_parser("run", help="run a study: Tune + Optuna (+ ASHA) over TorchTrainer trials, tracked in MLflow")
-    run.add_argument("spec", help="a study YAML")
+    run.add_argument("spec", help="a study YAML, or a preset's name (ercstudy presets)")
     run.add_argument("overrides", **overrides)
     run.add_argument("--address", help=address)
     run.add_argument("--storage", default=default_storage(), action=_StorageFlag,

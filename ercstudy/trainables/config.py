@@ -25,18 +25,18 @@ CONFIG_KEY = "trial_config"  # train_loop_config[CONFIG_KEY]: the TrialConfig it
 class TrainConfig:
     """The `train:` section: the optimisation recipe and the reporting cadence."""
 
-    seed: int = 0
+    seed: int = 0  # init, the ERC noise and where the pass over the data starts
     tokens: int = 1_000_000  # training tokens; steps = tokens / (global_batch_size * seq_len)
     global_batch_size: int = 32  # sequences per optimizer step, over all workers
     micro_batch_size: int = 8  # sequences per worker per forward; the rest is gradient accumulation
-    lr: float = 3e-3
+    lr: float = 3e-3  # AdamW's peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    zero_stage: int = 0
+    warmup_steps: int = 20  # linear warmup to lr, then cosine decay to lr x min_lr_ratio
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay
+    beta1: float = 0.9  # AdamW's beta1
+    beta2: float = 0.95  # AdamW's beta2
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (0-3)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     report_every: int = 10  # steps between ray.train.report calls (metrics)
     checkpoint_every: int | None = None  # steps between checkpoints (a multiple of report_every); None: by time
@@ -78,9 +78,9 @@ class TrainConfig:
 class ResourcesConfig:
     """The `resources:` section: the Ray Train worker group of one trial."""
 
-    num_workers: int = 1
+    num_workers: int = 1  # Ray Train workers (DeepSpeed ranks) of one trial
     cpus_per_worker: float = 1  # fractions share a core (tiny CPU trials, several at once)
-    gpus_per_worker: int = 0
+    gpus_per_worker: int = 0  # GPUs each worker holds (0: CPU)
     ep_size: int = 1  # expert-parallel size: experts split over this many workers
 
     def __post_init__(self) -> None:

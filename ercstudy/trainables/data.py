@@ -31,7 +31,7 @@ UNIFORM_MASS = 0.02  # share of each transition row spread over the whole domain
 class DataConfig:
     """The `data:` section: the built-in synthetic corpus, or Parquet token shards from `ercstudy prepare-data`."""
 
-    kind: Literal["synthetic", "parquet"] = "synthetic"
+    kind: Literal["synthetic", "parquet"] = "synthetic"  # synthetic: the built-in multi-domain corpus; parquet: shards made by `ercstudy prepare-data`
     path: str | None = None  # parquet: what prepare-data wrote: a directory (relative: to the working directory) or a URI (s3://...)
     # parquet: who reads the training shards on each worker, the same batches either way: `direct` (pyarrow, only
     # the row groups of the worker's own rows) or `ray_data` (an ordered Ray Data read on the worker's node; it needs

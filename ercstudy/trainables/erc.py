@@ -55,7 +55,7 @@ ACTIVATION_WEIGHTS: dict[str, tuple[str, ...]] = {
 class ERCConfig:
     """How a trial applies the ERC loss (the `erc:` section of a trial config)."""
 
-    enabled: bool = True
+    enabled: bool = True  # add the ERC loss (false: the baseline MoE)
     alpha: float = 1.0  # coupling strength; smaller is stricter. The paper sweeps 0.4 .. 3.
     # "auto" = the paper's bound per expert, recomputed every step (times epsilon_scale);
     # a number = exactly that noise for every proxy (not clipped to the bound); 0 = no noise (the paper's ablation)

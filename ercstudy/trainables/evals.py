@@ -38,7 +38,7 @@ class EvalConfig:
     every: int = 0  # steps between evaluations (a multiple of train.report_every); 0 = at the end only
     sequences: int = 64  # held-out sequences for the eval loss
     mc_items: int = 64  # items of the synthetic multiple-choice task (synthetic corpus only)
-    mc_choices: int = 4
+    mc_choices: int = 4  # choices per synthetic multiple-choice item
     mc_context: int = 16  # context tokens of an item
     mc_continuation: int = 8  # tokens of each choice
     batch_size: int = 16  # rows per forward

@@ -26,15 +26,15 @@ from ercstudy.trainables.validation import require
 class ModelConfig:
     """The `model:` section of a trial config (the MoE part is the `moe:` section)."""
 
-    vocab_size: int = 512
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    seq_len: int = 128
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-    tie_embeddings: bool = False
+    vocab_size: int = 512  # token ids the model embeds (>= the shards' vocabulary)
+    d_model: int = 128  # width of the residual stream
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention heads (d_model divisible by them)
+    seq_len: int = 128  # tokens per training sequence
+    rope_theta: float = 10000.0  # RoPE's base
+    norm_eps: float = 1e-5  # RMSNorm's epsilon
+    init_std: float = 0.02  # std of the normal initialization
+    tie_embeddings: bool = False  # share the input embedding and the output head
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len"):

@@ -43,12 +43,12 @@ if not hasattr(F, "grouped_mm"):
 class MoEConfig:
     """The `moe:` section of a trial config."""
 
-    num_experts: int = 8
-    top_k: int = 2
+    num_experts: int = 8  # experts per MoE layer (n)
+    top_k: int = 2  # experts each token is routed to
     expert_dim: int = 256  # D, the hidden width of each SwiGLU expert
     moe_every: int = 1  # every k-th block is an MoE block (1 = all, as in OLMoE); the others are dense
     dense_dim: int | None = None  # hidden width of the dense blocks' SwiGLU (default: top_k * expert_dim)
-    backend: Literal["grouped", "deepspeed"] = "grouped"
+    backend: Literal["grouped", "deepspeed"] = "grouped"  # grouped: dropless grouped GEMMs (default); deepspeed: DeepSpeed-MoE's TopKGate with capacity
     lb_weight: float = 0.01  # load-balancing loss coefficient
     z_weight: float = 0.001  # router z-loss coefficient
     capacity_factor: float = 1.0  # deepspeed backend: expert capacity = factor * T * k / n

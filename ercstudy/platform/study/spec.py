@@ -42,12 +42,12 @@ FLIP = {"<=": ">=", "<": ">", ">=": "<=", ">": "<", "==": "=="}
 class ParamSpec:
     """One searched value: float (low, high, log), int (low, high, step, log) or categorical (choices)."""
 
-    type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: int | None = None
-    choices: tuple[Any, ...] = ()
+    type: Literal["float", "int", "categorical"]  # float, int or categorical
+    low: float | None = None  # the range's low end (float, int)
+    high: float | None = None  # the range's high end (float, int)
+    log: bool = False  # sample on a log scale (float, int)
+    step: int | None = None  # an int range's step
+    choices: tuple[Any, ...] = ()  # a categorical's values
 
     def __str__(self) -> str:
         """As an MLflow param of the study's parent run: `float [0.5, 1.2]`, `float [1e-4, 3e-3] log`, `categorical [4, 8]`."""
@@ -135,12 +135,12 @@ class Constraint:
 
 @dataclass(frozen=True, kw_only=True)
 class SearchConfig:
-    sampler: Literal["tpe", "random", "grid", "cmaes"] = "tpe"
-    num_trials: int = 8
+    sampler: Literal["tpe", "random", "grid", "cmaes"] = "tpe"  # Optuna's sampler: TPE, random, grid (every point of the space), CMA-ES (pip install cmaes)
+    num_trials: int = 8  # points the sampler proposes (the grid: at most its points); each runs at every seed
     max_concurrent: int = 0  # 0: as many as the cluster's resources allow
-    seed: int = 0
-    params: dict[str, ParamSpec] = field(default_factory=dict)
-    constraints: tuple[str, ...] = ()
+    seed: int = 0  # the sampler's seed
+    params: dict[str, ParamSpec] = field(default_factory=dict)  # searched values: dotted trial-config path -> param (below)
+    constraints: tuple[str, ...] = ()  # `A op B` over dotted paths and numbers, e.g. `moe.top_k <= moe.num_experts`; every point satisfies them
     # each point runs at `repeats` seeds (train.seed = base seed + r, which also sets the data order);
     # the sampler is told the mean over them
     repeats: int = 1
@@ -161,16 +161,16 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class Objective:
-    metric: str
-    mode: Literal["min", "max"]
+    metric: str  # a reported metric, e.g. eval/loss, alpha_star, harness/TASK/acc
+    mode: Literal["min", "max"]  # minimize or maximize it
 
 
 @dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
-    type: Literal["none", "asha"] = "none"
-    time_attr: Literal["step", "tokens"] = "step"
+    type: Literal["none", "asha"] = "none"  # ASHA stops the weaker trials early on the (primary) objective; none runs every trial to its end
+    time_attr: Literal["step", "tokens"] = "step"  # ASHA's clock: optimizer steps or trained tokens
     grace_period: int = 1  # in time_attr units: no trial is stopped before it
-    reduction_factor: float = 3.0
+    reduction_factor: float = 3.0  # ASHA keeps 1 / reduction_factor of the trials at each rung
 
     def __post_init__(self) -> None:
         require(self.grace_period >= 1, "grace_period", f"must be >= 1, got {self.grace_period}")
