@@ -146,6 +146,18 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def write_results(script: str, args: argparse.Namespace, device: torch.device, rows: list[dict[str, Any]],
+                  columns: list[str], *, checks: Sequence[dict[str, Any]] = (), complete: bool) -> tuple[dict[str, Any], Path]:
+    """The results so far as JSON (`complete` false while cases remain): a run cut off by its budget still leaves
+    every case it finished."""
+    result = {"script": script, "args": vars(args), **device_info(device), "checks": list(checks), "columns": columns,
+              "rows": rows, "complete": complete}
+    out = Path(args.out or Path(__file__).parent / "results" / f"{script}-{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result, out
+
+
 def report(script: str, args: argparse.Namespace, device: torch.device, rows: list[dict[str, Any]], columns: list[str],
            *, checks: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """Print the checks that passed and a table of `rows`; write them with the columns and the device facts to JSON."""
@@ -153,10 +165,6 @@ def report(script: str, args: argparse.Namespace, device: torch.device, rows: li
         what = "".join(f": {text} {c[key]:.1e} <= {c['tolerance']:.0e}" for key, text in MEASURES.items() if key in c)
         print(f"check passed: {c['check']}{what}")
     print("\n".join(text_table(rows, columns, left=columns[:1])))
-    result = {"script": script, "args": vars(args), **device_info(device), "checks": list(checks), "columns": columns,
-              "rows": rows}
-    out = Path(args.out or Path(__file__).parent / "results" / f"{script}-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result, out = write_results(script, args, device, rows, columns, checks=checks, complete=True)
     print(f"wrote {out}")
     return result

@@ -3,16 +3,18 @@
     python benchmarks/erc_overhead.py                 # GPU: the paper's 3B shape and a 24-layer, 256-expert shape
     python benchmarks/erc_overhead.py --tiny          # CPU smoke run (tests)
 
-Variants (same inputs, same noise):
-  pseudocode   the paper's algorithm one layer at a time: proxies, then for each layer the
-               [n, d] x [n, d, D] products and their norms (a Python loop over layers)
+Variants (same inputs, same noise, the same dtype: bf16 on GPU):
+  pseudocode   the paper's algorithm one layer at a time: proxies, then for each layer and expert the
+               [n, d] x [d, D] product and its norms (Python loops over layers and experts; the stacked
+               weights are unbound once, so its backward costs what the pseudocode's does, linear in
+               layers x experts, not a full-size zero gradient per slice)
   erc_loss     ercstudy.trainables.erc.erc_loss, the one implementation training calls (its own
                noise draw from a seeded generator included)
 Before timing, both variants' loss and gradients are checked in fp32 against the pseudocode in float64
 (max relative error within 1e-5), and when the timing runs in bf16, erc_loss on bf16 operands too
 (loss within 1e-2, each gradient within 5e-2 in norm); a failed check stops the script, and the JSON
 records each check. When the pseudocode does not fit in memory its row says so and no speedup is
-claimed (the baseline is never swapped for another).
+claimed (the baseline is never swapped for another). The JSON is written after every shape.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from benchmarks.common import (  # noqa: E402
     sync,
     time_ms,
     verify,
+    write_results,
 )
 from ercstudy.trainables.erc import erc_from_activations, erc_loss, noise_bound  # noqa: E402
 
@@ -48,23 +51,24 @@ BF16_CHECK_SHAPE = (12, 64, 256, 128)  # the bf16 check's shape on GPU runs
 # norm, up to 6e-2 in their largest element (a relu that flips moves single entries: hence the norm)
 BF16_LOSS_TOLERANCE, BF16_GRAD_TOLERANCE = 1e-2, 5e-2
 NOISE_SEED = 1234
-COLUMNS = ["shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedup_vs_pseudocode", "tflops", "peak_mb"]
+COLUMNS = ["shape", "variant", "dtype", "median_ms", "p10_ms", "p90_ms", "speedup_vs_pseudocode", "tflops", "peak_mb"]
 
 
 def pseudocode(router, gate, noise, alpha, dtype=torch.float32):
     """The paper's pseudocode, applied layer by layer, in `dtype` (float64: the reference)."""
     losses = []
-    for layer in range(router.shape[0]):
-        r = router[layer].to(dtype)
+    for r, layer_gates, u in zip(router.unbind(0), gate.unbind(0), noise.unbind(0)):  # unbound once: a linear backward
+        r = r.to(dtype)
         eps = noise_bound(r).to(dtype)
-        proxies = r * (1 + eps[:, None] * (2 * noise[layer].to(dtype) - 1))
-        m = torch.stack([torch.linalg.vector_norm(proxies @ gate[layer, j].to(dtype), dim=-1) for j in range(gate.shape[1])], dim=-1)
+        proxies = r * (1 + eps[:, None] * (2 * u.to(dtype) - 1))
+        m = torch.stack([torch.linalg.vector_norm(proxies @ g.to(dtype), dim=-1) for g in layer_gates.unbind(0)], dim=-1)
         losses.append(erc_from_activations(m, alpha))
     return torch.stack(losses)
 
 
-def ercstudy(router, gate, noise, alpha):
-    """ercstudy's one implementation, as training calls it: erc.erc_loss over the stacked layers.
+def ercstudy(router, gate, noise, alpha, dtype=None):
+    """ercstudy's one implementation, as training calls it: erc.erc_loss over the stacked layers, in its operands'
+    dtype (`dtype` is the pseudocode's knob; erc_loss is not told).
 
     `noise` is what erc_loss draws from a generator seeded NOISE_SEED on this device (noise_for),
     so both variants see the same proxies."""
@@ -141,21 +145,22 @@ def main(argv=None):
         for name, fn in VARIANTS.items():
             def step(fn=fn, inputs=inputs):
                 router, gate, noise = inputs
-                fn(router, gate, noise, 1.0).sum().backward()
+                fn(router, gate, noise, 1.0, dtype).sum().backward()  # both in the timing's dtype
                 router.grad = gate.grad = None
             try:
                 t = time_ms(step, device, warmup=args.warmup, repeats=args.repeats)
                 mem = peak_memory_mb(step, device)
             except torch.OutOfMemoryError:
                 sync(device)
-                rows.append({"shape": label(shape), "variant": name, "median_ms": None, "note": "out of memory"})
+                rows.append({"shape": label(shape), "variant": name, "dtype": str(dtype).removeprefix("torch."), "median_ms": None, "note": "out of memory"})
                 continue
             if name == "pseudocode":
                 base = t["median_ms"]
-            rows.append({"shape": label(shape), "variant": name, **t,
+            rows.append({"shape": label(shape), "variant": name, "dtype": str(dtype).removeprefix("torch."), **t,
                          "speedup_vs_pseudocode": base / t["median_ms"] if base else None,
                          "tflops": flops / t["median_ms"] / 1e9, "peak_mb": mem,
                          "note": "" if base else "pseudocode out of memory: no speedup"})
+        write_results("erc_overhead", args, device, rows, [*COLUMNS, "note"], checks=checks, complete=False)
     return report("erc_overhead", args, device, rows, [*COLUMNS, "note"], checks=checks)
 
 

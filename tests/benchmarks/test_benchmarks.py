@@ -43,8 +43,9 @@ def printed_table(out: str, columns: list[str]) -> list[list[str]]:
 
 def test_erc_overhead_checks_then_times_every_variant(tmp_path, capsys):
     result = erc_overhead.main([*QUICK, "--out", str(tmp_path / "erc.json")])
-    columns = ["shape", "variant", "median_ms", "p10_ms", "p90_ms", "speedup_vs_pseudocode", "tflops", "peak_mb", "note"]
+    columns = ["shape", "variant", "dtype", "median_ms", "p10_ms", "p90_ms", "speedup_vs_pseudocode", "tflops", "peak_mb", "note"]
     saved = read_result(tmp_path / "erc.json", columns)
+    assert saved["complete"] is True
     assert saved == json.loads(json.dumps(result))
     shapes = {erc_overhead.label(s): s for s in erc_overhead.TINY}
     assert [c["check"] for c in saved["checks"]] == [f"{s}: {v} loss and gradients vs float64" for s in shapes
@@ -82,6 +83,24 @@ def test_the_benchmark_times_ercs_one_implementation_on_the_same_noise():
     direct = erc_loss(router, gate, alpha=0.7, generator=torch.Generator().manual_seed(erc_overhead.NOISE_SEED)).loss
     torch.testing.assert_close(ours, direct, rtol=0, atol=0)
     torch.testing.assert_close(erc_overhead.pseudocode(router, gate, noise, 0.7), ours)  # float32 both
+
+
+def test_the_pseudocode_baseline_runs_in_the_timings_dtype_and_unbinds_its_weights_once(tmp_path):
+    """bf16 against bf16 (a baseline in fp32 would flatter erc_loss), and a backward linear in layers x experts:
+    no per-slice select, whose backward builds a full-size zero gradient for every (layer, expert)."""
+    rows = erc_overhead.main([*QUICK, "--dtype", "bf16", "--out", str(tmp_path / "erc.json")])["rows"]
+    assert {(r["variant"], r["dtype"]) for r in rows} == {("pseudocode", "bfloat16"), ("erc_loss", "bfloat16")}
+    L, n, d, D = 3, 5, 8, 4
+    router, gate, noise = erc_overhead.make_inputs((L, n, d, D), torch.device("cpu"), torch.float32)
+    kinds, seen, todo = [], set(), [erc_overhead.pseudocode(router, gate, noise, 1.0).sum().grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        kinds.append(type(node).__name__)
+        todo += [next_fn for next_fn, _ in node.next_functions]
+    assert "SelectBackward0" not in kinds and kinds.count("UnbindBackward0") == 2 + L  # router, gate, each layer's gates
 
 
 def test_erc_overhead_claims_no_speedup_when_the_baseline_does_not_fit(tmp_path, monkeypatch):
