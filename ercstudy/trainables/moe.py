@@ -152,6 +152,21 @@ def grouped_mm_unsupported(x: Tensor, w: Tensor) -> str | None:
     return None
 
 
+def grouped_mm_fast_path(device: torch.device) -> bool:
+    """Whether torch's grouped GEMM has its fused kernel on `device`: compute capability 9.x / 10.x (H100, H200,
+    B200). Elsewhere (A100, L40S, L4, ...) torch runs it as a loop over the groups with a host synchronisation per
+    call; on CPU it is a loop too, which costs nothing extra there."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
+def _warn_once(reason: str, message: str) -> None:
+    if reason not in _fallback_warned:
+        _fallback_warned.add(reason)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def grouped_mm(x_SK: Tensor, w_EKN: Tensor, offsets_E: Tensor) -> Tensor:
     """Rows of x_SK sorted by group; group e (rows offsets[e-1]:offsets[e]) times w_EKN[e]. -> [S, N].
 
@@ -160,11 +175,13 @@ def grouped_mm(x_SK: Tensor, w_EKN: Tensor, offsets_E: Tensor) -> Tensor:
     """
     reason = grouped_mm_unsupported(x_SK, w_EKN)
     if reason is None:
+        if not grouped_mm_fast_path(x_SK.device):
+            name = torch.cuda.get_device_name(x_SK.device)
+            _warn_once(name, f"grouped MoE: {name} (compute capability {'.'.join(map(str, torch.cuda.get_device_capability(x_SK.device)))}) "
+                             "has no fused grouped GEMM in torch: it loops over the experts with a host sync per MoE layer "
+                             "(several times slower than on an H100/H200); backend: deepspeed may be faster there")
         return F.grouped_mm(x_SK, w_EKN, offs=offsets_E)
-    if reason not in _fallback_warned:
-        _fallback_warned.add(reason)
-        warnings.warn(f"grouped MoE: torch.nn.functional.grouped_mm cannot run on {reason}; "
-                      "falling back to a slow per-expert loop", RuntimeWarning, stacklevel=2)
+    _warn_once(reason, f"grouped MoE: torch.nn.functional.grouped_mm cannot run on {reason}; falling back to a slow per-expert loop")
     ends = offsets_E.tolist()
     starts = [0, *ends[:-1]]
     return torch.cat([x_SK[s:e] @ w_EKN[g] for g, (s, e) in enumerate(zip(starts, ends))], dim=0)
