@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     overrides = dict(nargs="*", metavar="KEY=VALUE", default=[],
                      help="set values of the file, by dotted path: base.erc.alpha=0.5 search.num_trials=8 "
-                          "base.moe.num_experts=[8,16] (values read as YAML)")
+                          "search.params.moe.num_experts=[8,16] (values read as YAML)")
     train = sub.add_parser("train", help="run one trial (no Tune) on the local embedded Ray or RAY_ADDRESS")
     train.add_argument("file", help="a trial config YAML, or a study YAML whose `base:` is one")
     train.add_argument("overrides", **overrides)

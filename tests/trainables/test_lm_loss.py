@@ -57,3 +57,27 @@ def test_the_model_trains_on_the_fused_loss_as_on_the_full_logits():
     full.lm_loss.backward()
     for n, p in lm.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, msg=n)
+
+
+def test_every_gemm_of_the_bf16_loss_runs_on_bf16_operands():
+    """The LM head's three GEMMs (logits, d/dh, d/dW) take the weights' dtype: an fp32 one would leave the tensor cores."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Matmuls(TorchDispatchMode):  # every aten GEMM, inside autograd Functions too
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                self.dtypes.append(tuple(a.dtype for a in args if isinstance(a, torch.Tensor))[:2])
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 16, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(48, 16, generator=g).bfloat16().requires_grad_()
+    targets = torch.randint(0, 48, (64,), generator=g)
+    with Matmuls() as seen:
+        linear_cross_entropy(h, w, targets, chunk=32).backward()
+    assert len(seen.dtypes) == 3 * 2 and set(seen.dtypes) == {(torch.bfloat16, torch.bfloat16)}, seen.dtypes
+    assert w.grad.dtype == torch.bfloat16 and torch.isfinite(w.grad.float()).all()
