@@ -36,10 +36,13 @@ def deepspeed_config(cfg: TrialConfig, *, bf16: bool) -> dict[str, Any]:
         "zero_optimization": {"stage": max(t.zero_stage, 1) if bf16 else t.zero_stage},
         "bf16": {"enabled": bf16},
         **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
-        # torch_adam: the torch AdamW, not DeepSpeed's JIT-built CPU/CUDA Adam (50 s of compilation on CPU)
+        # torch_adam: the torch AdamW, not DeepSpeed's JIT-built CPU/CUDA Adam (50 s of compilation on CPU, a CUDA
+        # toolchain on GPU); fused: its one-kernel implementation over the fp32 masters (CUDA and CPU alike), in place
+        # of a loop of per-parameter kernels
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8, "weight_decay": t.weight_decay, "torch_adam": True},
+            "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": 1e-8, "weight_decay": t.weight_decay, "torch_adam": True,
+                       "fused": True},
         },
         "scheduler": {
             "type": "WarmupCosineLR",
@@ -106,9 +109,19 @@ def build_engine(cfg: TrialConfig, device: torch.device, *, rank: int) -> Engine
     if not any(isinstance(f, _SchedulerNotStarted) for f in ds_logger.filters):
         ds_logger.addFilter(_SchedulerNotStarted())
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=deepspeed_config(cfg, bf16=bf16)
+        args=deepspeed_args(device), model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+        config=deepspeed_config(cfg, bf16=bf16),
     )
     return Engine(engine, model, expert_parallel_group(model))
+
+
+def deepspeed_args(device: torch.device) -> Any:
+    """The one device of a worker, for DeepSpeed too: left to itself it takes cuda:LOCAL_RANK, which is not the
+    worker's GPU when a worker holds several (gpus_per_worker >= 2: Ray Train's get_device() is its first GPU among
+    the node's visible ones), and the model would train on one GPU while batches and the ERC noise go to another."""
+    import types
+
+    return types.SimpleNamespace(device_rank=device.index) if device.type == "cuda" and device.index is not None else None
 
 
 def global_grad_norm(model: torch.nn.Module, ep_group: Any, device: torch.device) -> Tensor:

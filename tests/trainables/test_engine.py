@@ -39,6 +39,8 @@ def test_bf16_keeps_fp32_masters_accumulation_and_buffers(backend):
         built = build_engine(config(backend), torch.device("cpu"), rank=0)
         engine, model = built.engine, built.model
         assert type(engine.optimizer).__name__ == "BF16_Optimizer"
+        inner = engine.optimizer.optimizer  # the torch AdamW stepping the fp32 masters: fused, one kernel for all
+        assert type(inner) is torch.optim.AdamW and all(g["fused"] for g in inner.param_groups)
         assert engine.get_data_types() == (torch.bfloat16, torch.float32)
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
         assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32  # RoPE tables stay exact
@@ -123,3 +125,22 @@ def test_bf16_loss_tracks_fp32_over_30_steps():
     assert len(fp32) == len(bf16) == 6 and fp32[-1] < fp32[0] - 0.3
     for a, b in zip(fp32, bf16):
         assert b == pytest.approx(a, rel=0.03)
+
+
+def test_deepspeed_is_told_the_workers_one_device():
+    """With several GPUs per worker, cuda:LOCAL_RANK is not the worker's GPU: DeepSpeed gets the device chosen once."""
+    from ercstudy.trainables.engine import deepspeed_args
+
+    assert deepspeed_args(torch.device("cuda", 3)).device_rank == 3  # no GPU needed: only the index is read
+    assert deepspeed_args(torch.device("cpu")) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_engine_trains_on_the_device_it_was_given():
+    from ercstudy.trainables.engine import build_engine
+
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    with single_process_group():
+        built = build_engine(config("grouped"), device, rank=0)
+        assert built.engine.device == device and {p.device for p in built.model.parameters()} == {device}
