@@ -44,7 +44,7 @@ part() {  # part NAME BUDGET COMMAND...: its output to $OUT/NAME.log, its JSON w
 }
 
 part environment "${ENVIRONMENT_S:-30}" "$PY" benchmarks/device/environment.py --out "$OUT/environment.json" "${DEVICE[@]}"
-part gpu-tests "${GPU_TESTS_S:-120}" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/benchmarks/test_benchmarks.py tests/trainables/test_step.py tests/trainables/test_engine.py \
+part gpu-tests "${GPU_TESTS_S:-120}" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/benchmarks/test_benchmarks.py tests/trainables/test_step.py tests/trainables/test_engine.py tests/trainables/test_moe.py \
   --junitxml "$OUT/gpu-tests.xml"
 part moe_layer "${MOE_LAYER_S:-90}" "$PY" benchmarks/moe_layer.py "${SIZE[@]}" --out "$OUT/moe_layer.json"
 part erc_overhead "${ERC_OVERHEAD_S:-60}" "$PY" benchmarks/erc_overhead.py "${SIZE[@]}" --out "$OUT/erc_overhead.json"

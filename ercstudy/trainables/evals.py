@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from ercstudy.trainables.data import DataConfig, ShardIndex, SyntheticCorpus
 from ercstudy.trainables.lm_eval_config import HarnessConfig
+from ercstudy.trainables.lm_loss import target_logprobs
 from ercstudy.trainables.shards import ShardMeta, join
 from ercstudy.trainables.validation import require
 
@@ -64,8 +64,13 @@ class MCItem:
 # Scoring
 
 
-def _forward_logits(model: Any, tokens: Tensor) -> Tensor:
-    return model(tokens).logits
+def _target_logprobs(model: Any, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """log p(next token) [B, T] (float32) and whether it is the greedy choice [B, T], for tokens [B, T + 1], the
+    LM head applied a chunk of positions at a time: an evaluation never holds [B, T, V] float32 logits (13-20 GB
+    at seq 4096 and a 32k vocabulary), which could fail a trial at its end."""
+    h, _ = model.trunk(tokens[:, :-1])  # [B, T, d]
+    logprob, greedy = target_logprobs(h.flatten(0, 1), model.lm_head.weight, tokens[:, 1:].flatten())
+    return logprob.view(h.shape[:2]), greedy.view(h.shape[:2])
 
 
 @torch.no_grad()
@@ -93,10 +98,9 @@ def continuation_logprobs(model: Any, pairs: list[tuple[list[int], list[int]]], 
     logprob, greedy = torch.empty(len(rows)), torch.empty(len(rows), dtype=torch.bool)
     for b in range(0, len(rows), batch_size):
         tok, m = padded[b : b + batch_size].to(device), mask[b : b + batch_size].to(device)
-        logp = F.log_softmax(_forward_logits(model, tok[:, :-1]).float(), dim=-1)
-        target = tok[:, 1:]
-        logprob[b : b + batch_size] = (logp.gather(-1, target[..., None]).squeeze(-1) * m).sum(-1).cpu()
-        greedy[b : b + batch_size] = ((logp.argmax(-1) == target) | ~m).all(-1).cpu()
+        token_logprob, token_greedy = _target_logprobs(model, tok)
+        logprob[b : b + batch_size] = (token_logprob * m).sum(-1).cpu()
+        greedy[b : b + batch_size] = (token_greedy | ~m).all(-1).cpu()
     return logprob, greedy
 
 
@@ -182,8 +186,7 @@ def load_mc_jsonl(path: str | Path, tokenizer: Any) -> list[MCItem]:
 @torch.no_grad()
 def token_losses(model: Any, tokens: Tensor) -> Tensor:
     """[B] summed next-token cross-entropy of each row of `tokens` [B, T + 1]."""
-    logits = _forward_logits(model, tokens[:, :-1]).float()
-    return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").sum(-1)
+    return -_target_logprobs(model, tokens)[0].sum(-1)
 
 
 def heldout_sums(model: Any, tokens: Tensor, domains: Tensor, num_domains: int, *, batch_size: int, device: torch.device) -> Tensor:

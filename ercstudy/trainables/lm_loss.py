@@ -49,6 +49,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None
 
 
+@torch.no_grad()
+def target_logprobs(h_ND: Tensor, w_VD: Tensor, targets_N: Tensor, *, chunk: int = CHUNK_ROWS) -> tuple[Tensor, Tensor]:
+    """For each row of h: log p(target) under softmax(h W^T) [N] (float32) and whether the target is the argmax [N],
+    a chunk of rows at a time: evaluations score long sequences and large vocabularies without [N, V] logits."""
+    logprob = torch.empty(h_ND.shape[0], dtype=torch.float32, device=h_ND.device)
+    greedy = torch.empty(h_ND.shape[0], dtype=torch.bool, device=h_ND.device)
+    for s in range(0, h_ND.shape[0], chunk):
+        logits = (h_ND[s : s + chunk] @ w_VD.T).float()  # [c, V]
+        t = targets_N[s : s + chunk]
+        logprob[s : s + chunk] = logits.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        greedy[s : s + chunk] = logits.argmax(-1) == t
+    return logprob, greedy
+
+
 def linear_cross_entropy(h_ND: Tensor, w_VD: Tensor, targets_N: Tensor, *, chunk: int = CHUNK_ROWS) -> Tensor:
     """mean_N cross_entropy(h W^T, targets) (targets == -100 ignored), float32, without the [N, V] logits."""
     if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):

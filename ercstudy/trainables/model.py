@@ -241,9 +241,8 @@ class MoELM(nn.Module):
             return self.gate_weights()
         return [layer.expert_weights()[name] for layer in self.moe_layers]
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, *, return_logits: bool = True) -> ModelOutput:
-        """Logits [B, T, V] and, with targets, the mean next-token loss. return_logits=False (training)
-        computes the loss with the LM head fused into it (lm_loss.py) and returns no logits."""
+    def trunk(self, idx: Tensor) -> tuple[Tensor, list[MoEStats]]:
+        """The final hidden states h [B, T, d] (normed, before the LM head) and each MoE layer's stats."""
         T = idx.shape[1]
         if T > self.cfg.seq_len:
             raise ValueError(f"idx: sequence length {T} exceeds model.seq_len {self.cfg.seq_len}")
@@ -253,7 +252,12 @@ class MoELM(nn.Module):
             x, layer_stats = block(x, self.rope_cos, self.rope_sin)
             if layer_stats is not None:
                 stats.append(layer_stats)
-        h = self.norm(x)
+        return self.norm(x), stats
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, return_logits: bool = True) -> ModelOutput:
+        """Logits [B, T, V] and, with targets, the mean next-token loss. return_logits=False (training)
+        computes the loss with the LM head fused into it (lm_loss.py) and returns no logits."""
+        h, stats = self.trunk(idx)
         logits = self.lm_head(h) if return_logits or targets is None else None  # (B, T, V)
         lm_loss = None
         if targets is not None and logits is not None:

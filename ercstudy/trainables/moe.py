@@ -93,15 +93,22 @@ class Routing:
     logits_TE: Tensor  # [T, n] float32
 
 
+def router_logits(x_TD: Tensor, router_ED: Tensor) -> Tensor:
+    """x W^T [T, n] in float32, from operands as the trial holds them: on CUDA with bf16 operands one bf16 GEMM with
+    fp32 accumulation and an fp32 output (no fp32 copy of the activations, no bf16 rounding of the logits);
+    elsewhere an fp32 GEMM (the router is n columns wide: a few percent of the expert GEMMs' FLOPs)."""
+    if x_TD.device.type == "cuda" and x_TD.dtype == router_ED.dtype == torch.bfloat16:
+        return torch.mm(x_TD, router_ED.T, out_dtype=torch.float32)
+    return F.linear(x_TD.float(), router_ED.float())
+
+
 def route(x_TD: Tensor, router_ED: Tensor, top_k: int) -> Routing:
     """Softmax top-k routing (DeepSpeed-MoE's convention, see the module docstring).
 
-    The router matmul runs in the wider of the two operands' dtypes (bf16 training: a bf16 GEMM with fp32
-    accumulation, not an fp32 copy of the activations; DeepSpeed's gate keeps its weight in fp32, and its
-    routing is recomputed in fp32); the logits, softmax and top-k are float32.
+    The logits, softmax and top-k are float32, and so is the router GEMM's output: rounding the logits to bf16
+    first would move near-ties between experts (DeepSpeed's gate routes in fp32 too). See router_logits.
     """
-    dtype = torch.promote_types(x_TD.dtype, router_ED.dtype)
-    logits_TE = F.linear(x_TD.to(dtype), router_ED.to(dtype)).float()
+    logits_TE = router_logits(x_TD, router_ED)
     probs_TE = torch.softmax(logits_TE, dim=-1)
     weights_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
     if top_k > 1:

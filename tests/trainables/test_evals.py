@@ -109,3 +109,34 @@ def test_eval_config_is_checked_against_the_trial():
         TrialConfig.from_dict({"train": {"report_every": 10}, "eval": {"every": 15}})
     with pytest.raises(ConfigError, match="eval.mc_choices: must be <= data.num_domains"):
         TrialConfig.from_dict({"data": {"num_domains": 3}, "eval": {"mc_choices": 4}})
+
+
+def test_scoring_never_holds_the_logits_of_every_position():
+    """Held-out losses and choice log-probabilities apply the LM head a chunk of positions at a time (lm_loss
+    CHUNK_ROWS): the same numbers as the full logits, without a [B, T, V] float32 tensor (13-20 GB at seq 4096 and a
+    32k vocabulary: an out-of-memory at a trial's last evaluation)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ercstudy.trainables.evals import token_losses
+    from ercstudy.trainables.lm_loss import CHUNK_ROWS
+
+    model = tiny_model()
+    tokens = torch.randint(0, 50, (400, 13), generator=torch.Generator().manual_seed(0))  # 4,800 positions > CHUNK_ROWS
+    with torch.no_grad():
+        full = F.cross_entropy(model(tokens[:, :-1]).logits.float().transpose(1, 2), tokens[:, 1:], reduction="none").sum(-1)
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = 0  # the most positions any [.., V] result covered
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[-1] == 50:
+                self.rows = max(self.rows, out.numel() // 50)
+            return out
+
+    with Largest() as seen:
+        chunked = token_losses(model, tokens)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+    assert 0 < seen.rows <= CHUNK_ROWS < 400 * 12

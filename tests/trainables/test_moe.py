@@ -131,3 +131,19 @@ def test_config_errors_name_the_field():
         MoEConfig(num_experts=4, top_k=5)
     with pytest.raises(ValueError, match=r"^num_experts:"):
         MoEConfig(num_experts=0, top_k=1)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_router_logits_are_float32_never_rounded_to_bf16(device):
+    """bf16 operands (a bf16 trial's), float32 logits equal to the float64 product of the same values: rounded to bf16
+    first (8 bits of mantissa), near-tied experts would swap in top-k."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g).bfloat16().to(device)
+    w = (torch.randn(16, 64, generator=g) * 0.1).bfloat16().to(device)
+    logits = moe.router_logits(x, w)
+    exact = x.double() @ w.double().T
+    assert logits.dtype == torch.float32
+    assert (logits.double() - exact).abs().max() < 1e-4 * exact.abs().max()  # fp32 accumulation, no bf16 output
+    rounded = (x @ w.T).double()  # what a bf16 output would hold
+    assert (rounded - exact).abs().max() > 1e-3 * exact.abs().max()  # the check can tell them apart
