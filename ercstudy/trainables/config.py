@@ -201,6 +201,35 @@ class TrialConfig:
     def num_params(self) -> int:
         return num_params(self.model, self.moe)
 
+    def memory_per_worker(self, *, gpu: bool) -> float:
+        """A rough upper estimate, in bytes, of one worker's memory: its model and optimizer state, plus activations.
+
+        On GPU (bf16, DeepSpeed's BF16_Optimizer at ZeRO stage >= 1): bf16 weights and gradients, the fp32
+        gradients it accumulates (unsharded), and the fp32 master weights and two Adam moments sharded over the
+        data-parallel ranks: 20 bytes per parameter on one worker. On CPU (fp32): weights, gradients and the Adam
+        moments, these sharded with ZeRO >= 1. Expert parameters are divided over ep_size. Activations per
+        micro-batch as in Korthikanti et al. (2022), the MoE layers' expert activations scaled by top_k.
+        """
+        return self.state_memory(gpu=gpu) + self.activation_memory(gpu=gpu)
+
+    def state_memory(self, *, gpu: bool) -> float:
+        """Bytes of one worker's parameters, gradients and optimizer state (memory_per_worker)."""
+        m, moe, res = self.model, self.moe, self.resources
+        expert = moe.num_experts * 3 * m.d_model * moe.expert_dim * self.num_moe_layers
+        local = self.num_params() - expert + expert / res.ep_size
+        if gpu:
+            return (2 + 2 + 4) * local + (4 + 8) * local / res.num_workers
+        return (4 + 4) * local + 8 * local / (res.num_workers if self.train.zero_stage >= 1 else 1)
+
+    def activation_memory(self, *, gpu: bool) -> float:
+        """Bytes of one micro-batch's activations (memory_per_worker)."""
+        m, moe = self.model, self.moe
+        act_bytes = 2 if gpu else 4
+        tokens = self.train.micro_batch_size * m.seq_len
+        attn = tokens * m.d_model * (34 + 5 * m.n_heads * m.seq_len / m.d_model) * act_bytes / 2
+        experts = tokens * moe.top_k * moe.expert_dim * 3 * act_bytes
+        return m.n_layers * attn + self.num_moe_layers * experts
+
     def num_active_params(self) -> int:
         return num_active_params(self.model, self.moe)
 

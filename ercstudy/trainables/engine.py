@@ -100,6 +100,9 @@ def build_engine(cfg: TrialConfig, device: torch.device, *, rank: int) -> Engine
         parallelize,
     )
 
+    if device.type == "cuda":  # before any allocation: a trial too large for its GPU fails with the numbers, not an OOM
+        props = torch.cuda.get_device_properties(device)
+        check_fits(cfg, props.total_memory, props.name)
     if device.type == "cpu":
         private_apis.skip_cpu_shm_comm_build()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")  # reuses Ray's process group
@@ -113,6 +116,15 @@ def build_engine(cfg: TrialConfig, device: torch.device, *, rank: int) -> Engine
         config=deepspeed_config(cfg, bf16=bf16),
     )
     return Engine(engine, model, expert_parallel_group(model))
+
+
+def check_fits(cfg: TrialConfig, total_bytes: int, gpu_name: str) -> None:
+    """Refuse a trial whose worker cannot fit its GPU (TrialConfig.memory_per_worker's estimate), in one line."""
+    need = cfg.memory_per_worker(gpu=True)
+    if need > total_bytes:
+        raise ValueError(f"resources: a worker of this trial needs about {need / 2**30:.1f} GiB (model, optimizer state and "
+                         f"activations, bf16), its GPU ({gpu_name}) has {total_bytes / 2**30:.1f} GiB: raise resources.ep_size "
+                         f"or num_workers, or lower train.micro_batch_size (ercstudy dry-run shows mem/worker)")
 
 
 def deepspeed_args(device: torch.device) -> Any:

@@ -144,3 +144,17 @@ def test_the_engine_trains_on_the_device_it_was_given():
     with single_process_group():
         built = build_engine(config("grouped"), device, rank=0)
         assert built.engine.device == device and {p.device for p in built.model.parameters()} == {device}
+
+
+def test_a_worker_state_is_20_bytes_a_parameter_in_bf16_and_a_trial_too_large_for_its_gpu_is_refused():
+    from ercstudy.trainables.engine import check_fits
+
+    cfg = config("grouped")
+    # one worker: bf16 weights and grads, fp32 accumulated grads, fp32 masters and two Adam moments
+    assert cfg.state_memory(gpu=True) == 20 * cfg.num_params() and cfg.state_memory(gpu=False) == 16 * cfg.num_params()
+    assert cfg.memory_per_worker(gpu=True) == cfg.state_memory(gpu=True) + cfg.activation_memory(gpu=True)
+    two = TrialConfig.from_dict({**cfg.to_dict(), "resources": {"num_workers": 2}, "train": {**cfg.to_dict()["train"], "micro_batch_size": 2}})
+    assert two.state_memory(gpu=True) == (8 + 12 / 2) * cfg.num_params()  # masters and moments sharded over 2
+    check_fits(cfg, 80 * 2**30, "NVIDIA H100 80GB HBM3")
+    with pytest.raises(ValueError, match=r"resources: a worker of this trial needs about .* its GPU \(tiny\) has 0.0 GiB"):
+        check_fits(cfg, 2**20, "tiny")

@@ -32,29 +32,6 @@ def model_shapes(plan: StudyPlan) -> dict[tuple, tuple[TrialConfig, int]]:
     return shapes
 
 
-def memory_per_worker_gb(cfg: TrialConfig, *, gpu: bool) -> float:
-    """A rough upper estimate of one worker's memory: weights, gradients and AdamW states, plus activations.
-
-    16 bytes per parameter (fp32 weights + grads + two Adam moments on CPU; bf16 weights + grads +
-    fp32 master + moments on GPU), expert parameters divided over ep_size, optimizer states over the
-    data-parallel ranks with ZeRO >= 1; activations per micro-batch as in Korthikanti et al. (2022),
-    with the MoE layers' expert activations scaled by top_k.
-    """
-    m, moe, res = cfg.model, cfg.moe, cfg.resources
-    total = cfg.num_params()
-    expert_params = moe.num_experts * 3 * m.d_model * moe.expert_dim * cfg.num_moe_layers
-    dense_params = total - expert_params
-    local = dense_params + expert_params / res.ep_size
-    optimizer = 8 * local / (res.num_workers if cfg.train.zero_stage >= 1 else 1)
-    weights_grads = (4 + 4) * local
-    act_bytes = 2 if gpu else 4
-    tokens = cfg.train.micro_batch_size * m.seq_len
-    attn = tokens * m.d_model * (34 + 5 * m.n_heads * m.seq_len / m.d_model) * act_bytes / 2
-    experts = tokens * moe.top_k * moe.expert_dim * 3 * act_bytes
-    activations = m.n_layers * attn + cfg.num_moe_layers * experts
-    return (weights_grads + optimizer + activations) / 1e9
-
-
 def dry_run_lines(plan: StudyPlan, *, cpus: int, gpus: int) -> list[str]:
     """What `ercstudy dry-run` prints: one row per distinct model shape in the space."""
     study = plan.study
@@ -66,7 +43,7 @@ def dry_run_lines(plan: StudyPlan, *, cpus: int, gpus: int) -> list[str]:
         rows.append({"shape": ", ".join(f"{p.split('.')[-1]}={v}" for p, v in key) or "base",
                      "params": f"{cfg.num_params() / 1e6:.2f}M", "active": f"{cfg.num_active_params() / 1e6:.2f}M",
                      "MFLOP/tok": f"{cfg.flops_per_token() / 1e6:.1f}", "tokens": f"{tokens:,}", "steps": cfg.steps,
-                     "mem/worker": f"{memory_per_worker_gb(cfg, gpu=gpu):.2f} GB", "points": count})
+                     "mem/worker": f"{cfg.memory_per_worker(gpu=gpu) / 1e9:.2f} GB", "points": count})
     lines = text_table(rows, columns, left=("shape",))
     res = study.base_config.resources
     need_cpu, need_gpu = res.num_workers * res.cpus_per_worker, res.num_workers * res.gpus_per_worker
