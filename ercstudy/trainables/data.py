@@ -150,16 +150,29 @@ class GlobalBatchStream:
 
 
 class SyntheticStream(GlobalBatchStream):
-    """Global batch s of the synthetic corpus: `corpus.batch("train", s, global_batch)`."""
+    """Global batch s of the synthetic corpus: `corpus.batch("train", s, global_batch)`.
+
+    Generating a batch is a Python loop over positions: while step s trains, step s + 1's share is built on a
+    thread of its own (numpy releases the GIL in most of it), so the training thread does not leave the GPU
+    waiting. The share is a function of the step alone: prefetched or not, resumed or not, the same rows."""
 
     def __init__(self, corpus: SyntheticCorpus, **kwargs: int):
         super().__init__(**kwargs)
         self.corpus, self.num_domains = corpus, corpus.cfg.num_domains
+        self._executor: ThreadPoolExecutor | None = None
+        self._next: tuple[int, Future] | None = None  # (step, its share being built)
 
-    def share_at(self, step: int) -> Batch:
+    def build(self, step: int) -> Batch:
         full = self.corpus.batch("train", step, self.global_batch)
         rows = slice(self.rank * self.share, (self.rank + 1) * self.share)
         return Batch(full.tokens[rows], full.domains[rows])
+
+    def share_at(self, step: int) -> Batch:
+        share = self._next[1].result() if self._next is not None and self._next[0] == step else self.build(step)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ercstudy-synthetic-batch")
+        self._next = (step + 1, self._executor.submit(self.build, step + 1))
+        return share
 
 
 def check_data(data: DataConfig, *, vocab_size: int, seq_len: int, global_batch: int, eval_sequences: int = 0) -> ShardMeta | None:

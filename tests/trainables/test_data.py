@@ -45,6 +45,18 @@ def test_a_global_batch_is_the_same_for_any_number_of_workers():
     assert torch.equal(torch.cat(one), corpus.batch("train", 3, 8).tokens)
 
 
+def test_the_next_synthetic_batch_is_built_ahead_and_is_the_batch_of_its_step():
+    """Step s + 1's share is built on a thread while s trains: the same rows as built on demand, in order, after a
+    jump (a resume at another step) too."""
+    corpus = SyntheticCorpus(DataConfig(num_domains=3, tokens_per_domain=8, shared_tokens=4), seq_len=16, seed=2)
+    stream = SyntheticStream(corpus, global_batch=8, micro_batch=2, rank=1, world=2)
+    for step in (0, 1, 2, 7, 8):
+        got = stream.micro_batch(step, 1).tokens
+        assert stream._next[0] == step + 1 and not stream._next[1].cancelled()  # the next one under way
+        assert got.shape == (2, 17) and torch.equal(got, stream.build(step).tokens[2:4])
+        assert torch.equal(got, corpus.batch("train", step, 8).tokens[6:8])  # rank 1's second micro-batch
+
+
 def test_nmi_is_one_for_a_deterministic_routing_and_zero_for_an_independent_one():
     routed = torch.tensor([[[10.0, 0, 0], [0, 10, 0], [0, 0, 10]]])
     independent = torch.full((1, 3, 3), 5.0)
