@@ -335,13 +335,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from ercstudy.platform.report.study_report import write_report
     from ercstudy.platform.study.driver import StudyError, load_saved_study
+    from ercstudy.platform.tracking import client as tracking
 
     try:
         study, state = load_saved_study(args.storage, args.name)
+        if args.tracking_uri:  # the study's server as this machine reaches it (a tunnel from a laptop, a new server)
+            state = dataclasses.replace(state, tracking_uri=tracking.resolve_uri(args.tracking_uri))
+        tracking.check_reachable(state.tracking_uri, timeout_s=args.timeout)  # seconds, not MLflow's minutes of retries
+        tracking.fail_fast()
         out = write_report(study, state, args.out or None, storage=args.storage, budget=args.budget)
-    except (StudyError, ConfigError) as err:
+    except (StudyError, ConfigError, tracking.TrackingError) as err:
         return _fail(str(err))
     print(f"report written to {out}")
     return 0
@@ -464,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("name", help="the study's name")
     report.add_argument("--storage", default=default_storage(), help=storage)
     report.add_argument("--out", help="output directory (default: STORAGE/NAME/report)")
+    report.add_argument("--tracking-uri", help="the study's MLflow server as this machine reaches it (default: the one "
+                                               "the study ran with, in STORAGE/NAME/study.json), e.g. http://127.0.0.1:5000 through a tunnel")
+    report.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the tracking server to answer (default: 10)")
     report.add_argument("--budget", type=float, metavar="FLOPS",
                         help="a compute budget (e.g. 1e21 FLOPs): the scaling fits predict the loss there (Chinchilla: "
                              "the compute-optimal N/D split)")

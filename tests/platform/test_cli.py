@@ -291,3 +291,25 @@ def test_a_study_whose_data_is_missing_is_refused_before_anything_starts(tmp_pat
         err = capsys.readouterr().err.strip()
         assert err.startswith("ercstudy: error: data.path") and expected in err and "\n" not in err, (command, err)
     assert not (tmp_path / "ercstudy_results").exists()  # refused before the study's directory, tracking or Ray
+
+
+def test_report_against_a_server_that_does_not_answer_is_one_line_in_seconds(tmp_path, capsys):
+    """A laptop's report of a cluster study: its recorded server (or --tracking-uri) does not answer."""
+    import json
+    import time
+
+    from ercstudy.netutil import free_port
+
+    study = tmp_path / "results" / "quickstart"
+    study.mkdir(parents=True)
+    (study / "study.yaml").write_text(open("search_spaces/quickstart.yaml").read())
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    (study / "study.json").write_text(json.dumps({"name": "quickstart", "tracking_uri": dead, "experiment_id": "1",
+                                                  "parent_run_id": "abc"}))
+    for extra in ([], ["--tracking-uri", f"http://127.0.0.1:{free_port()}"]):
+        started = time.monotonic()
+        assert main(["report", "quickstart", "--storage", str(tmp_path / "results"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert time.monotonic() - started < 15
+        uri = extra[1] if extra else dead
+        assert err.startswith(f"ercstudy: error: MLflow tracking server {uri} cannot be reached") and "\n" not in err, err

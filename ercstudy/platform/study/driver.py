@@ -171,7 +171,8 @@ def open_tracking(study: Study, *, state: StudyState | None, directory: store.Lo
 def create_parent_run(study: Study, uri: str, c: Any) -> StudyState:
     """The study's MLflow parent run: its search space as params, its file as an artifact."""
     exp_id = tracking.experiment_id(c, study.experiment)
-    run = c.create_run(exp_id, run_name=study.name, tags={tracking.STUDY_TAG: study.name, tracking.STATUS_TAG: "running"})
+    run = c.create_run(exp_id, run_name=study.name, tags={tracking.STUDY_TAG: study.name, tracking.STATUS_TAG: "running",
+                                                          **tracking.provenance()})
     pid = run.info.run_id
     from mlflow.entities import Param
 

@@ -8,6 +8,7 @@ other working directories) and checked before any trial starts.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -25,6 +26,9 @@ STATUS_TAG = "ercstudy.status"  # completed | stopped_early | stopped_nonfinite 
 TRIAL_TAG = "ercstudy.trial_id"
 STUDY_TAG = "ercstudy.study"
 PARENT_TAG = "mlflow.parentRunId"
+VERSION_TAG = "ercstudy.version"
+COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own: the UI shows it as the run's source version
+DIRTY_TAG = "ercstudy.git_dirty"  # "true" when the checkout had uncommitted changes to tracked files
 HARNESS_TAG = "ercstudy.harness"  # a trial run's lm-eval state: evaluated at step N | failed at step N: why | not evaluated: why
 
 
@@ -188,10 +192,34 @@ def log_harness(c: Any, run_id: str, result: dict[str, Any]) -> None:
         c.set_tag(run_id, HARNESS_TAG, f"failed at step {step}: {result[reports.HARNESS_ERROR]}"[:4000])
 
 
+@functools.cache
+def provenance() -> dict[str, str]:
+    """The code a run ran, as tags: ercstudy's version and, where ercstudy runs from a git checkout (an editable
+    install, a cluster's working_dir copy of one), its commit (MLflow's own source tag) and whether it had changes."""
+    import subprocess
+
+    import ercstudy
+
+    tags = {VERSION_TAG: ercstudy.__version__}
+    root = Path(ercstudy.__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:  # a repository around an installed copy
+            return tags
+        tags[COMMIT_TAG] = git("rev-parse", "HEAD")
+        tags[DIRTY_TAG] = str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
 def start_trial_run(c: Any, exp_id: str, *, name: str, config: dict[str, Any], params: dict[str, Any] | None = None,
                     parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
     """A run for one trial: the resolved config as params (and the searched ones as `search.*`), config YAML artifact."""
-    all_tags = {STATUS_TAG: "running", **(tags or {})}
+    all_tags = {STATUS_TAG: "running", **provenance(), **(tags or {})}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     run = c.create_run(exp_id, run_name=name, tags=all_tags)

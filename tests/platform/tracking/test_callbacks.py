@@ -1,5 +1,7 @@
 """MLflow logging against a real SQLite store: the Train callback of `ercstudy train`, statuses, artifacts."""
 
+from pathlib import Path
+
 import pytest
 
 from ercstudy.platform.tracking import client as tracking
@@ -96,3 +98,19 @@ def test_run_lookups_survive_quotes_in_run_paths(store):
     assert [r.info.run_id for r in found] == [run.info.run_id]
     with pytest.raises(tracking.TrackingError, match="both quote characters"):
         tracking.filter_value("""it's "odd\"""")
+
+
+def test_every_run_records_the_code_it_ran(store):
+    """ercstudy's version, and (tests run from the checkout) its git commit and whether the tree had changes."""
+    import subprocess
+
+    import ercstudy
+
+    _, c, exp = store
+    run_id = tracking.start_trial_run(c, exp, name="trial", config={"erc": {"alpha": 0.8}})
+    tags = c.get_run(run_id).data.tags
+    root = Path(ercstudy.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert tags[tracking.VERSION_TAG] == ercstudy.__version__ and tags[tracking.COMMIT_TAG] == head
+    assert tags[tracking.DIRTY_TAG] in ("true", "false")
+    assert "trial_config.yaml" in {a.path for a in c.list_artifacts(run_id)}  # the resolved config it trained
