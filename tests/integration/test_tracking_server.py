@@ -167,7 +167,7 @@ def test_three_trials_at_once_train_through_a_tracking_server_outage(server, ray
     server.start()
     back = time.monotonic()
     text = finished(proc, log)
-    assert f"study outage: {TRIALS} trials, up to {TRIALS} at once" in text, text[-3000:]
+    assert f"study outage: {TRIALS} trials = ({TRIALS} point(s)) x 1 seed(s), up to {TRIALS} at once" in text, text[-3000:]
     down = [ln for ln in text.splitlines() if "is not answering; buffering to" in ln]
     again = [ln for ln in text.splitlines() if "answers again; wrote the" in ln]
     assert len(down) == 1 and len(again) == 1, text[-4000:]

@@ -24,7 +24,7 @@ SHAPE_FIELDS = ("model.", "moe.num_experts", "moe.top_k", "moe.expert_dim", "moe
 def model_shapes(plan: StudyPlan) -> dict[tuple, tuple[TrialConfig, int]]:
     """Distinct model shapes among the representative points: shape key -> (a config, how many points)."""
     shapes: dict[tuple, tuple[TrialConfig, int]] = {}
-    for point in corner_points(plan.study):
+    for point in plan.corners:
         cfg = plan.trial_config(point)
         key = tuple(sorted((p, v) for p, v in point.items() if p.startswith(SHAPE_FIELDS) or p == "train.tokens"))
         prev = shapes.get(key)
@@ -81,7 +81,7 @@ def budget_lines(plan: StudyPlan, *, peak_tflops: float = ASSUMED_PEAK_TFLOPS, m
         sampled = sum(trial_flops(plan.trial_config(p)) for p in corner_points(study, limit=10**6, full=True)[:points])
         how = "the grid's points"
     else:
-        corners = [trial_flops(plan.trial_config(p)) for p in corner_points(study)]
+        corners = [trial_flops(plan.trial_config(p)) for p in plan.corners]
         sampled = points * sum(corners) / len(corners)
         how = "estimated: points x the mean trial of the space's corners"
     arm_flops = sum(trial_flops(plan.trial_config(p)) for _, p in arms)

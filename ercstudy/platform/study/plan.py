@@ -23,6 +23,7 @@ class StudyPlan:
     arms: tuple[tuple[str, dict[str, Any]], ...]  # (arm name, params) of every fixed-arm point, lists crossed
     seeds: tuple[int, ...]  # the train.seed of each repeat: the base seed, + 1, ..., the same for every point and arm
     budget: int  # the longest trial of the space in scheduler.time_attr units (steps or tokens): ASHA's max_t
+    corners: tuple[dict[str, Any], ...]  # representative points of the space (spec.corner_points), constraints applied
     _configs: dict[tuple, TrialConfig] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -56,9 +57,10 @@ def plan_study(study: Study) -> StudyPlan:
     points = study.search.num_trials
     if study.search.sampler == "grid":
         points = min(points, len(corner_points(study, limit=10**6, full=True)))
-    configs = {config_key(c): study.trial_config(c) for c in corner_points(study)}
+    corners = tuple(corner_points(study))
+    configs = {config_key(c): study.trial_config(c) for c in corners}
     by_steps = study.scheduler.time_attr == "step"
-    return StudyPlan(study=study, points=points, arms=tuple(arm_points(study)),
+    return StudyPlan(study=study, points=points, arms=tuple(arm_points(study)), corners=corners,
                      seeds=tuple(study.base_config.train.seed + r for r in range(study.search.repeats)),
                      budget=max(cfg.steps if by_steps else cfg.trained_tokens for cfg in configs.values()), _configs=configs)
 
@@ -67,7 +69,7 @@ def check_data(plan: StudyPlan) -> None:
     """Every trial's data fits it, before anything starts: the shards exist and match the model (vocabulary,
     sequence length), the batch and the held-out set (a DataError naming the key and the fix). Each distinct
     (data, model) combination among the space's corners and the arms is checked once."""
-    configs = [*plan._configs.values(), *(plan.trial_config(p) for _, p in plan.arms)]
+    configs = [plan.trial_config(p) for p in (*plan.corners, *(p for _, p in plan.arms))]
     seen = set()
     for cfg in configs:
         key = (cfg.data, cfg.model.vocab_size, cfg.model.seq_len, cfg.train.global_batch_size, cfg.eval.sequences)
