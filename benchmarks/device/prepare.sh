@@ -28,5 +28,6 @@ for p in "${PACKAGES[@]}"; do pins+=("$p==$(version "$p")"); done
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -d "$OUT" "${pins[@]}"
-ls "$OUT" | sed 's/^/  /'
-echo "bundle: $OUT, $(du -sh "$OUT" | cut -f1) ($(ls "$OUT" | wc -l) wheels, Python $PYVER)"
+wheels=("$OUT"/*.whl)
+printf '  %s\n' "${wheels[@]##*/}"
+echo "bundle: $OUT, $(du -sh "$OUT" | cut -f1) (${#wheels[@]} wheels, Python $PYVER)"

@@ -11,7 +11,7 @@
 # train_step 150 (the paper's 3B layer shape, 6 layers, with its profile). A failed or timed-out part is reported
 # and the next one runs; the exit status is that of the first failure.
 set -u
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit
 OUT=${OUT:-benchmarks/results}
 BUNDLE=${BUNDLE:-.whl}
 SITE=${SITE:-/tmp/ercstudy-site}
