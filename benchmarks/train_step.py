@@ -156,7 +156,7 @@ def main(argv=None):
     arms = {False: replace(cfg_on, erc=replace(cfg_on.erc, enabled=False)), True: cfg_on}
     built = build_engine(cfg_on, device, rank=0)  # erc.enabled does not enter the engine: one engine serves both arms
     data = RandomTokens(cfg_on.model.vocab_size, cfg_on.model.seq_len, cfg_on.train.micro_batch_size, device)
-    trials = {erc: Trial(cfg, built.engine, built.model, data, device, 0, 1, built.ep_group, torch.Generator(device=device))
+    trials = {erc: Trial(cfg, built.deepspeed, built.model, data, device, 0, 1, built.ep_group, torch.Generator(device=device))
               for erc, cfg in arms.items()}
     windows = {erc: Window.empty(cfg, device, 0) for erc, cfg in arms.items()}
 

@@ -76,14 +76,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail(str(err))
     # a study file's base trains under a name of its own: STORAGE/<stem> is the study's own directory
     name = args.name or Path(args.file).stem + ("-train" if isinstance(spec, dict) and "base" in spec else "")
-    from ercstudy.platform.cluster import storage as store
+    from ercstudy.platform.cluster import storage as locations
 
     try:
-        root = store.resolve(args.storage)
-        store.check(root)
+        root = locations.resolve(args.storage)
+        locations.check(root)
         storage, run_dir = str(root), root / name
         exists = run_dir.exists()
-    except store.StorageError as err:
+    except locations.StorageError as err:
         return _fail(str(err))
     if exists and not args.resume:
         return _fail(f"run {name!r} already exists in {storage}: pass --resume to continue it, or --name NAME for a new run")
@@ -293,12 +293,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         check_cluster_data(((study.spec or {}).get("base", {}).get("data") or {}).get("path"), working_dir=os.getcwd())
     except DataError as err:
         return _fail(str(err))
-    from ercstudy.platform.cluster import storage as store
+    from ercstudy.platform.cluster import storage as locations
 
     storage = study_storage(study, args)
     try:  # the job runs in a temporary copy of this directory, and its trials on any node: shared storage only
-        storage = str(store.resolve(storage, multi_node=True))
-    except store.StorageError as err:
+        storage = str(locations.resolve(storage, multi_node=True))
+    except locations.StorageError as err:
         return _fail(str(err))
     entrypoint = " ".join(["ercstudy run", shlex.quote(spec), *map(shlex.quote, study.overrides), "--storage", shlex.quote(storage)])
     from ercstudy.platform.cluster.ray_runtime import use_token_if_available
@@ -378,15 +378,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return _fail(f"--mlflow-run {args.mlflow_run}: {str(err).splitlines()[0]}")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local task files only: never wait on the network
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ercstudy.platform.cluster import storage as store
+    from ercstudy.platform.cluster import storage as locations
 
     try:
-        where = store.find_checkpoint(args.checkpoint, args.storage)
+        where = locations.find_checkpoint(args.checkpoint, args.storage)
         with where.local_copy() as local:  # a checkpoint on remote storage: a temporary copy, deleted after
             results = harness.run_harness(str(local), tasks, include_path=args.include_path, config=args.config,
                                           limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
                                           device=args.device or default_device(), seed=args.seed)
-    except (harness.HarnessError, CheckpointError, store.StorageError) as err:
+    except (harness.HarnessError, CheckpointError, locations.StorageError) as err:
         return _fail(str(err))
     from lm_eval.utils import make_table
 

@@ -73,11 +73,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 @dataclass
-class Engine:
+class BuiltEngine:
     """What a worker trains with: DeepSpeed's engine, the (parallelized) model it wraps, and the
     expert-parallel group (None without expert parallelism)."""
 
-    engine: Any
+    deepspeed: Any  # the DeepSpeed engine
     model: MoELM
     ep_group: Any
 
@@ -90,7 +90,7 @@ class _SchedulerNotStarted(logging.Filter):
         return "before it has started" not in record.getMessage()
 
 
-def build_engine(cfg: TrialConfig, device: torch.device, *, rank: int) -> Engine:
+def build_engine(cfg: TrialConfig, device: torch.device, *, rank: int) -> BuiltEngine:
     """The model and its DeepSpeed engine on the current process group."""
     import deepspeed
     from deepspeed.utils import logger as ds_logger
@@ -115,7 +115,7 @@ def build_engine(cfg: TrialConfig, device: torch.device, *, rank: int) -> Engine
         args=deepspeed_args(device), model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
         config=deepspeed_config(cfg, bf16=bf16),
     )
-    return Engine(engine, model, expert_parallel_group(model))
+    return BuiltEngine(engine, model, expert_parallel_group(model))
 
 
 def check_fits(cfg: TrialConfig, total_bytes: int, gpu_name: str) -> None:

@@ -52,7 +52,7 @@ def make_trial(cfg: TrialConfig, *, rank: int, world: int, device: torch.device,
         data = build_train_data(cfg.data, seq_len=cfg.model.seq_len, seed=t.seed, global_batch=t.global_batch_size,
                                 micro_batch=t.micro_batch_size, rank=rank, world=world)
     evaluator = build_evaluator(cfg.eval, cfg.data, seq_len=cfg.model.seq_len, seed=t.seed, rank=rank, world=world, device=device)
-    trial = Trial(cfg, built.engine, built.model, data, device, rank, world, built.ep_group, torch.Generator(device=device), evaluator)
+    trial = Trial(cfg, built.deepspeed, built.model, data, device, rank, world, built.ep_group, torch.Generator(device=device), evaluator)
     trial.checkpoints = CheckpointSchedule(t, cfg.steps, device=device, world=world)
     if cfg.eval.harness.enabled:
         trial.harness = TrialHarness(cfg, rank=rank, device=device)

@@ -338,7 +338,7 @@ class OneBatch:  # the same 8 sequences every step: a loss that must fall as the
         return Batch(tokens, torch.zeros(4, dtype=torch.long))
 
 built = build_engine(cfg, device, rank=0)
-trial = Trial(cfg, built.engine, built.model, OneBatch(), device, 0, 1, built.ep_group, torch.Generator(device=device))
+trial = Trial(cfg, built.deepspeed, built.model, OneBatch(), device, 0, 1, built.ep_group, torch.Generator(device=device))
 losses = []
 for _ in range(steps):
     window = Window.empty(cfg, device, 0)

@@ -37,7 +37,7 @@ def test_bf16_keeps_fp32_masters_accumulation_and_buffers(backend):
 
     with single_process_group():
         built = build_engine(config(backend), torch.device("cpu"), rank=0)
-        engine, model = built.engine, built.model
+        engine, model = built.deepspeed, built.model
         assert type(engine.optimizer).__name__ == "BF16_Optimizer"
         inner = engine.optimizer.optimizer  # the torch AdamW stepping the fp32 masters: fused, one kernel for all
         assert type(inner) is torch.optim.AdamW and all(g["fused"] for g in inner.param_groups)
@@ -143,7 +143,7 @@ def test_the_engine_trains_on_the_device_it_was_given():
     device = torch.device("cuda", torch.cuda.device_count() - 1)
     with single_process_group():
         built = build_engine(config("grouped"), device, rank=0)
-        assert built.engine.device == device and {p.device for p in built.model.parameters()} == {device}
+        assert built.deepspeed.device == device and {p.device for p in built.model.parameters()} == {device}
 
 
 def test_a_worker_state_is_20_bytes_a_parameter_in_bf16_and_a_trial_too_large_for_its_gpu_is_refused():

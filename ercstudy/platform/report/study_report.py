@@ -174,7 +174,7 @@ def write_report(study: Study, state: Any, out: str | None = None, *, storage: s
     """
     import tempfile
 
-    from ercstudy.platform.cluster import storage as store
+    from ercstudy.platform.cluster import storage as locations
     from ercstudy.platform.study.driver import study_path
 
     if budget is not None and not (math.isfinite(budget) and budget > 0):
@@ -182,9 +182,9 @@ def write_report(study: Study, state: Any, out: str | None = None, *, storage: s
 
         raise StudyError(f"--budget {budget:g}: a compute budget is a positive number of FLOPs, e.g. 1e21")
     try:
-        target = store.resolve(out) if out else study_path(storage, study.name) / "report"
-        store.check(target)
-    except store.StorageError as err:
+        target = locations.resolve(out) if out else study_path(storage, study.name) / "report"
+        locations.check(target)
+    except locations.StorageError as err:
         from ercstudy.platform.study.driver import StudyError
 
         raise StudyError(str(err)) from None

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 from ray import tune
 
-from ercstudy.platform.cluster import storage as store
+from ercstudy.platform.cluster import storage as locations
 from ercstudy.platform.cluster.capacity import Capacity, cluster_capacity, cpu_need, head_pin
 from ercstudy.platform.study import leaderboard as ranking
 from ercstudy.platform.study.plan import StudyPlan, plan_study
@@ -118,29 +118,29 @@ class StudyState:
     experiment_id: str
     parent_run_id: str
 
-    def write(self, path: store.Location) -> None:
+    def write(self, path: locations.Location) -> None:
         path.write_text(json.dumps(self.__dict__, indent=2))
 
     @classmethod
-    def read(cls, path: store.Location) -> StudyState:
+    def read(cls, path: locations.Location) -> StudyState:
         return cls(**json.loads(path.read_text()))
 
 
-def study_path(storage: str, name: str, *, multi_node: bool = False) -> store.Location:
-    """STORAGE/NAME (storage errors: store.StorageError)."""
-    return store.resolve(storage, multi_node=multi_node) / name
+def study_path(storage: str, name: str, *, multi_node: bool = False) -> locations.Location:
+    """STORAGE/NAME (storage errors: locations.StorageError)."""
+    return locations.resolve(storage, multi_node=multi_node) / name
 
 
 def load_saved_study(storage: str, name: str) -> tuple[Study, StudyState]:
     """A study's spec and state, read back from its storage (any machine that sees it)."""
     try:
         d = study_path(storage, name)
-        store.check(d, write=False)
+        locations.check(d, write=False)
         found = (d / STATE_FILE).is_file()
-    except (store.StorageError, OSError) as err:
-        raise StudyError(str(err) if isinstance(err, store.StorageError) else store.why(d, err)) from None
+    except (locations.StorageError, OSError) as err:
+        raise StudyError(str(err) if isinstance(err, locations.StorageError) else locations.why(d, err)) from None
     if not found:
-        where = storage if store.is_uri(storage) else os.path.abspath(os.path.expanduser(storage))
+        where = storage if locations.is_uri(storage) else os.path.abspath(os.path.expanduser(storage))
         raise StudyError(f"no study {name!r} in {where} (looked for {d / STATE_FILE}); `ercstudy run SPEC` starts one, "
                          f"--storage (or ERCSTUDY_STORAGE) says where studies are")
     study = parse_study(load_yaml((d / SPEC_FILE).read_text()), source=str(d / SPEC_FILE))
@@ -153,12 +153,12 @@ def spec_text(study: Study) -> str:
     if study.overrides and study.spec is not None:
         return (f"# {study.source or 'the study'} with the overrides {' '.join(study.overrides)}\n"
                 + yaml.safe_dump(study.spec, sort_keys=False))
-    if study.source and not store.is_uri(study.source) and Path(study.source).is_file():
+    if study.source and not locations.is_uri(study.source) and Path(study.source).is_file():
         return Path(study.source).read_text()
     return yaml.safe_dump({"name": study.name})
 
 
-def open_tracking(study: Study, *, state: StudyState | None, directory: store.Location) -> tuple[str, Any]:
+def open_tracking(study: Study, *, state: StudyState | None, directory: locations.Location) -> tuple[str, Any]:
     """The tracking URI and the study's tracker (outbox.py), after checking that the store answers (no run is made
     here); what a previous driver buffered in the study's outbox is written first."""
     uri = state.tracking_uri if state else tracking.resolve_uri(study.tracking.uri)
@@ -198,10 +198,10 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
     # the storage first, before tracking and Ray: a bad one is one line, and no trial or parent run exists yet
     try:
         directory = study_path(storage, study.name, multi_node=address is not None)
-        store.check(directory.parent)
+        locations.check(directory.parent)
         state = StudyState.read(directory / STATE_FILE) if resume else None
         exists = not resume and directory.exists()
-    except store.StorageError as err:
+    except locations.StorageError as err:
         raise StudyError(str(err)) from None
     if exists:
         raise StudyError(f"study {study.name!r} already exists in {directory}: `ercstudy resume {study.name}` continues it, "
@@ -228,7 +228,7 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
     return board
 
 
-def fit(plan: StudyPlan, directory: store.Location, state: StudyState, *, resume: bool, max_concurrent: int,
+def fit(plan: StudyPlan, directory: locations.Location, state: StudyState, *, resume: bool, max_concurrent: int,
         progress_every_s: float, verbose: bool = False) -> list[tuple[dict, dict, Any, str]]:
     """The Tune run (new, or restored from STORAGE/NAME); returns each trial's (metrics, config, error, path)."""
     study = plan.study
@@ -282,7 +282,7 @@ def leaderboard(study: Study, results: list[tuple]) -> list[dict[str, Any]]:
     return ranking.rank(study, rows)
 
 
-def write_leaderboard(study: Study, board: list[dict[str, Any]], directory: store.Location, c: Any, state: StudyState,
+def write_leaderboard(study: Study, board: list[dict[str, Any]], directory: locations.Location, c: Any, state: StudyState,
                       logs: Any = None) -> None:
     """The leaderboard to STORAGE/NAME/leaderboard.csv and the parent run (which it closes), then the summary."""
     cols = list(dict.fromkeys(k for r in board for k in r))

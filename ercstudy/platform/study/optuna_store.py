@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ercstudy.platform.cluster import storage as store
+from ercstudy.platform.cluster import storage as locations
 
 FILE = "optuna.db"
 
@@ -35,12 +35,12 @@ class OptunaStore:
     directory: str  # the study's directory: an absolute path or a URI (STORAGE/NAME)
 
     @property
-    def location(self) -> store.Location:
-        return store.resolve(self.directory) / FILE
+    def location(self) -> locations.Location:
+        return locations.resolve(self.directory) / FILE
 
     @property
     def remote(self) -> bool:
-        return store.is_uri(self.directory)
+        return locations.is_uri(self.directory)
 
     @property
     def local(self) -> Path:

@@ -27,7 +27,7 @@ import time
 import uuid
 from typing import Any
 
-from ercstudy.platform.cluster import storage as store
+from ercstudy.platform.cluster import storage as locations
 from ercstudy.platform.tracking import client as tracking
 from ercstudy.trainables import reports
 
@@ -49,7 +49,7 @@ class Outbox:
     An object store has no append: one object per call is what S3 and GCS can do atomically (a local file is
     written aside and renamed)."""
 
-    def __init__(self, loc: store.Location):
+    def __init__(self, loc: locations.Location):
         self.loc = loc
         self._next: int | None = None
 
@@ -59,7 +59,7 @@ class Outbox:
     def __len__(self) -> int:
         return len(self.entries())
 
-    def _write(self, loc: store.Location, text: str) -> None:
+    def _write(self, loc: locations.Location, text: str) -> None:
         if loc.remote:
             loc.write_text(text)
             return
@@ -136,7 +136,7 @@ class Tracker:
     """An MlflowClient for the study driver: the writes below go through the outbox when the server does not
     answer; everything else (reads, run creation before the first trial) is the client's own."""
 
-    def __init__(self, uri: str, outbox: store.Location | None, *, out: Any = None):
+    def __init__(self, uri: str, outbox: locations.Location | None, *, out: Any = None):
         """outbox None: nothing is buffered (a failing call raises, as the plain client's does)."""
         self.uri, self.client, self.outbox = uri, tracking.client(uri), Outbox(outbox) if outbox is not None else None
         self.out = out
@@ -294,9 +294,9 @@ class Tracker:
 _trackers: dict[tuple[str, str], Tracker] = {}
 
 
-def tracker(uri: str, outbox: str | store.Location | None) -> Tracker:
+def tracker(uri: str, outbox: str | locations.Location | None) -> Tracker:
     """This process's tracker for a study (the runner and its Tune callback share one outbox, in one order)."""
-    loc = outbox if isinstance(outbox, store.Location) or outbox is None else store.resolve(outbox)
+    loc = outbox if isinstance(outbox, locations.Location) or outbox is None else locations.resolve(outbox)
     key = (uri, loc.uri if loc is not None else "")
     if key not in _trackers:
         tracking.fail_fast()

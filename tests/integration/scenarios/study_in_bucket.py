@@ -48,7 +48,7 @@ def mc_task(root: Path) -> Path:
 def main(out: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from ercstudy.platform.cluster import storage as store
+    from ercstudy.platform.cluster import storage as locations
     from ercstudy.platform.cluster.ray_runtime import enable_token_auth, new_token_file, start_local_ray
 
     started = time.monotonic()
@@ -75,7 +75,7 @@ def main(out: Path) -> None:
     ray = start_local_ray(2)
     env = {**os.environ, "RAY_ADDRESS": ray.address, "PYTHONPATH": str(REPO)}
     result: dict = {"uri": uri, "storage": storage, "trials": spec["search"]["num_trials"]}
-    study = store.resolve(storage) / "quickstart"
+    study = locations.resolve(storage) / "quickstart"
 
     def listing() -> list[str]:
         sel = pafs.FileSelector(study.path, recursive=True, allow_not_found=True)

@@ -16,7 +16,7 @@ import yaml
 from conftest import own_stderr
 
 from ercstudy.platform.cli import main
-from ercstudy.platform.cluster import storage as store
+from ercstudy.platform.cluster import storage as locations
 from ercstudy.trainables.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parents[3]
@@ -28,22 +28,22 @@ REPO = Path(__file__).resolve().parents[3]
 
 def test_local_paths_resolve_absolute_and_relative_ones_are_refused_on_a_cluster(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    loc = store.resolve("results")
+    loc = locations.resolve("results")
     assert loc.uri == str(tmp_path / "results") and not loc.remote and isinstance(loc.fs, pafs.LocalFileSystem)
     assert (loc / "study").uri == str(tmp_path / "results" / "study")
-    assert store.resolve(f"file://{tmp_path}/x").path == str(tmp_path / "x")
-    assert store.resolve(str(tmp_path), multi_node=True).uri == str(tmp_path)  # absolute: a mount every node may share
-    with pytest.raises(store.StorageError, match="relative path"):
-        store.resolve("results", multi_node=True)
-    with pytest.raises(store.StorageError, match="unknown scheme ftp://"):
-        store.resolve("ftp://host/x")
+    assert locations.resolve(f"file://{tmp_path}/x").path == str(tmp_path / "x")
+    assert locations.resolve(str(tmp_path), multi_node=True).uri == str(tmp_path)  # absolute: a mount every node may share
+    with pytest.raises(locations.StorageError, match="relative path"):
+        locations.resolve("results", multi_node=True)
+    with pytest.raises(locations.StorageError, match="unknown scheme ftp://"):
+        locations.resolve("ftp://host/x")
 
 
 def test_a_bucket_location_reads_writes_lists_uploads_and_copies_down(bucket, tmp_path):
-    loc = store.resolve(f"{bucket}/studies/")
+    loc = locations.resolve(f"{bucket}/studies/")
     assert loc.remote and loc.uri == f"{bucket}/studies" and loc.path == f"{bucket[5:]}/studies"
     assert not loc.exists()
-    store.check(loc)  # reachable, the bucket exists, writable
+    locations.check(loc)  # reachable, the bucket exists, writable
     assert loc.children() == []  # the probe is gone (pyarrow leaves the empty prefix as a directory marker)
     (loc / "s" / "study.json").write_text('{"a": 1}')
     assert (loc / "s" / "study.json").is_file() and (loc / "s").is_dir() and (loc / "s" / "study.json").read_text() == '{"a": 1}'
@@ -58,25 +58,25 @@ def test_a_bucket_location_reads_writes_lists_uploads_and_copies_down(bucket, tm
         assert (copy / "report.md").read_text() == "# r\n" and (copy / "sub" / "x.txt").read_text() == "x"
         cache = copy
     assert not cache.exists()  # the copy was a cache, deleted after the block
-    with store.resolve(str(local)).local_copy() as same:
+    with locations.resolve(str(local)).local_copy() as same:
         assert same == local  # a local directory is used where it is
 
 
 def test_eval_finds_the_newest_checkpoint_of_a_run_uri_or_a_studys_trial(bucket):
-    run = store.resolve(f"{bucket}/st/study/train/train-abc_00001")
+    run = locations.resolve(f"{bucket}/st/study/train/train-abc_00001")
     for name in ("checkpoint_2026-01-01_00-00-00.000000", "checkpoint_2026-01-02_00-00-00.000000"):
         (run / name / "ds" / "mp_rank_00_model_states.pt").write_text("x")
     (run / "checkpoint_2026-01-03_00-00-00.000000" / "partial.txt").write_text("no ds/ inside")  # not a checkpoint
     newest = "checkpoint_2026-01-02_00-00-00.000000"
-    assert store.find_checkpoint(run.uri, "unused").name == newest
-    assert store.find_checkpoint(f"{run.uri}/checkpoint_2026-01-01_00-00-00.000000", "unused").name.endswith("01-01_00-00-00.000000")
-    assert store.find_checkpoint("study/abc_00001", f"{bucket}/st").uri == f"{run.uri}/{newest}"
+    assert locations.find_checkpoint(run.uri, "unused").name == newest
+    assert locations.find_checkpoint(f"{run.uri}/checkpoint_2026-01-01_00-00-00.000000", "unused").name.endswith("01-01_00-00-00.000000")
+    assert locations.find_checkpoint("study/abc_00001", f"{bucket}/st").uri == f"{run.uri}/{newest}"
     with pytest.raises(CheckpointError, match="nor a trial 'nope' of a study 'study'"):
-        store.find_checkpoint("study/nope", f"{bucket}/st")
+        locations.find_checkpoint("study/nope", f"{bucket}/st")
     with pytest.raises(CheckpointError, match="neither a checkpoint"):
-        store.find_checkpoint(f"{bucket}/st/study", "unused")
+        locations.find_checkpoint(f"{bucket}/st/study", "unused")
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
-        store.find_checkpoint(f"{bucket}/nothing-here", "unused")
+        locations.find_checkpoint(f"{bucket}/nothing-here", "unused")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,4 +134,4 @@ def test_bad_storage_is_one_line_and_exit_2_before_any_trial_or_parent_run(bucke
         assert "cannot reach http://127.0.0.1:" in refused(["run", str(spec), "--storage", f"{bucket}/studies"], capsys)
     # nothing was started: no MLflow store (so no parent run), nothing written to the bucket or here
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "results").exists()
-    assert store.resolve(bucket).children() == []
+    assert locations.resolve(bucket).children() == []

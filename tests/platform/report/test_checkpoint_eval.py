@@ -43,7 +43,7 @@ def saved(shards, tmp_path_factory):
     with single_process_group():
         cfg = trial_config(shards)
         built = build_engine(cfg, torch.device("cpu"), rank=0)
-        engine, model = built.engine, built.model
+        engine, model = built.deepspeed, built.model
         rows = np.stack(pq.read_table(Path(shards) / "train").column("tokens").to_numpy(zero_copy_only=False)).astype(np.int64)
         for step in range(STEPS):
             batch = torch.from_numpy(rows[(step * 8) % (len(rows) - 8):][:8])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ercstudy.netutil import free_port
-from ercstudy.platform.cluster import storage as store
+from ercstudy.platform.cluster import storage as locations
 from ercstudy.platform.tracking import client as tracking
 from ercstudy.platform.tracking import outbox
 
@@ -52,7 +52,7 @@ def test_a_failed_call_costs_seconds_and_what_it_could_not_write_waits_on_disk(s
 
     uri, c, exp, parent = sqlite_store
     down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    box = store.resolve(str(tmp_path / "study")) / outbox.OUTBOX
+    box = locations.resolve(str(tmp_path / "study")) / outbox.OUTBOX
     t = outbox.Tracker(down, box)
     tracking.fail_fast()
     started = time.monotonic()
@@ -93,7 +93,7 @@ def test_an_outbox_written_back_twice_adds_nothing_twice(sqlite_store, tmp_path,
     import shutil
 
     uri, c, exp, parent = sqlite_store
-    box = store.resolve(str(tmp_path / "box"))
+    box = locations.resolve(str(tmp_path / "box"))
     buffered_trial(outbox.Tracker(f"http://127.0.0.1:{free_port()}", box), exp, parent)
     shutil.copytree(box.path, tmp_path / "copy")
     assert outbox.Tracker(uri, box).drain()
@@ -109,7 +109,7 @@ def test_an_outbox_written_back_twice_adds_nothing_twice(sqlite_store, tmp_path,
 
 def test_a_call_the_server_refuses_is_dropped_and_the_rest_written(sqlite_store, tmp_path, capsys):
     uri, c, exp, parent = sqlite_store
-    box = store.resolve(str(tmp_path / "box"))
+    box = locations.resolve(str(tmp_path / "box"))
     t = outbox.Tracker(f"http://127.0.0.1:{free_port()}", box)
     t.set_tag("0" * 32, "k", "v")  # a run that does not exist: refused (404) once written back
     t.set_tag(parent, "k", "v")
@@ -132,7 +132,7 @@ def test_what_counts_as_the_server_not_answering():
 
 
 def test_an_outbox_in_a_bucket(bucket):
-    box = outbox.Outbox(store.resolve(bucket) / "s" / outbox.OUTBOX)
+    box = outbox.Outbox(locations.resolve(bucket) / "s" / outbox.OUTBOX)
     box.append("set_tag", "r1", {"key": "k", "value": "v"})
     box.append("log_text", "r1", {"artifact_file": "a.txt"}, text="hello")
     again = outbox.Outbox(box.loc)  # another driver: the order continues
