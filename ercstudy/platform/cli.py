@@ -131,13 +131,14 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     from ercstudy.trainables.shards import DataError
 
     try:
-        prepare_data(
+        meta = prepare_data(
             args.inputs, args.out, vocab_size=args.vocab_size, seq_len=args.seq_len, eval_fraction=args.eval_fraction,
-            column=args.column, rows_per_shard=args.rows_per_shard, seed=args.seed,
+            text_field=args.text_field, domain_field=args.domain_field, max_domains=args.max_domains,
+            tokenizer=args.tokenizer, eos_token=args.eos_token, rows_per_shard=args.rows_per_shard, seed=args.seed,
         )
     except DataError as err:
         return _fail(str(err))
-    print(f"use it in a trial config:\n  data: {{kind: parquet, path: {args.out}}}\n  model: {{vocab_size: {args.vocab_size}, seq_len: <= {args.seq_len}}}")
+    print(f"use it in a trial config:\n  data: {{kind: parquet, path: {args.out}}}\n  model: {{vocab_size: >= {meta.vocab_size}, seq_len: <= {args.seq_len}}}")
     return 0
 
 
@@ -419,12 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     prep = sub.add_parser("prepare-data", help="tokenize text files (or a Parquet text column) into Parquet token shards")
-    prep.add_argument("inputs", nargs="+", help="text files (documents separated by blank lines) or Parquet files; each file is one domain")
+    prep.add_argument("inputs", nargs="+", help="text (.txt, .md: documents separated by blank lines), JSONL (.jsonl), Parquet, or "
+                                                "`datasets.save_to_disk` folders, each optionally .gz/.bz2/.xz/.zst; directories of them; "
+                                                "each file is one domain unless --domain-field")
     prep.add_argument("--out", required=True, help="output directory or URI (s3://BUCKET/PREFIX, ...); must be new or empty")
     prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size, trained on the inputs (default: 4096)")
     prep.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default: 256)")
     prep.add_argument("--eval-fraction", type=float, default=0.05, help="share of each file's documents held out, whole, for evaluation (default: 0.05)")
-    prep.add_argument("--column", help="text column of Parquet inputs (default: text)")
+    prep.add_argument("--text-field", "--column", dest="text_field", default="text", help="the document's field of JSONL records or column of Parquet/Arrow (default: text)")
+    prep.add_argument("--domain-field", help="take each document's domain from this field (e.g. source, pile_set_name) instead of its file")
+    prep.add_argument("--max-domains", type=int, default=64, help="domains the metrics track: the most frequent ones; the rest pooled as 'other' (default: 64)")
+    prep.add_argument("--tokenizer", help="a pretrained Hugging Face tokenizer.json (a file or a folder holding one; a path or URI) instead of training a BPE")
+    prep.add_argument("--eos-token", help="the tokenizer's end-of-text token (default: the first of <|endoftext|>, </s>, <|end_of_text|>, <eos> it has)")
     prep.add_argument("--rows-per-shard", type=int, default=8192, help="sequences per Parquet file (default: 8192)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the train/eval split (default: 0)")
     prep.set_defaults(func=cmd_prepare_data)

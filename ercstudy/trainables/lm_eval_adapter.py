@@ -168,7 +168,7 @@ def model_class():
 
     from ercstudy.trainables import checkpoint as ckpt_lib
     from ercstudy.trainables.evals import continuation_logprobs
-    from ercstudy.trainables.shards import EOD_TOKEN
+    from ercstudy.trainables.shards import DataError, end_of_text_id
 
     class ErcstudyLM(TemplateLM):
         """An ercstudy model as an lm-eval model: loglikelihood, loglikelihood_rolling, greedy generate_until.
@@ -187,8 +187,10 @@ def model_class():
             self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16
             self.max_length = loaded.cfg.model.seq_len  # tokens the model attends to
             self.max_gen_toks = int(max_gen_toks)
-            eot = self.tokenizer.token_to_id(EOD_TOKEN)
-            self._eot = eot if eot is not None else 0
+            try:  # the token that ended every document of the shards, never a silent id 0
+                self._eot = end_of_text_id(self.tokenizer, loaded.cfg.data.path)
+            except DataError as err:
+                raise HarnessError(f"{loaded.path}: {err}") from None
 
         @classmethod
         def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> ErcstudyLM:

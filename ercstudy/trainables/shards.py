@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
 EOD_TOKEN = "<|endoftext|>"
+# end-of-text tokens of the tokenizers researchers use (GPT-2/NeoX, Llama 2, Llama 3, others), tried in this order
+EOS_NAMES = (EOD_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
 # Rows per Parquet row group: the unit a worker decodes (data.ShardIndex). Small enough that each worker
 # of a trial reads about its own share of a step, large enough (64 x 257 int32 = 66 kB) for cheap reads.
 ROW_GROUP_ROWS = 64
@@ -43,8 +45,10 @@ class ShardMeta:
     seq_len: int  # each row holds seq_len + 1 tokens
     train_sequences: int
     eval_sequences: int
-    domains: list[str]  # domain d = the d-th input file
+    domains: list[str]  # domain d's name: an input file's, or a --domain-field value (or "other", the rest pooled)
     eod_id: int
+    eod_token: str = EOD_TOKEN  # the tokenizer's end-of-text token, which ends every document
+    domain_of: dict[str, str] | None = None  # each source domain -> its domain in the shards (itself or "other")
 
     @classmethod
     def read(cls, path: str | Path) -> ShardMeta:
@@ -52,6 +56,22 @@ class ShardMeta:
         if text is None:
             raise DataError(f"data.path: {path} holds no {META_FILE}; make shards with `ercstudy prepare-data`")
         return cls(**json.loads(text))
+
+
+def end_of_text_id(tokenizer: Any, data_path: str | None) -> int:
+    """The id of the end-of-text token the shards were made with (their meta.json's eod_token, where readable), else
+    the first of EOS_NAMES the tokenizer has; a tokenizer with none is refused rather than scored with id 0."""
+    names: list[str] = []
+    if data_path:
+        try:
+            names.append(ShardMeta.read(data_path).eod_token)
+        except DataError:
+            pass  # shards moved since: the usual names
+    for name in (*names, *EOS_NAMES):
+        token = tokenizer.token_to_id(name)
+        if token is not None:
+            return token
+    raise DataError(f"the tokenizer has no end-of-text token ({', '.join(dict.fromkeys((*names, *EOS_NAMES)))})")
 
 
 def is_uri(path: str | Path) -> bool:

@@ -36,8 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ercstudy.platform.data import readers
 from ercstudy.trainables.shards import (
     EOD_TOKEN,
+    EOS_NAMES,
     META_FILE,
     ROW_GROUP_ROWS,
     TOKENIZER_FILE,
@@ -55,55 +57,7 @@ CHARS_PER_BATCH = 1 << 20  # a batch of documents also ends at this much text: a
 SHUFFLE_BYTES = 256 << 20  # default memory for one spill bucket of the shuffle
 MAX_BUCKETS = 4096
 SPLITS = ("train", "eval")
-
-
-@dataclass(frozen=True)
-class Source:
-    """One input file: its domain name (the file's stem) and where its text is."""
-
-    name: str
-    path: Path
-    column: str | None  # Parquet inputs: the text column
-
-
-def open_source(path: Path, column: str | None) -> Source:
-    """Check one input (it exists, its column exists, it holds a document) without reading it all."""
-    if not path.is_file():
-        raise DataError(f"input {path}: no such file")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        schema = pq.read_schema(path)
-        column = column or "text"
-        if column not in schema.names:
-            raise DataError(f"input {path}: no column {column!r} (columns: {', '.join(schema.names)}); pass --column")
-    elif column:
-        raise DataError(f"input {path}: --column applies to Parquet inputs only")
-    source = Source(path.stem, path, column)
-    if next(documents(source), None) is None:
-        raise DataError(f"input {path}: empty corpus (no non-blank text)")
-    return source
-
-
-def documents(source: Source) -> Iterator[str]:
-    """The documents of one input, read incrementally: a Parquet file's text column, a row batch at a time,
-    or a text file's blank-line-separated blocks, a line at a time."""
-    if source.column is not None:
-        import pyarrow.parquet as pq
-
-        for batch in pq.ParquetFile(source.path).iter_batches(batch_size=DOCS_PER_BATCH, columns=[source.column]):
-            yield from (d for d in batch.column(0).to_pylist() if d)
-        return
-    with open(source.path, encoding="utf-8", errors="replace") as f:
-        lines: list[str] = []
-        for line in f:
-            if line.strip():
-                lines.append(line)
-            elif lines:
-                yield "".join(lines).strip()
-                lines = []
-        if lines:
-            yield "".join(lines).strip()
+OTHER = "other"  # the domain that pools the domains past --max-domains
 
 
 def batches(docs: Iterator[str]) -> Iterator[list[str]]:
@@ -122,14 +76,42 @@ def batches(docs: Iterator[str]) -> Iterator[list[str]]:
 
 @dataclass
 class Census:
-    """What the first pass counted: documents and UTF-8 bytes per input."""
+    """What the first pass counted: documents per domain (in the order met) and UTF-8 bytes."""
 
-    documents: list[int]
+    documents: dict[str, int]
     text_bytes: int = 0
 
+    def count(self, domain: str, doc: str) -> str:
+        self.documents[domain] = self.documents.get(domain, 0) + 1
+        self.text_bytes += len(doc.encode("utf-8"))
+        return doc
 
-def train_tokenizer(sources: list[Source], vocab_size: int, *, progress: bool) -> tuple[object, Census]:
-    """A byte-level BPE tokenizer trained from an iterator over the corpus (nothing held), and the census."""
+
+class Corpus:
+    """The inputs as (domain, document) records (readers.py), domains capped: the `max_domains` with the most
+    documents keep their names, the rest are pooled as OTHER."""
+
+    def __init__(self, inputs: list[readers.Source], *, text_field: str, domain_field: str | None):
+        self.inputs, self.text_field, self.domain_field = inputs, text_field, domain_field
+        self.names: dict[str, str] = {}  # a record's domain -> its domain in the shards (itself, or OTHER)
+
+    def records(self) -> Iterator[tuple[str, str]]:
+        for src in self.inputs:
+            yield from readers.records(src, text_field=self.text_field, domain_field=self.domain_field)
+
+    def cap(self, census: Census, max_domains: int) -> list[str]:
+        """The shards' domain names, in the order first met; counts merged into OTHER past the cap."""
+        kept = set(sorted(census.documents, key=lambda d: -census.documents[d])[:max_domains])
+        self.names = {d: (d if d in kept else OTHER) for d in census.documents}
+        merged: dict[str, int] = {}
+        for d, n in census.documents.items():
+            merged[self.names[d]] = merged.get(self.names[d], 0) + n
+        census.documents = merged
+        return list(merged)
+
+
+def train_tokenizer(corpus: Corpus, vocab_size: int, census: Census, *, progress: bool) -> object:
+    """A byte-level BPE tokenizer trained from an iterator over the corpus (nothing held); the census counted on the way."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -141,18 +123,34 @@ def train_tokenizer(sources: list[Source], vocab_size: int, *, progress: bool) -
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=progress,
     )
-    census = Census([0] * len(sources))
+    # one document per item: the trainer buffers a few hundred items, so an item must not be a batch
+    tok.train_from_iterator((census.count(domain, doc) for domain, doc in corpus.records()), trainer=trainer)
+    return tok
 
-    def counted() -> Iterator[str]:
-        # one document per item: the trainer buffers a few hundred items, so an item must not be a batch
-        for d, source in enumerate(sources):
-            for doc in documents(source):
-                census.documents[d] += 1
-                census.text_bytes += len(doc.encode("utf-8"))
-                yield doc
 
-    tok.train_from_iterator(counted(), trainer=trainer)
-    return tok, census
+def pretrained_tokenizer(path: str, eos_token: str | None) -> tuple[object, str]:
+    """A Hugging Face tokenizer.json (a file, or a folder holding one; local or on object storage) and its
+    end-of-text token: `eos_token`, else the first of EOS_NAMES it has."""
+    from tokenizers import Tokenizer
+
+    from ercstudy.trainables.shards import read_file
+
+    folder, name = (path, TOKENIZER_FILE) if not path.endswith(".json") else path.rsplit("/", 1) if "/" in path else (".", path)
+    try:
+        data = read_file(folder, name)
+    except DataError as err:
+        raise DataError(f"--tokenizer {path}: {err}") from None
+    if data is None:
+        raise DataError(f"--tokenizer {path}: no such file (a tokenizer.json, or a folder holding one)")
+    try:
+        tok = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as err:
+        raise DataError(f"--tokenizer {path}: not a Hugging Face tokenizer.json ({str(err).splitlines()[0]})") from None
+    names = [eos_token] if eos_token else [n for n in EOS_NAMES if tok.token_to_id(n) is not None][:1]
+    if not names or tok.token_to_id(names[0]) is None:
+        raise DataError(f"--tokenizer {path}: " + (f"has no token {eos_token!r}" if eos_token else
+                        f"has none of the end-of-text tokens {', '.join(EOS_NAMES)}") + "; pass --eos-token NAME")
+    return tok, names[0]
 
 
 class HeldOutDocuments:
@@ -298,7 +296,11 @@ def prepare_data(
     vocab_size: int = 4096,
     seq_len: int = 256,
     eval_fraction: float = 0.05,
-    column: str | None = None,
+    text_field: str = "text",
+    domain_field: str | None = None,
+    max_domains: int = 64,
+    tokenizer: str | None = None,
+    eos_token: str | None = None,
     rows_per_shard: int = 8192,
     seed: int = 0,
     shuffle_bytes: int = SHUFFLE_BYTES,
@@ -308,7 +310,7 @@ def prepare_data(
 
     if not inputs:
         raise DataError("no input files given")
-    if vocab_size < 260:
+    if tokenizer is None and vocab_size < 260:
         raise DataError(f"--vocab-size must be >= 260 (256 bytes + special tokens), got {vocab_size}")
     if seq_len < 2:
         raise DataError(f"--seq-len must be >= 2, got {seq_len}")
@@ -316,46 +318,61 @@ def prepare_data(
         raise DataError(f"--eval-fraction must be in (0, 1), got {eval_fraction}")
     if rows_per_shard < 1:
         raise DataError(f"--rows-per-shard must be >= 1, got {rows_per_shard}")
-    sources = [open_source(Path(p), column) for p in inputs]
-    names = [s.name for s in sources]
-    if len(set(names)) != len(names):
-        raise DataError(f"inputs must have distinct file names (they name the domains): {', '.join(names)}")
+    if max_domains < 1:
+        raise DataError(f"--max-domains must be >= 1, got {max_domains}")
+    corpus = Corpus(readers.sources(inputs), text_field=text_field, domain_field=domain_field)
+    if domain_field is None:
+        names = [src.name for src in corpus.inputs]
+        if len(set(names)) != len(names):
+            raise DataError(f"inputs must have distinct file names (they name the domains): {', '.join(names)}; or take "
+                            f"the domains from a field (--domain-field)")
+    tok, eod_token = pretrained_tokenizer(tokenizer, eos_token) if tokenizer else (None, EOD_TOKEN)
+    census = Census({})
+    for src in corpus.inputs:  # the first record of every input, before anything is written: a bad file fails here
+        if next(readers.records(src, text_field=text_field, domain_field=domain_field), None) is None:
+            raise DataError(f"input {src.path}: empty corpus (no non-blank text)")
     fs, root = open_output(out)
 
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {len(sources)} input(s), streamed")
-    tok, census = train_tokenizer(sources, vocab_size, progress=progress)
-    eod = tok.token_to_id(EOD_TOKEN)
+    if tok is None:
+        log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {len(corpus.inputs)} input(s), streamed")
+        tok = train_tokenizer(corpus, vocab_size, census, progress=progress)
+    else:
+        log(f"counting the documents of {len(corpus.inputs)} input(s) (tokenizer: {tokenizer}, end of text {eod_token!r})")
+        for domain, doc in corpus.records():
+            census.count(domain, doc)
+    domains = corpus.cap(census, max_domains)
+    index = {name: i for i, name in enumerate(domains)}
+    eod = tok.token_to_id(eod_token)
     width = seq_len + 1
     # every token covers at least one byte: text bytes + one EOD per document bound the rows from above
-    bound_rows = (census.text_bytes + sum(census.documents)) // width + 1
+    bound_rows = (census.text_bytes + sum(census.documents.values())) // width + 1
     buckets = min(MAX_BUCKETS, max(1, math.ceil(bound_rows * (width + 1) * 4 / shuffle_bytes)))
-    held_docs = [min(n - 1, max(1, round(eval_fraction * n))) if n > 1 else 0 for n in census.documents]
+    held_docs = {d: min(n - 1, max(1, round(eval_fraction * n))) if n > 1 else 0 for d, n in census.documents.items()}
 
     with tempfile.TemporaryDirectory(prefix="ercstudy-prepare-") as tmp:
         spills = {split: Spill(Path(tmp), split, buckets, width, np.random.default_rng([seed, 1, i]))
                   for i, split in enumerate(SPLITS)}
-        with tqdm(total=sum(census.documents), desc="tokenizing", unit="doc", disable=not progress, file=sys.stderr) as bar:
-            for d, source in enumerate(sources):
-                held = HeldOutDocuments(census.documents[d], held_docs[d], np.random.default_rng([seed, 0, d]))
-                cutters = {split: Cutter(width) for split in SPLITS}
-                rows_before = sum(s.rows for s in spills.values())
-                for batch in batches(documents(source)):
-                    to_eval = held.draw(len(batch))
-                    pieces: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
-                    for enc, is_eval in zip(tok.encode_batch(batch), to_eval):
-                        pieces["eval" if is_eval else "train"] += [np.asarray(enc.ids, dtype=np.int32), np.asarray([eod], dtype=np.int32)]
-                    for split in SPLITS:
-                        spills[split].add(cutters[split].cut(pieces[split]), d)
-                    bar.update(len(batch))
-                if sum(s.rows for s in spills.values()) == rows_before:
-                    raise DataError(f"input {source.name}: too few tokens for one sequence of {width}")
+        # per domain: its held-out draw and a cutter per split (a sequence never mixes domains or splits)
+        held = {d: HeldOutDocuments(census.documents[d], held_docs[d], np.random.default_rng([seed, 0, index[d]])) for d in domains}
+        cutters = {(d, split): Cutter(width) for d in domains for split in SPLITS}
+        with tqdm(total=sum(census.documents.values()), desc="tokenizing", unit="doc", disable=not progress, file=sys.stderr) as bar:
+            for batch in batches(corpus.records()):
+                docs = [doc for _, doc in batch]
+                pieces: dict[tuple[str, str], list[np.ndarray]] = {}
+                for (domain, _), enc in zip(batch, tok.encode_batch(docs)):
+                    d = corpus.names[domain]
+                    split = "eval" if held[d].draw(1)[0] else "train"
+                    pieces.setdefault((d, split), []).extend([np.asarray(enc.ids, dtype=np.int32), np.asarray([eod], dtype=np.int32)])
+                for (d, split), parts in pieces.items():
+                    spills[split].add(cutters[d, split].cut(parts), index[d])
+                bar.update(len(batch))
         for spill in spills.values():
             spill.done()
         n_train, n_eval = spills["train"].rows, spills["eval"].rows
         if n_train < 1 or n_eval < 1:
             raise DataError(f"corpus too small: {n_train} train and {n_eval} held-out sequences of {width} tokens "
-                            f"from {sum(census.documents)} documents (each document goes whole to one split)")
+                            f"from {sum(census.documents.values())} documents (each document goes whole to one split)")
 
         shard_counts = {}
         for i, split in enumerate(SPLITS):
@@ -371,15 +388,17 @@ def prepare_data(
         seq_len=seq_len,
         train_sequences=n_train,
         eval_sequences=n_eval,
-        domains=names,
+        domains=domains,
         eod_id=eod,
+        eod_token=eod_token,
+        domain_of=dict(corpus.names),
     )
     write_bytes(fs, join(root, TOKENIZER_FILE), tok.to_str().encode("utf-8"))
     write_bytes(fs, join(root, META_FILE), (json.dumps(meta.__dict__, indent=2) + "\n").encode("utf-8"))  # last: marks it done
     log(
         f"wrote {n_train:,} train + {n_eval:,} eval sequences of {width} tokens ({shard_counts['train']} train shard(s)) "
-        f"to {out if is_uri(out) else root}; held out {sum(held_docs):,} of {sum(census.documents):,} documents; "
-        f"vocab {meta.vocab_size}, domains: {', '.join(names)}"
+        f"to {out if is_uri(out) else root}; held out {sum(held_docs.values()):,} of {sum(census.documents.values()):,} documents; "
+        f"vocab {meta.vocab_size}, domains: {', '.join(domains)}"
     )
     return meta
 

@@ -1,0 +1,132 @@
+"""The corpora researchers have (data/readers.py): text, JSONL, Parquet and `datasets` Arrow folders, compressed or
+not, their domains from the file or a field, a pretrained tokenizer; anything unreadable refused in one line, before
+anything is written. The inputs are cut, at test time, from the Shakespeare excerpts of tests/fixtures."""
+
+import bz2
+import gzip
+import json
+import lzma
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import fixture_file, read_split
+
+from ercstudy.platform.cli import main
+from ercstudy.platform.data import readers
+from ercstudy.trainables.shards import ShardMeta
+
+SEQ = 32
+
+
+def paragraphs(name: str, n: int) -> list[str]:
+    """The first n non-blank paragraphs of a fixture excerpt."""
+    return [p.strip() for p in fixture_file(name).read_text().split("\n\n") if p.strip()][:n]
+
+
+EARLY, LATE = paragraphs("early.txt", 120), paragraphs("late.txt", 120)
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    """The same documents in every format; JSONL / Parquet / Arrow records carry a `source` field."""
+    d = tmp_path_factory.mktemp("corpora")
+    records = [{"text": t, "source": "early", "id": i} for i, t in enumerate(EARLY)] + \
+              [{"text": t, "source": "late", "id": i} for i, t in enumerate(LATE)]
+    with gzip.open(d / "mixed.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    (d / "early.txt").write_text("\n\n".join(EARLY))
+    with bz2.open(d / "early.txt.bz2", "wt") as f:
+        f.write("\n\n".join(EARLY))
+    with lzma.open(d / "late.md.xz", "wt") as f:
+        f.write("\n\n".join(LATE))
+    with pa.CompressedOutputStream(str(d / "late.txt.zst"), "zstd") as f:
+        f.write("\n\n".join(LATE).encode())
+    table = pa.Table.from_pylist(records)
+    pq.write_table(table, d / "mixed.parquet")
+    arrow = d / "mixed_arrow"  # as datasets.Dataset.save_to_disk writes it: Arrow IPC streams and two JSON files
+    arrow.mkdir()
+    with pa.ipc.new_stream(str(arrow / "data-00000-of-00001.arrow"), table.schema) as w:
+        w.write_table(table)
+    (arrow / "dataset_info.json").write_text("{}")
+    (arrow / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
+    (d / "binary.txt").write_bytes(bytes(range(256)) * 40)  # not text, whatever its name says
+    (d / "nul.txt").write_bytes(b"hello\nwor\x00ld\n")
+    (d / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
+    (d / "table.csv").write_text("text\nhello\n")
+    return d
+
+
+@pytest.mark.parametrize("name,domain_field,expected", [
+    ("mixed.jsonl.gz", "source", {"early": EARLY, "late": LATE}),
+    ("mixed.jsonl.gz", None, {"mixed": EARLY + LATE}),
+    ("mixed.parquet", "source", {"early": EARLY, "late": LATE}),
+    ("mixed_arrow", "source", {"early": EARLY, "late": LATE}),
+    ("early.txt.bz2", None, {"early": EARLY}),
+    ("late.md.xz", None, {"late": LATE}),
+    ("late.txt.zst", None, {"late": LATE}),
+])
+def test_every_format_gives_its_documents_and_domains(corpora, name, domain_field, expected):
+    (src,) = readers.sources([str(corpora / name)])
+    got: dict[str, list[str]] = {}
+    for domain, doc in readers.records(src, domain_field=domain_field):
+        got.setdefault(domain, []).append(doc)
+    assert got == expected
+
+
+@pytest.mark.parametrize("name,args,expected", [
+    ("binary.txt", [], "binary.txt: not UTF-8 text at line 1 (binary or another encoding)"),
+    ("nul.txt", [], "nul.txt: line 2 holds a NUL byte: not text"),
+    ("latin1.txt", [], "latin1.txt: not UTF-8 text"),
+    ("table.csv", [], "table.csv: not a format ercstudy reads; it reads text (.txt, .md), JSONL"),
+    ("mixed.jsonl.gz", ["--text-field", "body"], "mixed.jsonl.gz: line 1 has no field 'body' (it has: text, source, id)"),
+    ("mixed.parquet", ["--domain-field", "pile_set_name"], "mixed.parquet: no column 'pile_set_name'"),
+    ("early.txt", ["--domain-field", "source"], "--domain-field needs records with fields"),
+])
+def test_what_cannot_be_read_is_refused_in_one_line_before_anything_is_written(corpora, tmp_path, capsys, name, args, expected):
+    out = tmp_path / "shards"
+    assert main(["prepare-data", str(corpora / name), "--out", str(out), "--seq-len", str(SEQ), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ercstudy: error: input ") or err.startswith("ercstudy: error: ")
+    assert expected in err and "\n" not in err, err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_domains_from_a_field_capped_with_the_rest_pooled(corpora, tmp_path):
+    out = tmp_path / "shards"
+    assert main(["prepare-data", str(corpora / "mixed.jsonl.gz"), str(corpora / "early.txt"), "--out", str(out),
+                 "--seq-len", str(SEQ), "--vocab-size", "300", "--domain-field", "source", "--max-domains", "1"]) == 2
+    assert main(["prepare-data", str(corpora / "mixed.jsonl.gz"), "--out", str(out), "--seq-len", str(SEQ), "--vocab-size",
+                 "300", "--domain-field", "source", "--max-domains", "1"]) == 0
+    meta = ShardMeta.read(out)
+    assert meta.domains == ["early", "other"] and meta.domain_of == {"early": "early", "late": "other"}
+    train, domains = read_split(out, "train")
+    assert set(np.unique(domains)) == {0, 1} and train.max() < meta.vocab_size
+
+
+def test_a_pretrained_tokenizer_is_used_as_it_is_and_its_end_of_text_ends_every_document(corpora, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(EARLY + LATE, trainer=trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = tmp_path / "llama-like"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))  # as a downloaded one is loaded: from its file
+    out = tmp_path / "shards"
+    assert main(["prepare-data", str(corpora / "mixed.parquet"), "--out", str(out), "--seq-len", str(SEQ),
+                 "--tokenizer", str(folder), "--domain-field", "source"]) == 0
+    meta = ShardMeta.read(out)
+    assert meta.eod_token == "</s>" and meta.eod_id == tok.token_to_id("</s>") and meta.vocab_size == tok.get_vocab_size()
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).to_str() == tok.to_str()
+    train, _ = read_split(out, "train")
+    held, _ = read_split(out, "eval")
+    tokens = np.concatenate([train.ravel(), held.ravel()])
+    assert (tokens == meta.eod_id).sum() >= 0.8 * len(EARLY + LATE)  # documents end with it (tails dropped)
+    expected = np.concatenate([tok.encode(EARLY[0]).ids, [meta.eod_id]])  # the pretrained ids, as they are
+    assert any(np.array_equal(row[i : i + len(expected)], expected) for row in np.concatenate([train, held])
+               for i in range(len(row) - len(expected) + 1))
+    assert main(["prepare-data", str(corpora / "early.txt"), "--out", str(tmp_path / "x"), "--tokenizer", str(folder),
+                 "--eos-token", "<|endoftext|>"]) == 2
