@@ -136,7 +136,7 @@ def test_a_study_asking_for_gpus_the_cluster_lacks_fails_fast():
     with pytest.raises(StudyError, match=r"a trial needs 2 GPU\(s\).*has 0"):
         concurrency(plan_study(study), Capacity(cpus=16, gpus=0, autoscaling=False))
     assert concurrency(plan_study(study), Capacity(cpus=16, gpus=8, autoscaling=True)) == 4  # min(8 // 2, num_trials 4)
-    assert concurrency(plan_study(parse_study(QUICKSTART)), Capacity(cpus=2, gpus=0, autoscaling=False)) == 2
+    assert concurrency(plan_study(parse_study(QUICKSTART)), Capacity(cpus=2, gpus=0, autoscaling=False)) == 4  # half a CPU each
 
 
 def test_a_study_whose_shards_ray_data_reads_leaves_it_a_cpu():
