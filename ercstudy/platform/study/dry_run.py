@@ -61,6 +61,9 @@ def dry_run_lines(plan: StudyPlan, *, cpus: int, gpus: int) -> list[str]:
         + ("" if cap else " -- none: it lacks the resources of one trial; run on a cluster (--address)"),
         *budget_lines(plan),
     ]
+    if gpu and any(plan.trial_config(c).moe.backend == "grouped" for c in plan.corners):
+        lines.append("grouped MoE on GPUs: torch's fused grouped GEMM needs compute capability 9.x/10.x (H100, H200, B200); "
+                     "on an A100, L40S or L4 it loops over the experts with a host sync per MoE layer (docs/gpu-performance.md)")
     return lines
 
 

@@ -131,6 +131,15 @@ def test_dry_run_lists_every_model_shape(capsys):
     assert "MFLOP/tok" in out and "mem/worker" in out and "trial(s) at once" in out
 
 
+def test_dry_run_of_a_gpu_study_says_where_the_grouped_gemm_is_fast(capsys):
+    from ercstudy.platform.study.dry_run import dry_run_lines
+
+    gpu = plan_study(parse_study(spec(resources={"num_workers": 1, "gpus_per_worker": 1})))
+    assert any("compute capability 9.x/10.x" in line for line in dry_run_lines(gpu, cpus=16, gpus=1))
+    cpu = plan_study(parse_study(spec()))
+    assert not any("compute capability" in line for line in dry_run_lines(cpu, cpus=2, gpus=0))
+
+
 def test_a_study_asking_for_gpus_the_cluster_lacks_fails_fast():
     study = parse_study(spec(resources={"num_workers": 2, "gpus_per_worker": 1}))
     with pytest.raises(StudyError, match=r"a trial needs 2 GPU\(s\).*has 0"):
