@@ -1,0 +1,63 @@
+"""Autonomy-of-Experts (trainables/aoe.py) against a float64 reference written from the AoE paper's algorithm, one
+token and one expert at a time; its parameters matched to the routed layer's; its FLOPs counted by hand."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ercstudy.trainables.aoe import AoEMoE, matched_rank
+from ercstudy.trainables.moe import GroupedMoE, MoEConfig
+
+
+def layer(n, k, d, D, seed=0):
+    moe = AoEMoE(MoEConfig(num_experts=n, top_k=k, expert_dim=D), d)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return moe
+
+
+def reference(x, gate_down, gate_up, up, down, k):
+    """Per token: every expert's activation a_e = x W_down^e and its norm; softmax over the norms; the top-k experts,
+    their probabilities renormalised; out = sum of weight * (silu(a_e W_up^e) * (x up_e)) down_e."""
+    outs = []
+    for t in range(x.shape[0]):
+        acts = [x[t] @ gate_down[e] for e in range(gate_down.shape[0])]
+        probs = torch.softmax(torch.stack([a.norm() for a in acts]), dim=0)
+        top = torch.topk(probs, k).indices.tolist()
+        weights = probs[top] / probs[top].sum() if k > 1 else probs[top]
+        outs.append(sum(w * ((F.silu(acts[e] @ gate_up[e]) * (x[t] @ up[e])) @ down[e]) for w, e in zip(weights, top)))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("n,k,d,D,T", [(4, 2, 16, 8, 12), (6, 1, 24, 16, 9)])
+def test_forward_and_gradients_equal_the_papers_algorithm_in_float64(n, k, d, D, T):
+    moe = layer(n, k, d, D)
+    x = torch.randn(T, d, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    out, stats = moe(x)
+    weights = [moe.gate_down, moe.gate_up, moe.up, moe.down]
+    ref_inputs = [t.detach().double().requires_grad_() for t in (x, *weights)]
+    ref = reference(ref_inputs[0], *ref_inputs[1:], k)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad((out * probe).sum(), (x, *weights))
+    ref_grads = torch.autograd.grad((ref * probe.double()).sum(), ref_inputs)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert stats.tokens_per_expert.sum() == T * k and stats.experts_TK.shape == (T, k)
+    assert torch.isfinite(stats.lb_loss) and torch.isfinite(stats.z_loss)
+
+
+@pytest.mark.parametrize("d,D", [(64, 64), (256, 128), (1536, 768), (2048, 1024)])
+def test_the_matched_rank_gives_the_routed_layers_parameter_count_within_1_percent(d, D):
+    cfg = MoEConfig(num_experts=8, top_k=2, expert_dim=D)
+    routed = sum(p.numel() for p in GroupedMoE(cfg, d).parameters())
+    aoe = sum(p.numel() for p in AoEMoE(cfg, d).parameters())
+    assert matched_rank(d, D) % 8 == 0 and abs(aoe - routed) / routed < 0.01, (aoe, routed)
+
+
+def test_flops_per_token_count_the_pre_computation_for_every_expert():
+    moe = AoEMoE(MoEConfig(num_experts=8, top_k=2, expert_dim=32), 48, rank=16)
+    by_hand = 2 * 8 * 48 * 16 + 2 * 2 * (16 * 32 + 48 * 32 + 32 * 48)  # all 8 pre-compute; 2 continue
+    assert moe.flops_per_token() == by_hand
