@@ -13,6 +13,11 @@ Every expert's gate projection [d, D] is factorized as gate_down [d, r] then gat
      the routed experts use: gate = a gate_up_e, up = x up_e, y = weight * (silu(gate) * up) down_e;
   4. the load-balancing and z losses of moe.routing_losses, on these probabilities and logits.
 
+Its coupling matrix (the specialization metrics' M) comes from its own activations: M[i, j] is the mean activation
+norm of expert j on the tokens whose first choice is expert i (a routed layer's M uses router rows as the tokens of
+expert i); alpha* and diagonal dominance are read from it as for a routed layer. There is no router: the metrics of
+router rows (eps, router_cos) are absent for AoE, not zero.
+
 The rank r defaults to the one that gives the routed layer's parameter count at the same width (the AoE paper's
 choice): a routed expert has a router row [d] and a gate [d, D]; an AoE expert has gate_down [d, r] and gate_up
 [r, D], so r = d (D + 1) / (d + D), rounded to the nearest multiple of 8 (the grouped GEMM's row alignment):
@@ -56,6 +61,13 @@ class AoEMoE(nn.Module):
         self.up = nn.Parameter(torch.empty(n, d_model, D))  # [n, d, D]
         self.down = nn.Parameter(torch.empty(n, D, d_model))  # [n, D, d]
 
+    @torch.no_grad()
+    def reset_parameters(self, *, std: float, out_std: float, generator: torch.Generator) -> None:
+        """Normal init: the factorized gate's product with the routed gate's std (gate_up scaled by 1 / sqrt(r)),
+        up with `std`, down with `out_std` (moe.random_expert_weights' scales)."""
+        for p, s in ((self.gate_down, std), (self.gate_up, self.rank ** -0.5), (self.up, std), (self.down, out_std)):
+            p.copy_(torch.randn(p.shape, generator=generator) * s)
+
     def activations(self, x_TD: Tensor) -> Tensor:
         """Every expert's low-rank gate activation of every token [T, n, r]: one GEMM."""
         n, r = self.num_experts, self.rank
@@ -92,7 +104,10 @@ class AoEMoE(nn.Module):
         y_TKD = torch.empty_like(y_SD).index_copy_(0, order_S, y_SD).view(num_tokens, k, -1)
         out = y_TKD.sum(dim=1).to(x.dtype).view(shape)
         lb_loss, z_loss = routing_losses(routing, tokens_per_expert_E)
-        return out, MoEStats(lb_loss, z_loss, tokens_per_expert_E, x.new_zeros((), dtype=torch.float32), routing.experts_TK)
+        with torch.no_grad():  # the coupling matrix from AoE's own activations: rows by first-chosen expert
+            norms_TE1 = torch.cat([routing.logits_TE, routing.logits_TE.new_ones(num_tokens, 1)], dim=1)
+            sums = routing.logits_TE.new_zeros(self.num_experts, self.num_experts + 1).index_add_(0, routing.experts_TK[:, 0], norms_TE1)
+        return out, MoEStats(lb_loss, z_loss, tokens_per_expert_E, x.new_zeros((), dtype=torch.float32), routing.experts_TK, sums)
 
     def flops_per_token(self) -> float:
         """Forward FLOPs per token: the pre-computation for all n experts, then gate_up, up and down for k of them."""

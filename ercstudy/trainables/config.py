@@ -128,6 +128,11 @@ class TrialConfig:
             "erc.enabled",
             "the ERC loss needs moe.num_experts >= 2",
         )
+        require(not (self.erc.enabled and moe.kind == "aoe"), "erc.enabled",
+                "ERC couples a router to its experts and moe.kind: aoe has none: set erc.enabled: false (AoE and ERC "
+                "are the paper's two alternatives, compared as arms)")
+        require(moe.kind == "routed" or res.ep_size == 1, "resources.ep_size",
+                f"moe.kind: aoe runs every expert on one device (ep_size 1), got {res.ep_size}")
         require(not (train.precision == "auto" and res.gpus_per_worker > 0 and train.zero_stage == 2), "train.zero_stage",
                 "2 accumulates gradients in bf16 under DeepSpeed 0.19, and precision auto is bf16 on GPU workers; use 0 or 1")
         per_step = train.micro_batch_size * res.num_workers

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ercstudy.trainables.aoe import AoEMoE, matched_rank
 from ercstudy.trainables.lm_loss import linear_cross_entropy
 from ercstudy.trainables.moe import GroupedMoE, MoEConfig, MoEStats, random_expert_weights
 from ercstudy.trainables.validation import require
@@ -63,19 +64,39 @@ def moe_layer_ids(model: ModelConfig, moe: MoEConfig) -> list[int]:
     return [i for i in range(model.n_layers) if (i + 1) % moe.moe_every == 0]
 
 
+def aoe_rank(model: ModelConfig, moe: MoEConfig) -> int:
+    """The rank of an AoE expert's factorized gate (aoe.matched_rank unless moe.aoe_rank sets it)."""
+    return moe.aoe_rank or matched_rank(model.d_model, moe.expert_dim)
+
+
+def expert_params(model: ModelConfig, moe: MoEConfig) -> tuple[int, int]:
+    """(parameters of one MoE layer's choosing of experts, of one expert's own weights): a router row and a
+    SwiGLU expert; for AoE no router, the expert's gate factorized as gate_down [d, r] and gate_up [r, D]."""
+    d, D = model.d_model, moe.expert_dim
+    if moe.kind == "aoe":
+        r = aoe_rank(model, moe)
+        return 0, d * r + r * D + 2 * d * D
+    return moe.num_experts * d, 3 * d * D
+
+
 def num_params(model: ModelConfig, moe: MoEConfig) -> int:
     """Total parameters of MoELM(model, moe)."""
     d, n_moe = model.d_model, len(moe_layer_ids(model, moe))
     attention = 4 * d * d + 2 * d  # qkv + out projection + the block's two RMSNorm weights
-    moe_ffn = moe.num_experts * d + moe.num_experts * 3 * d * moe.expert_dim
+    chooser, expert = expert_params(model, moe)
+    moe_ffn = chooser + moe.num_experts * expert
     dense_ffn = 3 * d * moe.dense_hidden
     embeddings = model.vocab_size * d * (1 if model.tie_embeddings else 2)
     return embeddings + d + model.n_layers * attention + n_moe * moe_ffn + (model.n_layers - n_moe) * dense_ffn
 
 
 def num_active_params(model: ModelConfig, moe: MoEConfig) -> int:
-    """Parameters one token uses: all but the (n - k) experts it is not routed to in each MoE block."""
-    idle = (moe.num_experts - moe.top_k) * 3 * model.d_model * moe.expert_dim
+    """Parameters one token uses: all but the (n - k) experts it is not routed to in each MoE block. An AoE token
+    uses every expert's gate_down (the pre-computation that chooses), the rest of k experts only."""
+    _, expert = expert_params(model, moe)
+    idle = (moe.num_experts - moe.top_k) * expert
+    if moe.kind == "aoe":
+        idle -= (moe.num_experts - moe.top_k) * model.d_model * aoe_rank(model, moe)
     return num_params(model, moe) - len(moe_layer_ids(model, moe)) * idle
 
 
@@ -172,12 +193,20 @@ class MoEAux(NamedTuple):
     tokens_per_expert: Tensor  # [L, n]
     dropped_fraction: Tensor  # [L]
     experts: Tensor  # [L, B*T, k] chosen experts
+    coupling: Tensor | None = None  # [L, n, n + 1] AoE layers' coupling sums (MoEStats.coupling_sums), None when routed
 
 
 class ModelOutput(NamedTuple):
     logits: Tensor | None  # [B, T, V]; None when the loss was computed without them (return_logits=False)
     lm_loss: Tensor | None  # [] mean next-token cross-entropy (float32), when targets are given
     aux: MoEAux
+
+
+def moe_layer(model: ModelConfig, moe: MoEConfig) -> nn.Module:
+    """A single-device MoE layer of `moe.kind`: routed (GroupedMoE; parallelize.py may swap it) or AoE."""
+    if moe.kind == "aoe":
+        return AoEMoE(moe, model.d_model, rank=aoe_rank(model, moe))
+    return GroupedMoE(moe, model.d_model)
 
 
 class MoELM(nn.Module):
@@ -187,7 +216,7 @@ class MoELM(nn.Module):
         moe_ids = set(moe_layer_ids(model, moe))
         self.embed = nn.Embedding(model.vocab_size, model.d_model)
         self.blocks = nn.ModuleList(
-            Block(model, GroupedMoE(moe, model.d_model) if i in moe_ids else SwiGLU(model.d_model, moe.dense_hidden))
+            Block(model, moe_layer(model, moe) if i in moe_ids else SwiGLU(model.d_model, moe.dense_hidden))
             for i in range(model.n_layers)
         )
         self.norm = nn.RMSNorm(model.d_model, eps=model.norm_eps)
@@ -221,6 +250,9 @@ class MoELM(nn.Module):
                     s = out_std if name.endswith(("proj.weight", "down.weight")) else std
                     p.copy_(torch.randn(p.shape, generator=gen) * s)
             for layer in self.moe_layers:
+                if isinstance(layer, AoEMoE):
+                    layer.reset_parameters(std=std, out_std=out_std, generator=gen)
+                    continue
                 layer.load_expert_weights(random_expert_weights(
                     self.moe_cfg.num_experts, self.cfg.d_model, self.moe_cfg.expert_dim, std=std, out_std=out_std, generator=gen
                 ))
@@ -270,5 +302,6 @@ class MoELM(nn.Module):
             tokens_per_expert=torch.stack([s.tokens_per_expert for s in stats]),
             dropped_fraction=torch.stack([s.dropped_fraction for s in stats]),
             experts=torch.stack([s.experts_TK for s in stats]),
+            coupling=torch.stack([s.coupling_sums for s in stats]) if stats[0].coupling_sums is not None else None,
         )
         return ModelOutput(logits, lm_loss, aux)

@@ -53,6 +53,10 @@ class MoEConfig:
     z_weight: float = 0.001  # router z-loss coefficient
     capacity_factor: float = 1.0  # deepspeed backend: expert capacity = factor * T * k / n
     drop_tokens: bool = False  # deepspeed backend: drop tokens over capacity (False = dropless, like grouped)
+    # routed: a softmax router chooses each token's experts; aoe: the experts choose themselves by the norm of their own
+    # low-rank gate activation, with no router (Autonomy-of-Experts, trainables/aoe.py)
+    kind: Literal["routed", "aoe"] = "routed"
+    aoe_rank: int | None = None  # aoe: the rank of each expert's factorized gate (default: the routed layer's parameters)
 
     def __post_init__(self) -> None:
         require(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
@@ -68,6 +72,9 @@ class MoEConfig:
         require(self.lb_weight >= 0, "lb_weight", f"must be >= 0, got {self.lb_weight}")
         require(self.z_weight >= 0, "z_weight", f"must be >= 0, got {self.z_weight}")
         require(self.capacity_factor > 0, "capacity_factor", f"must be > 0, got {self.capacity_factor}")
+        require(self.kind == "routed" or self.backend == "grouped", "kind", "aoe runs on the grouped backend (backend: grouped)")
+        require(self.aoe_rank is None or (self.aoe_rank >= GROUPED_MM_ALIGN and self.aoe_rank % GROUPED_MM_ALIGN == 0),
+                "aoe_rank", f"must be a multiple of {GROUPED_MM_ALIGN} (the grouped GEMM's rows), got {self.aoe_rank}")
 
     @property
     def dense_hidden(self) -> int:
@@ -83,6 +90,9 @@ class MoEStats:
     tokens_per_expert: Tensor  # [n] float32, routed (token, slot) pairs per expert before any drop
     dropped_fraction: Tensor  # [] share of the S pairs dropped for capacity (0 when dropless)
     experts_TK: Tensor  # [T, k] int64, the chosen experts, for specialization metrics
+    # AoE only: [n, n + 1] per first-chosen expert i, the summed activation norms of every expert j on its tokens, and
+    # (last column) how many tokens: the coupling matrix of an AoE layer, measured on its own activations (aoe.py)
+    coupling_sums: Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,7 @@ def normalized_mutual_information(joint: Tensor) -> Tensor:
     return torch.where(h > 0, mi / h.clamp_min(1e-30), torch.zeros_like(h)).clamp(0, 1)
 
 
+ROUTER_METRICS = ("eps_mean", "eps_min", "router_cos")  # of router rows: none for an AoE layer, which has no router
 LAYER_METRICS = ("eps_mean", "eps_min", "alpha_star", "diag_dominance", "router_cos", "load_entropy", "load_max_over_mean", "dropped")
 
 
@@ -96,26 +97,28 @@ def to_host(per_layer: dict[str, Tensor], scalars: dict[str, Tensor] | None = No
 
 @torch.no_grad()
 def layer_metric_tensors(
-    router: Tensor,
+    router: Tensor | None,
     activations: Tensor,
     tokens_per_expert: Tensor,
     dropped: Tensor,
     domain_counts: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """LAYER_METRICS (+ domain_nmi with domain labels) of the L MoE layers, each a [L] tensor on the device."""
-    eps = noise_bound(router)
+    """LAYER_METRICS (+ domain_nmi with domain labels) of the L MoE layers, each a [L] tensor on the device. Without a
+    router (AoE) the metrics of router rows (eps_mean, eps_min, router_cos) are absent, not zero."""
     entropy, max_over_mean = load_balance(tokens_per_expert)
+    eps = noise_bound(router) if router is not None else None
     per_layer = {
-        "eps_mean": eps.mean(-1),
-        "eps_min": eps.amin(-1),
+        "eps_mean": eps.mean(-1) if eps is not None else None,
+        "eps_min": eps.amin(-1) if eps is not None else None,
         "alpha_star": coupling_alpha(activations),
         "diag_dominance": diagonal_dominance(activations),
-        "router_cos": router_cosine(router),
+        "router_cos": router_cosine(router) if router is not None else None,
         "load_entropy": entropy,
         "load_max_over_mean": max_over_mean,
         "dropped": dropped.float(),
     }
     assert tuple(per_layer) == LAYER_METRICS
+    per_layer = {name: value for name, value in per_layer.items() if value is not None}
     if domain_counts is not None:
         per_layer["domain_nmi"] = normalized_mutual_information(domain_counts)
     return per_layer

@@ -57,13 +57,15 @@ class Window:
     micro_batches: int = 0
     steps: int = 0
     started: float = field(default_factory=time.perf_counter)
+    coupling: Tensor | None = None  # [L, n, n + 1] AoE's coupling sums (model.MoEAux.coupling); None when routed
 
     @classmethod
     def empty(cls, cfg: TrialConfig, device: torch.device, num_domains: int) -> Window:
         L, n = cfg.num_moe_layers, cfg.moe.num_experts
         domains = torch.zeros(L, num_domains, n, device=device) if num_domains else None
         zeros = partial(torch.zeros, device=device)
-        return cls(zeros(5), zeros(()).fill_(float("nan")), zeros(L, n), zeros(L), domains)
+        coupling = zeros(L, n, n + 1) if cfg.moe.kind == "aoe" else None
+        return cls(zeros(5), zeros(()).fill_(float("nan")), zeros(L, n), zeros(L), domains, coupling=coupling)
 
 
 def coupling(model: Any, cfg: TrialConfig, ep_group: Any, *, generator: torch.Generator | None, clean: bool = False) -> ERCResult:
@@ -123,6 +125,8 @@ def train_step(trial: Trial, window: Window, *, measure_grad_norm: bool) -> None
             window.losses += torch.stack([out.lm_loss, lb, z, erc, (~torch.isfinite(loss)).float()]).detach()
             window.tokens_per_expert += out.aux.tokens_per_expert
             window.dropped += out.aux.dropped_fraction
+            if window.coupling is not None:
+                window.coupling += out.aux.coupling
             if window.domain_counts is not None:
                 window.domain_counts += domain_expert_counts(
                     out.aux.experts, to_device(batch.domains, trial.device), trial.data.num_domains, cfg.moe.num_experts

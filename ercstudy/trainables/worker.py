@@ -75,6 +75,8 @@ def reduce_window(w: Window) -> dict[str, torch.Tensor]:
     tensors = {"losses": w.losses, "tokens_per_expert": w.tokens_per_expert, "dropped": w.dropped}
     if w.domain_counts is not None:
         tensors["domain_counts"] = w.domain_counts
+    if w.coupling is not None:
+        tensors["coupling"] = w.coupling
     if dist.is_initialized() and dist.get_world_size() > 1:
         for t in tensors.values():
             dist.all_reduce(t)
@@ -88,9 +90,15 @@ def window_metrics(trial: Trial, window: Window) -> dict[str, Any]:
     elapsed = time.perf_counter() - window.started
     tokens = window.steps * cfg.train.global_batch_size * cfg.model.seq_len
     with torch.no_grad():
-        m_clean = coupling(trial.model, cfg, trial.ep_group, generator=None, clean=True).activations
+        if cfg.moe.kind == "aoe":  # M from AoE's own activations (aoe.py); no router rows
+            aoe = sums["coupling"]
+            m_clean = aoe[..., :-1] / aoe[..., -1:].clamp_min(1)
+            router = None
+        else:
+            m_clean = coupling(trial.model, cfg, trial.ep_group, generator=None, clean=True).activations
+            router = trial.model.router_weights()
         per_layer = layer_metric_tensors(
-            trial.model.router_weights(),
+            router,
             m_clean,
             sums["tokens_per_expert"],
             sums["dropped"] / (window.micro_batches * trial.world),

@@ -61,3 +61,68 @@ def test_flops_per_token_count_the_pre_computation_for_every_expert():
     moe = AoEMoE(MoEConfig(num_experts=8, top_k=2, expert_dim=32), 48, rank=16)
     by_hand = 2 * 8 * 48 * 16 + 2 * 2 * (16 * 32 + 48 * 32 + 32 * 48)  # all 8 pre-compute; 2 continue
     assert moe.flops_per_token() == by_hand
+
+
+def aoe_config(**changes):
+    from ercstudy.trainables.config import TrialConfig
+
+    spec = {
+        "model": {"vocab_size": 96, "d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 32},
+        "moe": {"kind": "aoe", "num_experts": 4, "top_k": 2, "expert_dim": 32},
+        "erc": {"enabled": False},
+        "train": {"tokens": 8 * 8 * 32, "global_batch_size": 8, "micro_batch_size": 4, "lr": 0.01, "warmup_steps": 1,
+                  "report_every": 4, "checkpoint_every": 8, "seed": 1},
+        "eval": {"sequences": 0, "mc_items": 0},
+        "data": {"num_domains": 4, "tokens_per_domain": 16, "shared_tokens": 16},
+    }
+    for section, values in changes.items():
+        spec[section] = {**spec.get(section, {}), **values}
+    return TrialConfig.from_dict(spec)
+
+
+@pytest.mark.parametrize("changes,path", [
+    ({"erc": {"enabled": True}}, "erc.enabled"),
+    ({"moe": {"backend": "deepspeed"}}, "moe.kind"),
+    ({"resources": {"ep_size": 2, "num_workers": 2}}, "resources.ep_size"),
+    ({"moe": {"aoe_rank": 12}}, "moe.aoe_rank"),
+])
+def test_aoe_is_refused_where_it_has_no_meaning(changes, path):
+    from ercstudy.trainables.validation import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        aoe_config(**changes)
+    assert str(err.value).startswith(path), str(err.value)
+
+
+def test_the_model_counts_aoes_parameters_and_flops_as_built():
+    from ercstudy.trainables.model import MoELM
+
+    cfg = aoe_config()
+    model = MoELM(cfg.model, cfg.moe)
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    layer = model.moe_layers[0]
+    expert = sum(p[0].numel() for p in (layer.gate_down, layer.gate_up, layer.up, layer.down))
+    idle = (4 - 2) * (expert - layer.gate_down[0].numel())  # every expert's gate_down works for every token
+    assert cfg.num_active_params() == cfg.num_params() - cfg.num_moe_layers * idle
+
+
+def test_an_aoe_trial_trains_and_reports_its_coupling_from_its_own_activations():
+    """Through the training step and the report, as a worker runs them: no router metrics, M from the activations."""
+    from conftest import single_process_group
+
+    from ercstudy.trainables.step import Window, train_step
+    from ercstudy.trainables.worker import make_trial, window_metrics
+
+    cfg = aoe_config()
+    with single_process_group():
+        trial = make_trial(cfg, rank=0, world=1, device=torch.device("cpu"))
+        window = Window.empty(cfg, trial.device, trial.data.num_domains)
+        for _ in range(4):
+            trial.step += 1
+            train_step(trial, window, measure_grad_norm=True)
+        metrics = window_metrics(trial, window)
+    assert not {"eps_mean", "eps_min", "router_cos"} & set(metrics)
+    assert metrics["erc_loss"] == 0 and all(torch.isfinite(torch.tensor(metrics[k])) for k in ("lm_loss", "lb_loss", "alpha_star"))
+    # the first-chosen expert has the largest activation on its own tokens: the diagonal dominates every row
+    assert metrics["diag_dominance"] >= 1 and 0 < metrics["domain_nmi"] <= 1
+    assert window.coupling[..., -1].sum() == 4 * cfg.train.global_batch_size * cfg.model.seq_len * cfg.num_moe_layers

@@ -47,7 +47,7 @@ def dry_run_lines(plan: StudyPlan, *, cpus: int, gpus: int) -> list[str]:
     lines = text_table(rows, columns, left=("shape",))
     res = study.base_config.resources
     need_cpu, need_gpu = res.num_workers * res.cpus_per_worker, res.num_workers * res.gpus_per_worker
-    fit = cpus // need_cpu if not need_gpu else min(cpus // need_cpu, gpus // need_gpu)
+    fit = int(cpus // need_cpu if not need_gpu else min(cpus // need_cpu, gpus // need_gpu))
     cap = min(fit, study.search.max_concurrent or fit, plan.num_trials)
     lines += [
         "",

@@ -35,8 +35,7 @@ def progress_line(cfg: TrialConfig, m: dict[str, Any]) -> str:
         f"lb {m['lb_loss']:.4f}",
         f"erc {m['erc_loss']:.2e}",
         f"alpha* {m['alpha_star']:.2f}",
-        f"eps {m['eps_mean']:.3f}",
-        f"cos {m['router_cos']:.3f}",
+        *([f"eps {m['eps_mean']:.3f}", f"cos {m['router_cos']:.3f}"] if "eps_mean" in m else []),  # none without a router (AoE)
     ]
     if "domain_nmi" in m:
         parts.append(f"nmi {m['domain_nmi']:.3f}")

@@ -435,10 +435,11 @@ def resolved_spec(study: Study) -> dict[str, Any]:
 
 def reported_metrics(cfg: TrialConfig) -> set[str]:
     """Every metric name a trial of this config reports (objectives must be among them)."""
-    from ercstudy.trainables.specialization import LAYER_METRICS
+    from ercstudy.trainables.specialization import LAYER_METRICS, ROUTER_METRICS
 
     names = {"step", "total_steps", "tokens", "lm_loss", "lb_loss", "z_loss", "erc_loss", "grad_norm", "lr", "tokens_per_s", "mfu"}
-    layer = list(LAYER_METRICS) + (["domain_nmi"] if cfg.data.kind == "synthetic" else [])
+    layer = [m for m in LAYER_METRICS if cfg.moe.kind == "routed" or m not in ROUTER_METRICS]
+    layer += ["domain_nmi"] if cfg.data.kind == "synthetic" else []
     for m in layer:
         names.add(m)
         names.update(f"{m}/layer{i}" for i in range(cfg.num_moe_layers))

@@ -101,3 +101,14 @@ def test_plain_studies_keep_plain_configs():
     search = build_search(plan_study(parse_study(data)))
     config = search.suggest("a")
     assert set(config) == {"params"} and "train.seed" not in config["params"] and point_tags(config) == {}
+
+
+def test_the_paper_comparison_runs_vanilla_aoe_and_erc_at_the_same_seeds():
+    plan = plan_study(load_study("search_spaces/paper_comparison.yaml"))
+    assert [a for a, _ in plan.arms] == ["vanilla", "aoe"] and plan.seeds == (0, 1, 2) and plan.num_trials == 9
+    kinds = {arm: (plan.trial_config(p).moe.kind, plan.trial_config(p).erc.enabled) for arm, p in plan.arms}
+    assert kinds == {"vanilla": ("routed", False), "aoe": ("aoe", False)}
+    erc = plan.trial_config({"erc.alpha": 0.6})
+    assert (erc.moe.kind, erc.erc.enabled) == ("routed", True) and plan.study.search.baseline_arm == "vanilla"
+    aoe = plan.trial_config(dict(plan.arms)["aoe"])
+    assert abs(aoe.num_params() - erc.num_params()) / erc.num_params() < 0.02  # the arms differ in routing only

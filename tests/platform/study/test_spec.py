@@ -33,7 +33,8 @@ def spec(**changes):
     return data
 
 
-@pytest.mark.parametrize("path", ["search_spaces/quickstart.yaml", "search_spaces/alpha_epsilon.yaml", "search_spaces/expert_scaling.yaml"])
+@pytest.mark.parametrize("path", ["search_spaces/quickstart.yaml", "search_spaces/alpha_epsilon.yaml", "search_spaces/expert_scaling.yaml",
+                                  "search_spaces/paper_comparison.yaml"])
 def test_shipped_studies_validate(path, capsys):
     """The quickstart trains on the built-in corpus; the others on shards a researcher prepares first: their files are
     valid, and validate refuses them, in one line, until the shards exist."""
