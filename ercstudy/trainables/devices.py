@@ -33,6 +33,18 @@ def peak_tflops(name: str) -> float | None:
     return None
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """The most memory this worker has held so far, in MiB: allocated by torch on a GPU (no sync: a host-side counter),
+    the process's peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
 def device_peak_flops(device: torch.device) -> float | None:
     """FLOP/s of `device` for MFU; None on CPU and on GPUs the table does not know."""
     if device.type != "cuda":

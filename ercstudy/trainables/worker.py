@@ -26,7 +26,7 @@ from ercstudy.trainables.checkpoint import save as save_checkpoint
 from ercstudy.trainables.checkpoint_writer import CheckpointSchedule, CheckpointWriter
 from ercstudy.trainables.config import CONFIG_KEY, TrialConfig
 from ercstudy.trainables.data import GlobalBatchStream, build_train_data
-from ercstudy.trainables.devices import device_peak_flops
+from ercstudy.trainables.devices import device_peak_flops, peak_memory_mb
 from ercstudy.trainables.engine import build_engine
 from ercstudy.trainables.erc import resolve_epsilon
 from ercstudy.trainables.evals import build_evaluator
@@ -128,6 +128,7 @@ def window_metrics(trial: Trial, window: Window) -> dict[str, Any]:
         "grad_norm": grad_norm,
         "lr": float(trial.engine.get_lr()[0]),
         "tokens_per_s": tokens / elapsed,
+        "peak_memory_mb": peak_memory_mb(trial.device),
         **spec,
     }
     peak = device_peak_flops(trial.device)

@@ -82,11 +82,23 @@ def confounders(study: Study, point: dict[str, Any], baseline: dict[str, Any]) -
     return out
 
 
-def point_rows(study: Study, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per point (sampled or arm): its seeds' mean and interval, and its paired difference to the
-    baseline at equal seeds, with the params other than ERC's that differ from the baseline's (`confounded_by`).
-    Only completed trials with a finite objective count."""
-    metric, mode = study.objective.metric, study.objective.mode
+# What a report compares besides the objective (the study's `report.metrics`, else these): the paper's claims are about
+# the coupling and the cost, not the loss alone. Cost metrics are compared as ratios to the baseline arm.
+DEFAULT_METRICS = ("alpha_star", "diag_dominance", "eps_mean", "domain_nmi", "lb_loss", "tokens_per_s", "peak_memory_mb")
+COST_METRICS = ("tokens_per_s", "peak_memory_mb")
+MODES = {"alpha_star": "min", "diag_dominance": "max", "domain_nmi": "max", "lb_loss": "min", "tokens_per_s": "max",
+         "peak_memory_mb": "min", "eps_mean": "max"}  # which way is better, for `significant`
+
+
+def point_rows(study: Study, trials: list[dict[str, Any]], metric: str | None = None, *, mode: str | None = None,
+               ratio: bool = False) -> list[dict[str, Any]]:
+    """One row per point (sampled or arm): its seeds' mean and interval of `metric` (default: the objective), and its
+    paired difference to the baseline at equal seeds (with `ratio`, the paired ratio to it, tested against 1), with
+    the params other than ERC's that differ from the baseline's (`confounded_by`). Only completed trials with a
+    finite value count."""
+    if metric is None:
+        metric, mode = study.objective.metric, study.objective.mode
+    mode = mode or MODES.get(metric, "min")
     done = [t for t in trials if t["status"] == "completed" and isinstance(t.get(metric), (int, float)) and math.isfinite(t[metric])]
     by_point: dict[str, list[dict[str, Any]]] = {}
     for t in done:
@@ -103,15 +115,18 @@ def point_rows(study: Study, trials: list[dict[str, Any]]) -> list[dict[str, Any
             ours = {t["seed"]: t[metric] for t in ts}
             theirs = {t["seed"]: t[metric] for t in by_point[base]}
             common = sorted(set(ours) & set(theirs))
-            if common:
-                d = t_interval([ours[s] - theirs[s] for s in common])
-                row.update({"baseline": base, "pairs": d.n, "diff": d.mean, "diff_low": d.low, "diff_high": d.high, "p": d.p,
+            if common and not (ratio and any(theirs[s] == 0 for s in common)):
+                d = t_interval([ours[s] / theirs[s] - 1 if ratio else ours[s] - theirs[s] for s in common])
+                shift = 1.0 if ratio else 0.0  # a ratio is reported as ours / theirs, its test as ratio - 1 = 0
+                row.update({"baseline": base, "pairs": d.n, "diff": d.mean + shift, "diff_low": d.low + shift,
+                            "diff_high": d.high + shift, "p": d.p,
                             "confounded_by": ", ".join(confounders(study, ts[0], by_point[base][0]))})
         rows.append(row)
     for row, p_holm in zip(rows, holm([r.get("p", math.nan) for r in rows])):
         if "diff" in row:
             row["p_holm"] = p_holm
-            better = row["diff"] < 0 if mode == "min" else row["diff"] > 0
+            neutral = 1.0 if ratio else 0.0
+            better = row["diff"] < neutral if mode == "min" else row["diff"] > neutral
             row["significant"] = (("better" if better else "worse") if math.isfinite(p_holm) and p_holm < 1 - LEVEL
                                   else "no" if math.isfinite(p_holm) else "n/a (1 pair)")
     order = {"min": 1, "max": -1}[mode]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ercstudy.platform.report import figures
-from ercstudy.platform.report.comparison import LEVEL, alpha_groups, point_rows
+from ercstudy.platform.report.comparison import COST_METRICS, DEFAULT_METRICS, LEVEL, alpha_groups, point_rows
 from ercstudy.platform.report.importance import importance_lines
 from ercstudy.platform.report.scaling import scaling_section
 from ercstudy.platform.study import leaderboard
@@ -131,8 +131,46 @@ def study_trials(study: Study, state: Any) -> list[dict[str, Any]]:
             "top_k": cfg.moe.top_k,
             "alpha": cfg.erc.alpha if cfg.erc.enabled else None,  # no ERC, no alpha: never in an alpha fit
             **{k: m.get(k) for k in ("alpha_star", "eps_mean", "lb_loss", "load_max_over_mean")},  # the paper's figures
+            **{k: m.get(k) for k in report_metrics(study)},
         })
     return out
+
+
+def report_metrics(study: Study) -> list[str]:
+    """What the report compares besides the objective: the study's report.metrics, else comparison.DEFAULT_METRICS."""
+    names = study.report_metrics if study.report_metrics is not None else DEFAULT_METRICS
+    return [m for m in names if m not in {o.metric for o in study.objectives}]
+
+
+def metric_lines(study: Study, trials: list[dict[str, Any]], out_dir: Path) -> list[str]:
+    """The report's per-metric section, also as metrics.csv: for each metric, each point's mean and interval over its
+    seeds and its paired difference to the baseline arm (cost metrics: the paired ratio), Holm-corrected per metric."""
+    import csv
+
+    cols = ["point", "arm", "seeds", "mean", "ci_low", "ci_high", "diff", "diff_low", "diff_high", "p_holm", "significant"]
+    lines, every = [], []
+    for metric in report_metrics(study):
+        ratio = metric in COST_METRICS
+        rows = point_rows(study, trials, metric, ratio=ratio)
+        if not rows:
+            continue  # no completed trial reports it (a router metric in an AoE-only study)
+        every += [{"metric": metric, **r} for r in rows]
+        shown = [{**r, "ratio" if ratio else "diff": r.get("diff"), "ratio_low" if ratio else "diff_low": r.get("diff_low"),
+                  "ratio_high" if ratio else "diff_high": r.get("diff_high")} for r in rows]
+        table_cols = [c.replace("diff", "ratio") if ratio else c for c in cols]
+        lines += ["", f"### {metric}" + (" (ratio to the baseline arm)" if ratio else ""), "", *markdown_table(shown, table_cols)]
+    if not every:
+        return []
+    with (out_dir / "metrics.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["metric", *cols, "baseline", "pairs", "p"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(every)
+    base = study.search.baseline_arm
+    return ["", "## Points: the other metrics over seeds", "",
+            f"As the objective's table, for each metric the study compares (report.metrics): `diff` the point minus the "
+            f"`{base}` arm at equal seeds; for cost metrics `ratio`, the point over it (paired, tested against 1); Holm "
+            f"over the points, per metric." if base else "As the objective's table, for each metric; no baseline arm.",
+            *lines]
 
 
 def point_lines(study: Study, trials: list[dict[str, Any]], out_dir: Path) -> list[str]:
@@ -218,6 +256,7 @@ def _write_report_files(study: Study, state: Any, out_dir: Path, *, directory: s
     lines = [f"# Study {study.name}", "", f"{len(trials)} trials, {len(done)} completed; objective {o.metric} ({o.mode}).", "",
              f"Order: {leaderboard.title(study)}.", "", *markdown_table(board, cols)]
     lines += point_lines(study, trials, out_dir)
+    lines += metric_lines(study, trials, out_dir)
     importances: dict[str, Any] = {}
     if directory is not None:  # the study's Optuna store (optuna_store.py)
         with read_study(directory, study.name) as optuna_study:

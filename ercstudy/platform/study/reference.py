@@ -103,7 +103,9 @@ def reference() -> str:
     """The whole page."""
     lines = [HEADER, "# A study file", "",
              "Sections: `name`, `base` (a trial config, below), `search`, `objective`, `scheduler`, `resources` "
-             "(overrides `base.resources`), `tracking`, `storage` (where the study lives: a path or s3:// / gs:// URI).", ""]
+             "(overrides `base.resources`), `tracking`, `storage` (where the study lives: a path or s3:// / gs:// URI), `report` "
+             "(`metrics`: the reported metrics the report compares besides the objective, cost metrics as ratios; default "
+             "alpha_star, diag_dominance, eps_mean, domain_nmi, lb_loss, tokens_per_s, peak_memory_mb).", ""]
     lines += section("search", SearchConfig, "What the sampler explores, and how often; `params` maps a dotted trial-config "
                      "path to a param (below).")
     lines += section("search.params.PATH", ParamSpec)

@@ -28,7 +28,7 @@ from ercstudy.trainables.lm_eval_adapter import check as harness_check
 from ercstudy.trainables.lm_eval_adapter import with_absolute_paths
 from ercstudy.trainables.validation import ConfigError, from_dict, require
 
-SECTIONS = ("name", "base", "search", "objective", "scheduler", "resources", "tracking", "storage")
+SECTIONS = ("name", "base", "search", "objective", "scheduler", "resources", "tracking", "storage", "report")
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
 FLIP = {"<=": ">=", "<": ">", ">=": "<=", ">": "<", "==": "=="}
@@ -195,6 +195,7 @@ class Study:
     source: str = ""
     storage: str | None = None  # the study's `storage:` (platform/cluster/storage.py); --storage overrides it
     overrides: tuple[str, ...] = ()  # `key=value`s from the command line (overrides.py), applied to the file
+    report_metrics: tuple[str, ...] | None = None  # `report: {metrics: [...]}`: what the report compares besides the objective
     spec: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # the file as parsed, overrides applied
 
     @property
@@ -393,7 +394,14 @@ def parse_study(data: Any, *, source: str = "", overrides: tuple[str, ...] = ())
     storage = data.get("storage")
     require(storage is None or (isinstance(storage, str) and storage.strip() != ""), "storage",
             f"must be a path every node mounts or a URI such as s3://bucket/prefix, got {storage!r}")
-    study = Study(name, base, search, objectives, scheduler, tracking, constraints, source, storage, overrides, copy.deepcopy(data))
+    report = _section(data, "report")
+    unknown = set(report) - {"metrics"}
+    require(not unknown, f"report.{sorted(unknown)[0] if unknown else ''}", "unknown key; allowed: metrics")
+    metrics = report.get("metrics")
+    require(metrics is None or (isinstance(metrics, list) and all(isinstance(m, str) for m in metrics)), "report.metrics",
+            f"must be a list of reported metric names, got {metrics!r}")
+    study = Study(name, base, search, objectives, scheduler, tracking, constraints, source, storage, overrides=overrides,
+                  report_metrics=tuple(metrics) if metrics is not None else None, spec=copy.deepcopy(data))
     check_space(study)
     if any(o.metric.startswith("harness/") for o in objectives):
         require(scheduler.type == "none" or base_cfg.eval.harness.at != "final", "scheduler.type",
@@ -403,13 +411,14 @@ def parse_study(data: Any, *, source: str = "", overrides: tuple[str, ...] = ())
         known = reported_metrics(base_cfg) | harness_check(base_cfg)
     except ConfigError as err:
         raise err.under("base") from None
-    for i, obj in enumerate(objectives):
-        where = "objective.metric" if len(objectives) == 1 else f"objective[{i}].metric"
-        if obj.metric not in known:
+    checked = [("objective.metric" if len(objectives) == 1 else f"objective[{i}].metric", o.metric) for i, o in enumerate(objectives)]
+    checked += [(f"report.metrics[{i}]", m) for i, m in enumerate(metrics or [])]
+    for where, metric in checked:
+        if metric not in known:
             import difflib
 
-            close = difflib.get_close_matches(obj.metric, sorted(known), n=1)
-            raise ConfigError(where, f"no trial reports {obj.metric!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+            close = difflib.get_close_matches(metric, sorted(known), n=1)
+            raise ConfigError(where, f"no trial reports {metric!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
                                      f"reported: {', '.join(sorted(k for k in known if '/layer' not in k))}")
     return study
 
@@ -437,7 +446,8 @@ def reported_metrics(cfg: TrialConfig) -> set[str]:
     """Every metric name a trial of this config reports (objectives must be among them)."""
     from ercstudy.trainables.specialization import LAYER_METRICS, ROUTER_METRICS
 
-    names = {"step", "total_steps", "tokens", "lm_loss", "lb_loss", "z_loss", "erc_loss", "grad_norm", "lr", "tokens_per_s", "mfu"}
+    names = {"step", "total_steps", "tokens", "lm_loss", "lb_loss", "z_loss", "erc_loss", "grad_norm", "lr", "tokens_per_s", "mfu",
+             "peak_memory_mb"}
     layer = [m for m in LAYER_METRICS if cfg.moe.kind == "routed" or m not in ROUTER_METRICS]
     layer += ["domain_nmi"] if cfg.data.kind == "synthetic" else []
     for m in layer:

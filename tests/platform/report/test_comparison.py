@@ -92,3 +92,23 @@ def test_best_alpha_groups_hold_erc_trials_at_equal_other_params_or_say_they_are
         t["alpha"] = t["params"]["erc.alpha"]
     (group,) = alpha_groups(quick, sampled)
     assert group.label == "experts=8" and group.confounded == ["train.lr"] and len(group.trials) == 4
+
+
+def test_any_metric_is_compared_and_a_cost_as_a_paired_ratio():
+    """The report compares more than the objective: alpha* as a paired difference, tokens/s as a paired ratio."""
+    study = load_study("search_spaces/paper_comparison.yaml")
+    trials = []
+    for s in range(3):
+        for point, arm, params, alpha_star, speed in (("vanilla:erc.enabled=False", "vanilla", {"erc.enabled": False}, 1.7, 100.0),
+                                                      ("p0", "search", {"erc.alpha": 0.6}, 0.5 + 0.01 * s, 99.0 - s),
+                                                      ("aoe", "aoe", {"erc.enabled": False, "moe.kind": "aoe"}, 0.9, 60.0 + s)):
+            t = trial(point, arm, s, 3.0, {**params, "train.seed": s})
+            trials.append({**t, "alpha_star": alpha_star + 0.001 * s, "tokens_per_s": speed + s})
+    star = {r["point"]: r for r in point_rows(study, trials, "alpha_star")}
+    assert star["p0"]["diff"] == pytest.approx(np.mean([(0.5 + 0.01 * s) - 1.7 for s in range(3)]))
+    assert star["p0"]["significant"] == "better"  # lower alpha* is tighter coupling
+    speed = {r["point"]: r for r in point_rows(study, trials, "tokens_per_s", ratio=True)}
+    ratios = [(60.0 + 2 * s) / (100.0 + s) for s in range(3)]
+    assert speed["aoe"]["diff"] == pytest.approx(np.mean(ratios))
+    assert speed["aoe"]["p"] == pytest.approx(stats.ttest_1samp(np.array(ratios) - 1, 0).pvalue)
+    assert speed["aoe"]["significant"] == "worse" and "diff" not in speed["vanilla:erc.enabled=False"]

@@ -50,6 +50,8 @@ def test_shipped_studies_validate(path, capsys):
 
 SEARCH = QUICKSTART["search"]
 BAD = [
+    (spec(report={"metrics": ["alpha_star", "diag_dominanse"]}), "report.metrics[1]: no trial reports 'diag_dominanse' (did you mean 'diag_dominance'?)"),
+    (spec(report={"metric": ["alpha_star"]}), "report.metric: unknown key; allowed: metrics"),
     (spec(seach=SEARCH), "seach: unknown section (did you mean 'search'?)"),
     (spec(search={**SEARCH, "samplr": "tpe"}), "search.samplr: unknown key (did you mean 'sampler'?)"),
     (spec(search={**SEARCH, "params": {"erc.alpah": {"type": "float", "low": 0, "high": 1}}}),
