@@ -164,6 +164,10 @@ def test_three_trials_at_once_train_through_a_tracking_server_outage(server, ray
     server.stop()
     stopped = time.monotonic()
     time.sleep(10)  # 5x the driver's retries for one call; its next try comes up to 15 s later
+    # and down until the driver has met the outage: on a busy machine its trials (whose MLflow runs it makes) may
+    # start later than 10 s from here, and a server back before any call would test nothing
+    while "is not answering; buffering to" not in log.read_text() and proc.poll() is None and time.monotonic() - stopped < 240:
+        time.sleep(0.5)
     server.start()
     back = time.monotonic()
     text = finished(proc, log)
