@@ -14,7 +14,14 @@ from typing import Any, Literal
 from ercstudy.trainables.data import DataConfig, check_data
 from ercstudy.trainables.erc import ERCConfig
 from ercstudy.trainables.evals import EvalConfig
-from ercstudy.trainables.model import ModelConfig, flops_per_token, moe_layer_ids, num_active_params, num_params
+from ercstudy.trainables.model import (
+    ModelConfig,
+    aoe_rank,
+    flops_per_token,
+    moe_layer_ids,
+    num_active_params,
+    num_params,
+)
 from ercstudy.trainables.moe import MoEConfig
 from ercstudy.trainables.validation import ConfigError, from_dict, require, to_dict
 
@@ -233,6 +240,8 @@ class TrialConfig:
         tokens = self.train.micro_batch_size * m.seq_len
         attn = tokens * m.d_model * (34 + 5 * m.n_heads * m.seq_len / m.d_model) * act_bytes / 2
         experts = tokens * moe.top_k * moe.expert_dim * 3 * act_bytes
+        if moe.kind == "aoe":  # every expert's pre-computed low-rank activation of every token, kept for backward
+            experts += tokens * moe.num_experts * aoe_rank(m, moe) * act_bytes
         return m.n_layers * attn + self.num_moe_layers * experts
 
     def num_active_params(self) -> int:

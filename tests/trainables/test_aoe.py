@@ -106,6 +106,19 @@ def test_the_model_counts_aoes_parameters_and_flops_as_built():
     assert cfg.num_active_params() == cfg.num_params() - cfg.num_moe_layers * idle
 
 
+def test_the_dry_runs_memory_counts_every_experts_pre_computed_activation():
+    from ercstudy.trainables.config import TrialConfig
+
+    aoe = aoe_config()
+    routed = TrialConfig.from_dict({**aoe.to_dict(), "moe": {**aoe.to_dict()["moe"], "kind": "routed"}})
+    from ercstudy.trainables.aoe import matched_rank
+
+    rank = matched_rank(32, 32)
+    tokens = aoe.train.micro_batch_size * aoe.model.seq_len
+    extra = aoe.num_moe_layers * tokens * aoe.moe.num_experts * rank * 4  # fp32 on CPU
+    assert aoe.activation_memory(gpu=False) - routed.activation_memory(gpu=False) == extra
+
+
 def test_an_aoe_trial_trains_and_reports_its_coupling_from_its_own_activations():
     """Through the training step and the report, as a worker runs them: no router metrics, M from the activations."""
     from conftest import single_process_group
