@@ -1,4 +1,6 @@
-"""The GPU session runs on a bare machine in one call: its CPU twin, a fresh virtualenv holding only what the GPU
+"""The benchmarks' own check, outside the suite CI runs (about 65 s of a CI run's critical path, which is kept under
+20 minutes): `python -m pytest benchmarks/device` before a GPU session. The GPU session runs on a bare machine in
+one call: its CPU twin, a fresh virtualenv holding only what the GPU
 machine is known to have of ours (torch, pytest, numpy, pyarrow) plus the bundle benchmarks/device/prepare.sh
 builds, installed the same way, runs benchmarks/device/session.sh in its tiny CPU mode to the end, every part
 writing its JSON."""
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]  # benchmarks/device/ -> the repository
 
 
 def run(cmd, **kw):
