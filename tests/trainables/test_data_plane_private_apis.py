@@ -57,3 +57,19 @@ def test_deepspeeds_engine_still_keeps_its_checkpoint_engine_and_parsed_config()
     for attribute in ("self.checkpoint_engine", "self._config"):
         assert attribute in source, f"DeepSpeedEngine has no {attribute} any more: update private_apis.replace_checkpoint_engine"
     assert list(inspect.signature(TorchCheckpointEngine.__init__).parameters)[:2] == ["self", "config_params"]
+
+
+def test_deepspeed_imports_without_mlflow_and_mlflow_still_imports_after():
+    """In a fresh process, as a Train worker imports it: DeepSpeed loads without MLflow (its autotuner still guards
+    the import), and MLflow imports afterwards as usual."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom ercstudy.trainables.private_apis import import_deepspeed_without_mlflow\n"
+             "import_deepspeed_without_mlflow()\nimport deepspeed.autotuning.autotuner as a\n"
+             "print('deepspeed', 'mlflow' in sys.modules, a.has_mlflow)\nimport mlflow\nprint('mlflow', mlflow.__version__ != '')\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["deepspeed False False", "mlflow True"], out.stdout

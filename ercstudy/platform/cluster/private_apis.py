@@ -52,6 +52,21 @@ PRIVATE_DRIVER_SETTINGS = {"RAY_prestart_worker_first_driver": "0", "RAY_TRAIN_E
 WORKER_SETTINGS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
+def without_datasets_callback(trainer: Any) -> Any:
+    """`trainer` (a TorchTrainer given no datasets) without Ray Train's datasets callback, which every run gets and
+    which starts a DatasetManager actor per run whether or not there are datasets
+    (ray/train/v2/api/data_parallel_trainer.py `_create_default_callbacks`, ray/train/v2/_internal/callbacks/datasets.py):
+    a Ray process per trial, about 1.7 s of CPU, for nothing. The workers read their data themselves
+    (trainables/data.py), the `ray_data` reader included."""
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    if trainer.datasets:
+        return trainer
+    defaults = trainer._create_default_callbacks
+    trainer._create_default_callbacks = lambda: [cb for cb in defaults() if not isinstance(cb, DatasetsCallback)]
+    return trainer
+
+
 def optuna_trial_id(trial: Any) -> int:
     """An Optuna Trial's id in its storage, which `optuna.Trial(study, trial_id)` takes to rebuild it (the searcher's
     pickle holds ids, not trials). Optuna has only `number` publicly, and no public way from a number to a Trial."""

@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class LocalRay:
     temp_dir: str
     log_path: str
     dashboard_url: str  # the Jobs API (`ercstudy submit --address`) and the web UI
+    node_id: str = ""  # fixed at launch, so that its agents' port files can be named before the raylet looks
     token_dir: str | None = None  # the directory of its authentication token, removed when it stops
 
     def stop(self) -> None:
@@ -94,6 +96,15 @@ RAY_START = (
 
 def start_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIMEOUT_S) -> LocalRay:
     """Start a private head node on loopback; returns once it accepts drivers."""
+    local, ports = launch_local_ray(num_cpus, timeout_s=timeout_s)
+    wait_started(local, ports, timeout_s=timeout_s)
+    return local
+
+
+def launch_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIMEOUT_S) -> tuple[LocalRay, dict[str, int]]:
+    """Start `ray start --head` for a private head node on loopback and return at once, with the agent ports that
+    `wait_started` writes. Call it from the thread that lives as long as the node should: `ray start` gets SIGTERM
+    when that thread ends (RAY_START), so never from a short-lived thread."""
     temp_dir = tempfile.mkdtemp(prefix="ercstudy-ray-")  # short: Ray's socket paths must fit in 107 bytes
     node_id = os.urandom(28).hex()
     agent_flags = private_apis.agent_port_names()  # port-file name -> `ray start` flag
@@ -120,23 +131,29 @@ def start_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIM
     log_path = os.path.join(temp_dir, "ray-start.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    local = LocalRay(proc, f"127.0.0.1:{gcs_port}", temp_dir, log_path, f"http://127.0.0.1:{dashboard_port}")
+    local = LocalRay(proc, f"127.0.0.1:{gcs_port}", temp_dir, log_path, f"http://127.0.0.1:{dashboard_port}", node_id=node_id)
+    return local, ports
+
+
+def wait_started(local: LocalRay, ports: dict[str, int], *, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Wait until the launched node accepts drivers, writing its agents' port files as soon as its session directory
+    exists (the raylet waits for them)."""
     deadline = time.monotonic() + timeout_s
     written = False
     while True:
-        if proc.poll() is not None:
-            raise RayStartError(f"local Ray exited with status {proc.returncode} while starting; {_log_tail(local)}")
+        if local.process.poll() is not None:
+            raise RayStartError(f"local Ray exited with status {local.process.returncode} while starting; {_log_tail(local)}")
         if time.monotonic() > deadline:
             local.stop()
             raise RayStartError(f"local Ray did not start within {timeout_s:.0f} s; {_log_tail(local)}")
         if not written:
-            sessions = [p for p in Path(temp_dir).glob("session_*") if p.is_dir() and not p.is_symlink()]
+            sessions = [p for p in Path(local.temp_dir).glob("session_*") if p.is_dir() and not p.is_symlink()]
             if sessions:
                 for name, port in ports.items():
-                    private_apis.persist_port(str(sessions[0]), node_id, name, port)
+                    private_apis.persist_port(str(sessions[0]), local.node_id, name, port)
                 written = True
-        if "Ray runtime started" in Path(log_path).read_text(errors="replace"):
-            return local
+        if "Ray runtime started" in Path(local.log_path).read_text(errors="replace"):
+            return
         time.sleep(0.05 if not written else 0.5)
 
 
@@ -191,6 +208,65 @@ def enable_token_auth(token_path: str) -> None:
     private_apis.reload_ray_config()
 
 
+class _Starting(threading.Thread):
+    """Waits for a launched private Ray (a daemon thread: a driver that exits meanwhile does not wait for it)."""
+
+    def __init__(self, local: LocalRay, ports: dict[str, int]):
+        super().__init__(name="ercstudy-ray-start", daemon=True)
+        self.launched, self.error = (local, ports), None
+
+    def run(self) -> None:
+        try:
+            _wait_private(*self.launched)
+        except BaseException as err:  # raised by result(), in the thread that connects
+            self.error = err
+
+    def result(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+_starting: _Starting | None = None  # the private Ray that `prestart` launched, until ensure_ray has waited for it
+
+
+def prestart(address: str | None = None) -> None:
+    """Launch the private Ray now, where `ensure_ray(address)` would start one, and wait for it in a thread, so that
+    its start (seconds of CPU in Ray's own processes) overlaps the driver's own work before it connects (opening the
+    tracking store). No-op for a cluster or when this process has its Ray already."""
+    global _starting
+    import ray
+
+    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized() or _starting is not None \
+            or (_local is not None and _local.process.poll() is None):
+        return
+    _starting = _Starting(*_launch_private(None))  # launched here, in the thread that lives as long as the driver
+    _starting.start()
+
+
+def _launch_private(num_cpus: int | None) -> tuple[LocalRay, dict[str, int]]:
+    global _local
+    for key, value in private_apis.PRIVATE_DRIVER_SETTINGS.items():
+        os.environ.setdefault(key, value)
+    print("ercstudy: starting a local Ray instance (seconds on a laptop, minutes on a small busy machine)", file=sys.stderr, flush=True)
+    # Ray's core servers listen on every interface whatever --node-ip-address says: token authentication makes
+    # them, the dashboard and its Jobs API refuse clients without this instance's token (a file only this user can
+    # read; this process and Ray's inherit its path)
+    token = new_token_file()
+    enable_token_auth(token)
+    private_apis.reach_ray_on_loopback()  # the node on 127.0.0.1, not the machine's network address
+    local, ports = launch_local_ray(num_cpus)
+    local.token_dir = os.path.dirname(token)
+    _local = local
+    atexit.register(stop_local_ray)
+    return local, ports
+
+
+def _wait_private(local: LocalRay, ports: dict[str, int]) -> None:
+    wait_started(local, ports)
+    print(f"ercstudy: local Ray is up at {local.address} (dashboard: {local.dashboard_url})", file=sys.stderr, flush=True)
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = True) -> RayLogs:
     """Connect to Ray once per process: the cluster at `address` / RAY_ADDRESS, else a private local instance.
 
@@ -205,7 +281,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbo
     (ray/train/v2/_internal/execution/controller/placement_group_cleaner.py), and so frees the
     workers of trials that Tune stops early.
     """
-    global _local, _logs
+    global _local, _logs, _starting
     import ray
 
     if ray.is_initialized():
@@ -215,20 +291,11 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbo
     if address:
         use_token_if_available(address)
     if not address:
-        for key, value in private_apis.PRIVATE_DRIVER_SETTINGS.items():
-            os.environ.setdefault(key, value)
-        if _local is None or _local.process.poll() is not None:
-            print("ercstudy: starting a local Ray instance (seconds on a laptop, minutes on a small busy machine)", file=sys.stderr, flush=True)
-            # Ray's core servers listen on every interface whatever --node-ip-address says: token
-            # authentication makes them, the dashboard and its Jobs API refuse clients without this
-            # instance's token (a file only this user can read; this process and Ray's inherit its path)
-            token = new_token_file()
-            enable_token_auth(token)
-            private_apis.reach_ray_on_loopback()  # the node on 127.0.0.1, not the machine's network address
-            _local = start_local_ray(num_cpus)
-            _local.token_dir = os.path.dirname(token)
-            atexit.register(stop_local_ray)
-            print(f"ercstudy: local Ray is up at {_local.address} (dashboard: {_local.dashboard_url})", file=sys.stderr, flush=True)
+        if _starting is not None:  # prestarted: wait for it here, so that a failed start is raised here
+            starting, _starting = _starting, None
+            starting.result()
+        elif _local is None or _local.process.poll() is not None:
+            _wait_private(*_launch_private(num_cpus))
         address = _local.address
     # A process that the private Ray or its starter started (a job's driver, a test's study) inherits
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 and reaches it on loopback by itself (Ray reads it at import); a cluster

@@ -32,6 +32,7 @@ from ray import tune
 from ercstudy.platform.cluster import storage as locations
 from ercstudy.platform.cluster.capacity import Capacity, cluster_capacity, cpu_need, head_pin
 from ercstudy.platform.study import leaderboard as ranking
+from ercstudy.platform.study import relay
 from ercstudy.platform.study.plan import StudyPlan, plan_study
 from ercstudy.platform.study.progress import ProgressCallback
 from ercstudy.platform.study.search import build_scheduler, build_search, point_tags
@@ -192,7 +193,7 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
 
     verbose: Ray's and DeepSpeed's output streams to this terminal as well as to Ray's log files.
     """
-    from ercstudy.platform.cluster.ray_runtime import ray_session
+    from ercstudy.platform.cluster.ray_runtime import prestart, ray_session
 
     plan = plan_study(study)
     # the storage first, before tracking and Ray: a bad one is one line, and no trial or parent run exists yet
@@ -206,6 +207,7 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
     if exists:
         raise StudyError(f"study {study.name!r} already exists in {directory}: `ercstudy resume {study.name}` continues it, "
                          f"or rename the study (name:) for a new one")
+    prestart(address)  # a private Ray starts while the tracking store opens
     uri, c = open_tracking(study, state=state, directory=directory)  # before any Ray resource: an unreachable server fails here
     with ray_session(address, verbose=verbose) as logs:
         cap = cluster_capacity()
@@ -239,6 +241,8 @@ def fit(plan: StudyPlan, directory: locations.Location, state: StudyState, *, re
         # its legacy engine, which this variable selects, prints nothing at 0.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(study_trial, {**TRIAL_ACTOR, **head_pin()})
+    # the trials' reports reach their Tune actors through it (trial.tune_trial); it lives while this handle does
+    reports_relay = relay.start(head_pin())
     callbacks = [MLflowStudyCallback(study.name, state.tracking_uri, state.experiment_id, state.parent_run_id,
                                      outbox=str(directory / outbox.OUTBOX), trial_config=plan.trial_config,
                                      point_tags=point_tags),
@@ -264,7 +268,9 @@ def fit(plan: StudyPlan, directory: locations.Location, state: StudyState, *, re
             ),
             run_config=run_config,
         )
-    return [(r.metrics or {}, r.config or {}, r.error, r.path) for r in tuner.fit()]
+    results = [(r.metrics or {}, r.config or {}, r.error, r.path) for r in tuner.fit()]
+    del reports_relay
+    return results
 
 
 def leaderboard(study: Study, results: list[tuple]) -> list[dict[str, Any]]:

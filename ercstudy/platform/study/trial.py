@@ -22,6 +22,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     workers only: the trial's Tune actor and Ray Train's controller unpickle this function by reference to this
     module, and a direct reference to trainables/worker.py cost each of them about a second of CPU and the memory of
     DeepSpeed, per trial, on the head node where they live."""
+    from ercstudy.trainables.private_apis import import_deepspeed_without_mlflow
+
+    import_deepspeed_without_mlflow()
     from ercstudy.trainables.worker import train_loop_per_worker as loop
 
     return loop(config)
@@ -82,6 +85,7 @@ def run_trial(cfg: TrialConfig, *, name: str, storage_path: str, callbacks: list
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
+    private_apis.without_datasets_callback(trainer)
     try:
         result = trainer.fit()
     except Exception as err:  # TrainingFailedError: workers failed more than max_failures times
@@ -124,33 +128,31 @@ def tune_trial(cfg: TrialConfig, *, name: str, storage_path: str) -> TrialResult
     """
     import threading
 
-    import ray
     from ray import tune
-    from ray.util.queue import Empty, Queue
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # one report at a time, as Ray's callback: Train waits until Tune has taken a report (a scheduler's stop lands
-    # at its rung, not some steps later); on this trial actor's node (the head, runner.TRIAL_ACTOR), so that a lost
-    # worker node does not take the queue, and every report after it, with it
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    queue = Queue(maxsize=1, actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    from ercstudy.platform.study import relay
+
+    channel = relay.Channel(f"{storage_path}/{name}")  # the study's relay (driver.fit started it), this trial's slot
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
         try:
             outcome["result"] = run_trial(cfg, name=name, storage_path=storage_path,
-                                          callbacks=[ReportQueueCallback(queue, drop=(), checkpoint_key=reports.CHECKPOINT_PATH)])
+                                          callbacks=[ReportQueueCallback(channel, drop=(), checkpoint_key=reports.CHECKPOINT_PATH)])
         except BaseException as err:  # raised in the trial's thread below
             outcome["error"] = err
 
     fitting = threading.Thread(target=fit, name="ercstudy-fit", daemon=True)
     fitting.start()
-    # once fit() has returned, every report was put (a put returns once the queue holds it): what is left is there
-    while fitting.is_alive() or not queue.empty():
-        try:
-            tune.report(queue.get(timeout=1.0))
-        except Empty:
-            pass
+    # once fit() has returned, every report was put (a put returns once the slot holds it): what is left is there
+    while True:
+        running = fitting.is_alive()
+        got, item = channel.get(timeout=1.0 if running else 0.0)
+        if got:
+            tune.report(item)
+        elif not running:
+            break
+    channel.close()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

@@ -50,6 +50,22 @@ def test_autoscaler_status_is_read_as_before():
         "Ray's monitor no longer publishes its autoscaler report under DEBUG_AUTOSCALING_STATUS (private_apis.autoscaler_running)"
 
 
+def test_the_datasets_callback_is_dropped_as_before():
+    """Ray Train still makes its default callbacks in `_create_default_callbacks`, the datasets callback among them,
+    and a trainer without datasets loses exactly that one (private_apis.without_datasets_callback)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    def make():
+        return TorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+
+    default = [type(cb) for cb in make()._create_default_callbacks()]
+    assert DatasetsCallback in default, "Ray Train no longer adds its DatasetsCallback by default (private_apis.without_datasets_callback)"
+    lean = [type(cb) for cb in private_apis.without_datasets_callback(make())._create_default_callbacks()]
+    assert lean == [t for t in default if t is not DatasetsCallback]
+
+
 @pytest.mark.ray
 def test_a_head_without_an_autoscaling_config_has_no_autoscaler(ray_session):
     """The private Ray's head runs Ray's read-only monitor: no autoscaler that could add nodes (the study's resource
