@@ -3,6 +3,7 @@ same weights, same tokens; and the grouped expert GEMMs alone.
 
     python benchmarks/moe_layer.py            # GPU, bf16: the paper's 3B layer shape, a wider one, a 256-expert one
     python benchmarks/moe_layer.py --tiny     # CPU smoke run (tests)
+    python benchmarks/moe_layer.py --device cpu --shape 64,64,8,2,1024    # one shape of your own (d,D,n,k,tokens)
 
 Variants, per shape:
   grouped        moe.GroupedMoE, the layer training builds for backend grouped (dropless)
@@ -11,14 +12,19 @@ Variants, per shape:
   deepspeed_moe  that layer's inner deepspeed.moe.layer.MoE alone (DeepSpeed's own layer, the target's baseline)
   grouped_mm     the grouped layer's expert GEMMs alone (gate_up and down, forward and both backward
                  products) on rows already sorted by expert, with the counts the router chose for these tokens
+  aoe            aoe.AoEMoE, the Autonomy-of-Experts layer of `moe.kind: aoe` (no router: every expert's
+                 low-rank gate activation pre-computed for every token, the experts chosen by its norm), its
+                 rank matched to the routed layer's parameter count: the cost the paper compares ERC against
 The ercstudy layers backpropagate their output and their LB + z losses (weighted as a trial weighs them),
 DeepSpeed's layer its output and its l_aux: what a training step sends back through each.
 
 Reports the median time, TFLOP/s counted on the expert matmuls (3 projections x 2 FLOPs x tokens x k
-x d x D, forward; x3 for forward + backward) divided by each row's own time: on the layer rows the
-whole layer's time, on the grouped_mm row the GEMMs' (so the two grouped rows give both figures), the
-speed-up of grouped over each DeepSpeed variant and (GPU) the peak memory per 1k tokens. A variant that
-runs out of GPU memory gets a row saying so; the others are still timed.
+x d x D, forward; x3 for forward + backward; AoE's own count: its pre-computation n x d x r for every
+token, then r x D + 2 x d x D for each of its k experts) divided by each row's own time: on the layer
+rows the whole layer's time, on the grouped_mm row the GEMMs' (so the two grouped rows give both
+figures), the speed-up of grouped over each DeepSpeed variant, AoE's time and (GPU) peak memory as
+ratios to grouped's, and (GPU) the peak memory per 1k tokens. A variant that runs out of GPU memory
+gets a row saying so; the others are still timed.
 
 Before timing, grouped and deepspeed are checked against each other: the output and the gradients
 of the input and of every parameter (router, gate, up, down; grouped's gate_up split into its gate
@@ -38,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import max_rel_err, parser, peak_memory_mb, report, resolve, sync, time_ms, verify  # noqa: E402
+from ercstudy.trainables.aoe import AoEMoE, matched_rank  # noqa: E402
 from ercstudy.trainables.moe import (  # noqa: E402
     GroupedMoE,
     MoEConfig,
@@ -54,10 +61,10 @@ SHAPES = [  # (d, D, n, k, tokens)
     (2048, 512, 256, 8, 16384),
 ]
 TINY = [(32, 16, 8, 2, 256), (24, 8, 16, 4, 128)]
-VARIANTS = ("grouped", "deepspeed", "deepspeed_moe", "grouped_mm")
+VARIANTS = ("grouped", "deepspeed", "deepspeed_moe", "grouped_mm", "aoe")
 CHECKED = ("output", "input gradient", "router gradient", "gate gradient", "up gradient", "down gradient")
 COLUMNS = ["shape", "variant", "median_ms", "p10_ms", "p90_ms", "tflops", "speedup_vs_deepspeed", "speedup_vs_deepspeed_moe",
-           "peak_mb_per_1k_tokens", "note"]
+           "time_vs_grouped", "memory_vs_grouped", "peak_mb_per_1k_tokens", "note"]
 MOE = MoEConfig(lb_weight=0.01, z_weight=0.001)  # a trial's default loss weights
 
 
@@ -76,6 +83,23 @@ def build(backend: str, shape, device, dtype, weights):
     if isinstance(layer, GroupedMoE):
         layer.router.data = layer.router.data.float()
     return layer
+
+
+def build_aoe(shape, device, dtype):
+    """The AoE layer at `shape`, its rank matched to the routed layer's parameter count (aoe.matched_rank)."""
+    d, D, n, k, _ = shape
+    layer = AoEMoE(MoEConfig(kind="aoe", num_experts=n, top_k=k, expert_dim=D), d)
+    layer.reset_parameters(std=0.02, out_std=0.02, generator=torch.Generator().manual_seed(2))
+    return layer.to(device, dtype)
+
+
+def expert_flops(variant: str, shape) -> float:
+    """Forward + backward FLOPs of the variant's expert matmuls on the shape's tokens."""
+    d, D, n, k, tokens = shape
+    if variant == "aoe":
+        r = matched_rank(d, D)
+        return 3 * 2 * tokens * (n * d * r + k * (r * D + 2 * d * D))
+    return 3 * 3 * 2 * tokens * k * d * D
 
 
 def parameter_grads(layer) -> dict[str, torch.Tensor]:
@@ -162,6 +186,7 @@ def bench_shape(shape, args, device, dtype, tolerance) -> tuple[list[dict], list
     try:
         layers = {b: build(b, shape, device, dtype, weights) for b in ("grouped", "deepspeed")}
         layers["deepspeed_moe"] = layers["deepspeed"].moe
+        layers["aoe"] = build_aoe(shape, device, dtype)
         checks = check_backends(layers, x, grad, tolerance, label(shape))
         with torch.no_grad():  # the counts the router chooses for these tokens, for the GEMMs-alone row
             counts_E = count_per_expert(route(x, layers["grouped"].router, k).experts_TK, n).to(torch.int64)
@@ -169,7 +194,6 @@ def bench_shape(shape, args, device, dtype, tolerance) -> tuple[list[dict], list
         layers = None
         free(device)
         return [out_of_memory_row(shape, v, "the check: nothing timed") for v in VARIANTS], []
-    flops = 3 * 3 * 2 * tokens * k * d * D
     rows = []
     for variant in VARIANTS:
         try:
@@ -181,22 +205,36 @@ def bench_shape(shape, args, device, dtype, tolerance) -> tuple[list[dict], list
             free(device)
             rows.append(out_of_memory_row(shape, variant, "timing"))
             continue
-        rows.append({"shape": label(shape), "variant": variant, **t, "tflops": flops / t["median_ms"] / 1e9,
+        rows.append({"shape": label(shape), "variant": variant, **t, "tflops": expert_flops(variant, shape) / t["median_ms"] / 1e9,
                      "peak_mb_per_1k_tokens": mem and mem * 1000 / tokens, "note": ""})
         del step
     times = {r["variant"]: r["median_ms"] for r in rows}
     grouped = next(r for r in rows if r["variant"] == "grouped")
     for baseline in ("deepspeed", "deepspeed_moe"):
         grouped[f"speedup_vs_{baseline}"] = times[baseline] / times["grouped"] if times[baseline] and times["grouped"] else None
+    aoe = next(r for r in rows if r["variant"] == "aoe")
+    aoe["time_vs_grouped"] = times["aoe"] / times["grouped"] if times["aoe"] and times["grouped"] else None
+    memory = {r["variant"]: r.get("peak_mb_per_1k_tokens") for r in rows}
+    aoe["memory_vs_grouped"] = memory["aoe"] / memory["grouped"] if memory["aoe"] and memory["grouped"] else None
     return rows, checks
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    shape = tuple(int(v) for v in text.split(","))
+    if len(shape) != 5:
+        raise ValueError(f"{text}: a shape is d,D,n,k,tokens")
+    return shape
+
+
 def main(argv=None):
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--shape", type=parse_shape, action="append", metavar="d,D,n,k,tokens",
+                   help="a layer shape to time instead of the default ones (repeatable), e.g. 64,64,8,2,1024")
+    args = p.parse_args(argv)
     device, dtype = resolve(args)
     tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-4
     rows, checks = [], []
-    for shape in TINY if args.tiny else SHAPES:
+    for shape in args.shape or (TINY if args.tiny else SHAPES):
         shape_rows, shape_checks = bench_shape(shape, args, device, dtype, tolerance)
         rows += shape_rows
         checks += shape_checks

@@ -39,6 +39,7 @@ from ercstudy.trainables.moe import (
     count_per_expert,
     grouped_mm,
     routing_losses,
+    topk_routing,
 )
 
 
@@ -75,12 +76,7 @@ class AoEMoE(nn.Module):
 
     def choose(self, a_TNR: Tensor) -> Routing:
         """The experts rank themselves by the norm of their activation (moe.route's convention on these logits)."""
-        logits_TE = torch.linalg.vector_norm(a_TNR.float(), dim=-1)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        weights_TK, experts_TK = torch.topk(probs_TE, self.top_k, dim=-1)
-        if self.top_k > 1:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).eps)
-        return Routing(weights_TK, experts_TK, probs_TE, logits_TE)
+        return topk_routing(torch.linalg.vector_norm(a_TNR.float(), dim=-1), self.top_k)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
         shape = x.shape

@@ -118,7 +118,12 @@ def route(x_TD: Tensor, router_ED: Tensor, top_k: int) -> Routing:
     The logits, softmax and top-k are float32, and so is the router GEMM's output: rounding the logits to bf16
     first would move near-ties between experts (DeepSpeed's gate routes in fp32 too). See router_logits.
     """
-    logits_TE = router_logits(x_TD, router_ED)
+    return topk_routing(router_logits(x_TD, router_ED), top_k)
+
+
+def topk_routing(logits_TE: Tensor, top_k: int) -> Routing:
+    """The routing that float32 logits [T, n] choose: softmax, the top-k experts, their probabilities renormalised
+    to sum to one when k > 1 (the routed layer's logits are the router's; AoE's the norms of its activations)."""
     probs_TE = torch.softmax(logits_TE, dim=-1)
     weights_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
     if top_k > 1:

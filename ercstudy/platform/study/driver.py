@@ -311,7 +311,8 @@ def write_leaderboard(study: Study, board: list[dict[str, Any]], directory: loca
 
     print(f"\nleaderboard ({ranking.title(study)}):")
     print("\n".join(text_table(board, cols, left=("trial", "status"), indent="  ")))
-    runs = f"#/experiments/{state.experiment_id}/runs (expand the study's run, select its trials, Compare)"
+    page = tracking.runs_page(state.experiment_id, study.objective.metric, study.objective.mode)
+    runs = f"{page} (sorted by the objective; expand the study's run, select its trials, Compare)"
     ui = (f"the runs: {state.tracking_uri.rstrip('/')}/{runs}" if state.tracking_uri.startswith(("http://", "https://"))
           else f"open the UI with: mlflow ui --backend-store-uri {state.tracking_uri}\n  then http://127.0.0.1:5000/{runs}")
     print(f"\nresults: {directory}" + (f"\nRay's logs: {logs.where()}" if logs is not None else ""))

@@ -125,6 +125,16 @@ def experiment_id(c: Any, name: str) -> str:
     return exp.experiment_id
 
 
+def runs_page(experiment_id: str, metric: str, mode: str) -> str:
+    """The MLflow UI's page of an experiment's runs, sorted by `metric` best first: the UI reads its sort from the
+    page's address (orderByKey / orderByAsc, the keys it writes there itself). MLflow has no setting that names a
+    run's or an experiment's primary metric; a study's link opens on its objective this way."""
+    import urllib.parse
+
+    query = urllib.parse.urlencode({"orderByKey": f"metrics.`{metric}`", "orderByAsc": str(mode == "min").lower()})
+    return f"#/experiments/{experiment_id}/runs?{query}"
+
+
 def flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in d.items():
