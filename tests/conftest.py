@@ -214,6 +214,23 @@ def bucket(s3_server, request):
     yield f"s3://{name}"
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on loopback for the session (postgres_server.py); a test makes its own databases.
+    Without PostgreSQL installed the tests that need it are skipped on a developer's machine and fail in CI."""
+    from postgres_server import PostgresMissing, PostgresServer
+
+    try:
+        server = PostgresServer()
+    except PostgresMissing as err:
+        if os.environ.get("CI"):
+            pytest.fail(str(err), pytrace=False)
+        pytest.skip(str(err))
+    server.start()
+    yield server
+    server.stop()
+
+
 # A line Ray streams from its processes to the driver's stderr, e.g. "(raylet) ..." or "(TrainController pid=1) ...",
 # possibly colored: once the shared Ray runs, such lines reach any test that captures stderr.
 RAY_STREAMED = re.compile(r"^(\x1b\[[0-9;]*m)?\([^()]*\)(\x1b\[0m)? ")

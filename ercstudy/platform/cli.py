@@ -340,6 +340,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from ercstudy.platform.report.study_report import write_report
     from ercstudy.platform.study.driver import StudyError, load_saved_study
+    from ercstudy.platform.study.optuna_store import OptunaStoreError
     from ercstudy.platform.tracking import client as tracking
 
     try:
@@ -349,7 +350,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         tracking.check_reachable(state.tracking_uri, timeout_s=args.timeout)  # seconds, not MLflow's minutes of retries
         tracking.fail_fast()
         out = write_report(study, state, args.out or None, storage=args.storage, budget=args.budget)
-    except (StudyError, ConfigError, tracking.TrackingError) as err:
+    except (StudyError, ConfigError, tracking.TrackingError, OptunaStoreError) as err:
         return _fail(str(err))
     print(f"report written to {out}")
     return 0

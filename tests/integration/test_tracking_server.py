@@ -1,7 +1,9 @@
-"""A tracking server that may fail, end to end: a real `mlflow server` on loopback (SQLite backend, served
-artifacts). One study of 3 trials at once (a multi-objective one) logs through it, and the server is stopped
-mid-study for longer than the driver's retries and started again on the same port: the study trains on, says so, and
-MLflow ends with every trial's every step once and its artifacts, with no "database is locked".
+"""A tracking server that may fail, end to end, set up as a cluster's: a real `mlflow server` on loopback with its
+store in a real PostgreSQL and its artifacts in an S3 bucket (served), and the study's Optuna study in PostgreSQL
+too. One study of 3 trials at once (a multi-objective one) logs through it, and the server is stopped mid-study for
+longer than the driver's retries and started again on the same port: the study trains on, says so, and MLflow ends
+with every trial's every step once and its artifacts. Then that server goes for good, as a cluster's head does at
+`ray down`, and a fresh server on the same database and bucket shows every run, step and artifact.
 (The outbox's units, without a server: tests/platform/tracking/test_outbox.py.)
 """
 
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from postgres_server import PASSWORD
 
 from ercstudy.netutil import free_port
+from ercstudy.platform.study.optuna_store import DATABASE_ENV, read_study
 from ercstudy.platform.tracking import client as tracking
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,11 +33,11 @@ TRIALS = 3
 
 
 class Server:
-    """`mlflow server` on one loopback port (SQLite backend, artifacts served from a tmp directory): stopped and
-    started again on the same port, over the same store."""
+    """`mlflow server` on one loopback port over a backend store (`store`: a database URL) with its artifacts served
+    from `artifacts` (a bucket): stopped and started again on the same port, over the same store."""
 
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
+    def __init__(self, root: Path, store: str, artifacts: str):
+        self.root, self.port, self.store, self.artifacts = root, free_port(), store, artifacts
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = None
         self.log = root / "server.log"
@@ -42,8 +46,8 @@ class Server:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner (GenAI jobs): 8 fewer processes
         with self.log.open("a") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-                 "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
+                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.store,
+                 "--serve-artifacts", "--artifacts-destination", self.artifacts, "--host", "127.0.0.1",
                  "--port", str(self.port), "--workers", "1"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
@@ -69,8 +73,12 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("mlflow-server"))
+def server(tmp_path_factory, postgres, s3_server):
+    """The cluster's setup (cluster.yaml, docs/clusters.md): the store in PostgreSQL, the artifacts in a bucket."""
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="mlflow-artifacts")
+    s = Server(tmp_path_factory.mktemp("mlflow-server"), postgres.create_database("mlflow"), "s3://mlflow-artifacts/mlflow")
     s.start()
     yield s
     s.stop()
@@ -95,10 +103,11 @@ def spec(name: str, uri: str, steps: int) -> dict:
     }
 
 
-def start_study(name: str, server: Server, ray_session, tmp_path: Path, steps: int) -> tuple[subprocess.Popen, Path]:
+def start_study(name: str, server: Server, ray_session, tmp_path: Path, steps: int, optuna_db: str) -> tuple[subprocess.Popen, Path]:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec(name, server.uri, steps)))
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO),
+           DATABASE_ENV: optuna_db}
     log = tmp_path / f"{name}.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "ercstudy", "run", str(path), "--storage", str(tmp_path / "results")],
@@ -117,8 +126,9 @@ def finished(proc: subprocess.Popen, log: Path, timeout_s: float = 400) -> str:
     return text
 
 
-def check_mlflow(server: Server, name: str, driver_log: str, steps: int) -> None:
-    """Every trial's every step once (each metric), its artifacts, the parent's; no 'database is locked'."""
+def check_mlflow(server: Server, name: str, driver_log: str, steps: int) -> list:
+    """Every trial's every step once (each metric), its artifacts, the parent's; no 'database is locked'. Returns the
+    trials' runs."""
     from conftest import TRIAL_METRICS
     from mlflow.tracking import MlflowClient
 
@@ -139,19 +149,22 @@ def check_mlflow(server: Server, name: str, driver_log: str, steps: int) -> None
         assert {"trial_config.yaml", "coupling_matrices.json", "eval_table.json", "plots/specialization.png",
                 "plots/coupling_matrices.png"} <= paths, paths
     assert "database is locked" not in server.log.read_text() + driver_log
+    return children
 
 
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_three_trials_at_once_train_through_a_tracking_server_outage(server, ray_session, tmp_path):
-    """One study does both: 3 trials at once through the server (no "database is locked"), and the server stopped
-    mid-study for longer than the driver's retries, then started again on the same port. Its objective is two
+def test_three_trials_at_once_train_through_a_tracking_server_outage(server, postgres, ray_session, tmp_path, monkeypatch):
+    """One study does it all: 3 trials at once through the server, the server stopped mid-study for longer than the
+    driver's retries, then started again on the same port; its Optuna study in PostgreSQL; at the end the server
+    gone for good and a fresh one on the same database and bucket showing everything. Its objective is two
     metrics (a Pareto front), as a cluster study's may be."""
     from mlflow.tracking import MlflowClient
 
+    optuna_db = postgres.create_database("optuna")
     started = time.monotonic()
-    proc, log = start_study("outage", server, ray_session, tmp_path, steps=30)
+    proc, log = start_study("outage", server, ray_session, tmp_path, steps=30, optuna_db=optuna_db)
     # stop the server once the study's parent run exists, as its trials start (their runs are made once it is back),
     # for longer than the driver's retries (~2 s)
     c = MlflowClient(server.uri)
@@ -193,5 +206,21 @@ def test_three_trials_at_once_train_through_a_tracking_server_outage(server, ray
     parent = next(r for r in runs if tracking.PARENT_TAG not in r.data.tags)
     pareto = parent.data.tags["ercstudy.pareto_trials"].split()
     assert 1 <= len(pareto) <= TRIALS and set(pareto) <= {r.data.tags[tracking.TRIAL_TAG] for r in children}
+    # the Optuna study is in PostgreSQL (optuna.json says so, without the password); the report's reader finds it
+    marker = (tmp_path / "results" / "outage" / "optuna.json").read_text()
+    assert postgres.url("optuna").replace(PASSWORD, "***") in marker and PASSWORD not in marker
+    assert not (tmp_path / "results" / "outage" / "optuna.db").exists()
+    monkeypatch.setenv(DATABASE_ENV, optuna_db)
+    with read_study(str(tmp_path / "results" / "outage"), "outage") as optuna_study:
+        assert optuna_study.study_name == f"outage@{tmp_path}/results/outage"
+        assert [t.state.name for t in optuna_study.trials] == ["COMPLETE"] * TRIALS
+    # the head goes (`ray down`): a fresh server on the same database and bucket shows every run, step and artifact
+    server.stop()
+    fresh = Server(tmp_path, server.store, server.artifacts)
+    fresh.start()
+    try:
+        assert {r.info.run_id for r in check_mlflow(fresh, "outage", text, steps=30)} == {r.info.run_id for r in children}
+    finally:
+        fresh.stop()
     print(f"\noutage study ({TRIALS} trials at once): server stopped at {stopped - started:.0f} s for {back - stopped:.0f} s, "
           f"study done at {time.monotonic() - started:.0f} s; {down[0]}\n{again[0]}")

@@ -23,7 +23,7 @@ from ercstudy.platform.report.comparison import COST_METRICS, DEFAULT_METRICS, L
 from ercstudy.platform.report.importance import importance_lines
 from ercstudy.platform.report.scaling import scaling_section
 from ercstudy.platform.study import leaderboard
-from ercstudy.platform.study.optuna_store import OptunaStore, read_study
+from ercstudy.platform.study.optuna_store import DATABASE_ENV, OptunaStore, read_study
 from ercstudy.platform.study.spec import Study, point_label
 from ercstudy.platform.study.tables import markdown_table
 from ercstudy.platform.tracking import client as tracking
@@ -238,6 +238,9 @@ def write_report(study: Study, state: Any, out: str | None = None, *, storage: s
 def dashboard_line(directory: str) -> str:
     """How to open the study's Optuna store in optuna-dashboard (`pip install optuna-dashboard`)."""
     s = OptunaStore(directory)
+    if s.in_database:
+        return (f"The Optuna study: {s.where}; `optuna-dashboard \"${DATABASE_ENV}\"` shows it live "
+                "(`pip install optuna-dashboard`).")
     if s.remote:
         return (f"The Optuna study: `{s.location}`; copy it to this machine, then "
                 "`optuna-dashboard sqlite:////ABSOLUTE/PATH/optuna.db` (`pip install optuna-dashboard`).")
@@ -260,7 +263,7 @@ def _write_report_files(study: Study, state: Any, out_dir: Path, *, directory: s
     importances: dict[str, Any] = {}
     if directory is not None:  # the study's Optuna store (optuna_store.py)
         with read_study(directory, study.name) as optuna_study:
-            more, importances = importance_lines(study, optuna_study, where=str(OptunaStore(directory).location))
+            more, importances = importance_lines(study, optuna_study, where=OptunaStore(directory).where)
         lines += [*more, "", dashboard_line(directory)]
     import csv
 

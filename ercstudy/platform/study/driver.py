@@ -33,6 +33,7 @@ from ercstudy.platform.cluster import storage as locations
 from ercstudy.platform.cluster.capacity import Capacity, cluster_capacity, cpu_need, head_pin
 from ercstudy.platform.study import leaderboard as ranking
 from ercstudy.platform.study import relay
+from ercstudy.platform.study.optuna_store import OptunaStore, OptunaStoreError
 from ercstudy.platform.study.plan import StudyPlan, plan_study
 from ercstudy.platform.study.progress import ProgressCallback
 from ercstudy.platform.study.search import build_scheduler, build_search, point_tags
@@ -202,7 +203,9 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
         locations.check(directory.parent)
         state = StudyState.read(directory / STATE_FILE) if resume else None
         exists = not resume and directory.exists()
-    except locations.StorageError as err:
+        if resume:
+            OptunaStore(str(directory)).check()  # one in a database needs its URL again
+    except (locations.StorageError, OptunaStoreError) as err:
         raise StudyError(str(err)) from None
     if exists:
         raise StudyError(f"study {study.name!r} already exists in {directory}: `ercstudy resume {study.name}` continues it, "

@@ -121,7 +121,7 @@ class StudySearch(Searcher):
             self.optuna_study = optuna.create_study(sampler=sampler, pruner=optuna.pruners.NopPruner(),
                                                     study_name=plan.name, directions=directions)
         else:
-            store.reset()
+            store.reset(plan.name)
             self.optuna_study = store.create(plan.name, directions, sampler)
         self.seeds = list(plan.seeds)
         self.tagged = len(plan.seeds) > 1 or bool(plan.arms)  # plain studies keep plain configs
@@ -229,7 +229,7 @@ class StudySearch(Searcher):
         store = state.get("store")
         if store is not None:
             if not store.fetch():
-                raise RuntimeError(f"the study's Optuna store {store.location} is missing: the searcher cannot resume")
+                raise RuntimeError(f"the study's Optuna store {store.where} is missing: the searcher cannot resume")
             name, sampler = state["optuna_study"]
             optuna_study = store.load(name, sampler)
             state["optuna_study"] = optuna_study

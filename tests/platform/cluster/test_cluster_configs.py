@@ -39,7 +39,7 @@ def test_cloud_clusters_keep_tracking_where_the_user_says_outside_the_head():
         assert ". /home/ray/.ercstudy/tracking.env" in server and "--host 127.0.0.1" in server, path
         assert '--backend-store-uri "${ERCSTUDY_MLFLOW_DB:-sqlite:' in server and "--serve-artifacts" in server, path
         assert '--artifacts-destination "${ERCSTUDY_MLFLOW_ARTIFACTS:-' in server, path
-        assert any("psycopg2" in c for c in config["head_setup_commands"]), path  # the PostgreSQL driver
+        assert any("psycopg[binary]" in c for c in config["head_setup_commands"]), path  # the PostgreSQL driver of SQLAlchemy 2.1
 
 
 def test_the_kuberay_manifests_name_the_image_the_token_secret_and_a_command_the_cli_takes():

@@ -164,3 +164,32 @@ def test_a_point_with_seeds_records_the_mean_of_alpha_star(tmp_path):
         search.on_trial_complete(tid, {"step": 60, "total_steps": 60, "eval/loss": 3.0, "alpha_star": a})
     (t,) = search.optuna_study.get_trials()
     assert t.user_attrs == {"alpha_star": pytest.approx(1.5)} and t.state == TrialState.COMPLETE
+
+
+def test_a_database_url_is_written_down_without_its_password():
+    from ercstudy.platform.study.optuna_store import without_password
+
+    assert without_password("postgresql://optuna:s3cr:et@db.example:5432/optuna") == "postgresql://optuna:***@db.example:5432/optuna"
+    assert without_password("postgresql://optuna@db.example/optuna") == "postgresql://optuna@db.example/optuna"
+
+
+def test_a_study_whose_optuna_study_is_in_a_database_needs_its_url_to_resume_or_report(tmp_path, monkeypatch, capsys):
+    """optuna.json says where the Optuna study lives; without ERCSTUDY_OPTUNA_DB, resume and report say so in one line,
+    exit 2, before anything starts (the database itself: tests/integration/test_tracking_server.py)."""
+    from ercstudy.platform.cli import main
+    from ercstudy.platform.study.optuna_store import DATABASE_ENV, MARKER, OptunaStoreError
+
+    directory = tmp_path / "studies" / "s"
+    directory.mkdir(parents=True)
+    (directory / MARKER).write_text('{"database": "postgresql://optuna:***@db/optuna"}')
+    (directory / "study.yaml").write_text(yaml.safe_dump({**QUICKSTART, "name": "s"}))
+    (directory / "study.json").write_text('{"name": "s", "tracking_uri": "sqlite:///x.db", "experiment_id": "1", "parent_run_id": "r"}')
+    monkeypatch.delenv(DATABASE_ENV, raising=False)
+    store = OptunaStore(str(directory))
+    assert store.in_database and store.study_name("s") == f"s@{directory}"
+    with pytest.raises(OptunaStoreError, match=f"set {DATABASE_ENV} to that database's URL"):
+        store.check()
+    for command in (["resume", "s"], ["report", "s"]):
+        assert main([*command, "--storage", str(tmp_path / "studies")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and DATABASE_ENV in err[0], err
