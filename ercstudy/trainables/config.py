@@ -47,7 +47,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     report_every: int = 10  # steps between ray.train.report calls (metrics)
     checkpoint_every: int | None = None  # steps between checkpoints (a multiple of report_every); None: by time
-    checkpoint_minutes: float = 10.0  # without checkpoint_every: minutes of training between checkpoints (MLflow trails by one)
+    checkpoint_minutes: float = 10.0  # without checkpoint_every: minutes of training between checkpoints
     async_checkpoint: bool = True  # save into host memory and write + upload behind the training step
     max_failures: int = 2  # worker-group restarts Ray Train may do (resuming from the last checkpoint)
     crash_at_step: int | None = None  # fault injection (tests): kill worker 0's process once, at this step

@@ -4,7 +4,7 @@
 SQLite store takes that). Tune pickles it with its experiment state, so that `ercstudy resume` gets it
 back. `MLflowTrainCallback` runs in the Train controller, not on the workers, and logs one trial live
 (beside trial.ReportQueueCallback, which forwards each report to the driver, which prints it: progress.py).
-Both hold a trial's reports until a checkpoint covers them (step_buffer.py).
+Both log each report as it arrives, each step once (logged_steps.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ray.train import UserCallback
 
 from ercstudy.platform.tracking import client as tracking
 from ercstudy.platform.tracking import outbox
-from ercstudy.platform.tracking.step_buffer import StepBuffer
+from ercstudy.platform.tracking.logged_steps import LoggedSteps
 from ercstudy.trainables import reports
 
 
@@ -35,14 +35,14 @@ class MLflowStudyCallback(tune.Callback):
         self.trial_config = trial_config  # a trial's params -> its TrialConfig (the study's plan builds each once)
         self.point_tags = point_tags  # a trial's Tune config -> the MLflow tags of its point
         self.runs: dict[str, str] = {}
-        # per trial: reports held until a checkpoint covers them (each step once in MLflow, see StepBuffer);
-        # a resumed study starts each buffer at the last step its run already holds
-        self.buffers: dict[str, StepBuffer] = {}
+        # per trial: the steps its run holds (each step once in MLflow, see LoggedSteps); a resumed study starts
+        # each at the last step its run already holds
+        self.steps: dict[str, LoggedSteps] = {}
         self._client = None
         self._reconciled = False
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment state
-        return {**self.__dict__, "_client": None, "runs": {}, "buffers": {}, "_reconciled": False}
+        return {**self.__dict__, "_client": None, "runs": {}, "steps": {}, "_reconciled": False}
 
     @property
     def client(self) -> Any:
@@ -55,14 +55,14 @@ class MLflowStudyCallback(tune.Callback):
         if trial.trial_id in self.runs:
             return self.runs[trial.trial_id]
         params = trial.config["params"]
-        # found by its tags in a resumed study (its buffer then starts at the last step the run holds), else made;
+        # found by its tags in a resumed study (its steps then start at the last one the run holds), else made;
         # while the server does not answer, a pending run made when the outbox is written back
         run_id, logged = self.client.trial_run(
             experiment_id=self.experiment_id, parent_run_id=self.parent_run_id, trial_id=trial.trial_id,
             name=f"{self.study_name}-{trial.trial_id}", config=self.trial_config(params).to_dict(), params=params,
             tags={tracking.TRIAL_TAG: trial.trial_id, tracking.STUDY_TAG: self.study_name, **self.point_tags(trial.config)},
         )
-        self.buffers.setdefault(trial.trial_id, StepBuffer(logged))
+        self.steps.setdefault(trial.trial_id, LoggedSteps(logged))
         self.runs[trial.trial_id] = run_id
         return run_id
 
@@ -86,25 +86,16 @@ class MLflowStudyCallback(tune.Callback):
         for trial in ended:
             (self.on_trial_error if trial.status == "ERROR" else self.on_trial_complete)(iteration, trials, trial)
 
-    def _buffer(self, trial: Any) -> tuple[StepBuffer, str]:
-        run_id = self.run_id(trial)  # first: a resumed trial's buffer starts from its run's history
-        return self.buffers.setdefault(trial.trial_id, StepBuffer()), run_id
-
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        buffer, run_id = self._buffer(trial)
+        run_id = self.run_id(trial)  # first: a resumed trial's steps start from its run's history
+        steps = self.steps.setdefault(trial.trial_id, LoggedSteps())
         if result.get(reports.RESTORED_HISTORY) and result.get(reports.RESUMED_FROM_STEP) is not None:
-            for report in buffer.restored(result[reports.RESTORED_HISTORY], int(result[reports.RESUMED_FROM_STEP])):
+            for report in steps.restored(result[reports.RESTORED_HISTORY], int(result[reports.RESUMED_FROM_STEP])):
                 self.client.log_result(run_id, report)
-        for held in buffer.add(result, checkpointed=bool(result.get(reports.CHECKPOINT_PATH))):
-            self.client.log_result(run_id, held)
-
-    def _flush(self, trial: Any) -> None:
-        buffer, run_id = self._buffer(trial)
-        for held in buffer.flush():  # the trial is over: nothing will report these steps again
-            self.client.log_result(run_id, held)
+        for report in steps.new(result):
+            self.client.log_result(run_id, report)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._flush(trial)
         final = trial.last_result or {}
         status = tracking.trial_status(final, final.get(reports.TOTAL_STEPS))
         note = final.get(reports.STOP_REASON) or (f"stopped by ASHA at step {final.get(reports.STEP)}" if status == "stopped_early" else "")
@@ -115,7 +106,6 @@ class MLflowStudyCallback(tune.Callback):
         self.client.finish_trial_run(self.run_id(trial), status, final, note=note)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._flush(trial)
         error = ""
         if trial.error_file and os.path.exists(trial.error_file):
             error = Path(trial.error_file).read_text(errors="replace").strip().splitlines()[-1]
@@ -123,21 +113,21 @@ class MLflowStudyCallback(tune.Callback):
 
 
 class MLflowTrainCallback(UserCallback):
-    """Logs every report of one trial to one MLflow run (made by the driver), as checkpoints cover them.
+    """Logs every report of one trial to one MLflow run (made by the driver), as it arrives, each step once.
 
     notes: a queue that the driver prints from (progress.TrainProgress): a logging failure is said there too.
     """
 
     def __init__(self, uri: str, run_id: str, notes: Any = None, *, logged: int = -1):
         self.uri, self.run_id, self.notes = uri, run_id, notes
-        # each step once: a restarted worker group's repeated steps replace the held ones; `logged`: the last
+        # each step once: a restarted worker group's repeated steps are not logged again; `logged`: the last
         # step the run already holds (a resumed `ercstudy train`)
-        self.buffer = StepBuffer(logged)
+        self.steps = LoggedSteps(logged)
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         try:
-            for held in self.buffer.add(metrics[0], checkpointed=checkpoint is not None):
-                tracking.log_result(tracking.client(self.uri), self.run_id, held)
+            for report in self.steps.new(metrics[0]):
+                tracking.log_result(tracking.client(self.uri), self.run_id, report)
         except Exception as err:  # tracking must never stop training: say so and go on
             message = f"ercstudy: MLflow logging failed at step {metrics[0].get(reports.STEP)}: {type(err).__name__}: {err}"
             print(message, flush=True)
