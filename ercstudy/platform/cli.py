@@ -422,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = sub.add_parser("prepare-data", help="tokenize text files (or a Parquet text column) into Parquet token shards")
     prep.add_argument("inputs", nargs="+", help="text (.txt, .md: documents separated by blank lines), JSONL (.jsonl), Parquet, or "
-                                                "`datasets.save_to_disk` folders, each optionally .gz/.bz2/.xz/.zst; directories of them; "
+                                                "`datasets.save_to_disk` folders, each optionally .gz/.bz2/.xz/.zst; directories or globs "
+                                                "of them (quote them: 'corpus/**/*.jsonl.gz'); paths or URIs (s3://..., gs://...); "
                                                 "each file is one domain unless --domain-field")
     prep.add_argument("--out", required=True, help="output directory or URI (s3://BUCKET/PREFIX, ...); must be new or empty")
     prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size, trained on the inputs (default: 4096)")

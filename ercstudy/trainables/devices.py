@@ -45,6 +45,28 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
+def system_metrics(device: torch.device) -> dict[str, float]:
+    """This worker's machine, in MLflow's own system-metric names (mlflow/system_metrics: the UI's System metrics tab
+    shows `system/...` metrics): CPU utilisation (the whole machine's, since the previous call) and memory; on a GPU
+    its memory in use (the whole device's, as nvidia-smi shows) and, where torch can ask NVML (`pip install
+    nvidia-ml-py`), its utilisation. No MLflow in the worker: the driver logs these with the report."""
+    import psutil  # a dependency of DeepSpeed and Ray
+
+    memory = psutil.virtual_memory()
+    out = {"system/cpu_utilization_percentage": psutil.cpu_percent(interval=None),
+           "system/system_memory_usage_megabytes": memory.used / 1e6, "system/system_memory_usage_percentage": memory.percent}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        i = device.index or 0
+        out[f"system/gpu_{i}_memory_usage_megabytes"] = (total - free) / 1e6
+        out[f"system/gpu_{i}_memory_usage_percentage"] = 100 * (total - free) / total
+        try:
+            out[f"system/gpu_{i}_utilization_percentage"] = float(torch.cuda.utilization(device))
+        except Exception:  # no NVML bindings (nvidia-ml-py): memory only
+            pass
+    return out
+
+
 def device_peak_flops(device: torch.device) -> float | None:
     """FLOP/s of `device` for MFU; None on CPU and on GPUs the table does not know."""
     if device.type != "cuda":

@@ -26,7 +26,7 @@ from ercstudy.trainables.checkpoint import save as save_checkpoint
 from ercstudy.trainables.checkpoint_writer import CheckpointSchedule, CheckpointWriter
 from ercstudy.trainables.config import CONFIG_KEY, TrialConfig
 from ercstudy.trainables.data import GlobalBatchStream, build_train_data
-from ercstudy.trainables.devices import device_peak_flops, peak_memory_mb
+from ercstudy.trainables.devices import device_peak_flops, peak_memory_mb, system_metrics
 from ercstudy.trainables.engine import build_engine
 from ercstudy.trainables.erc import resolve_epsilon
 from ercstudy.trainables.evals import build_evaluator
@@ -54,6 +54,7 @@ def make_trial(cfg: TrialConfig, *, rank: int, world: int, device: torch.device,
     evaluator = build_evaluator(cfg.eval, cfg.data, seq_len=cfg.model.seq_len, seed=t.seed, rank=rank, world=world, device=device)
     trial = Trial(cfg, built.deepspeed, built.model, data, device, rank, world, built.ep_group, torch.Generator(device=device), evaluator)
     trial.checkpoints = CheckpointSchedule(t, cfg.steps, device=device, world=world)
+    system_metrics(device)  # starts the CPU utilisation's interval: the first report's then covers the first window
     if cfg.eval.harness.enabled:
         trial.harness = TrialHarness(cfg, rank=rank, device=device)
     return trial
@@ -129,6 +130,7 @@ def window_metrics(trial: Trial, window: Window) -> dict[str, Any]:
         "lr": float(trial.engine.get_lr()[0]),
         "tokens_per_s": tokens / elapsed,
         "peak_memory_mb": peak_memory_mb(trial.device),
+        **system_metrics(trial.device),
         **spec,
     }
     peak = device_peak_flops(trial.device)

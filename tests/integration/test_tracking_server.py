@@ -8,6 +8,7 @@ with every trial's every step once and its artifacts. Then that server goes for 
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,12 +215,19 @@ def test_three_trials_at_once_train_through_a_tracking_server_outage(server, pos
     with read_study(str(tmp_path / "results" / "outage"), "outage") as optuna_study:
         assert optuna_study.study_name == f"outage@{tmp_path}/results/outage"
         assert [t.state.name for t in optuna_study.trials] == ["COMPLETE"] * TRIALS
-    # the head goes (`ray down`): a fresh server on the same database and bucket shows every run, step and artifact
+    # the head goes (`ray down`: the server and its working directory): a fresh server on the same database and
+    # bucket shows every run, step and artifact, and the study's report is written through it
     server.stop()
+    shutil.rmtree(server.root)
     fresh = Server(tmp_path, server.store, server.artifacts)
     fresh.start()
     try:
         assert {r.info.run_id for r in check_mlflow(fresh, "outage", text, steps=30)} == {r.info.run_id for r in children}
+        report = subprocess.run([sys.executable, "-m", "ercstudy", "report", "outage", "--storage", str(tmp_path / "results"),
+                                 "--tracking-uri", fresh.uri], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "PYTHONPATH": str(REPO), DATABASE_ENV: optuna_db})
+        assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-2000:]
+        assert f"outage@{tmp_path}/results/outage" in (tmp_path / "results" / "outage" / "report" / "report.md").read_text()
     finally:
         fresh.stop()
     print(f"\noutage study ({TRIALS} trials at once): server stopped at {stopped - started:.0f} s for {back - stopped:.0f} s, "

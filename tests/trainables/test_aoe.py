@@ -136,6 +136,10 @@ def test_an_aoe_trial_trains_and_reports_its_coupling_from_its_own_activations()
         metrics = window_metrics(trial, window)
     assert not {"eps_mean", "eps_min", "router_cos"} & set(metrics)
     assert metrics["peak_memory_mb"] > 10  # this process's peak resident set on a CPU
+    # the machine, in MLflow's system-metric names (its UI's System metrics tab)
+    assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
+    assert metrics["system/system_memory_usage_megabytes"] > metrics["peak_memory_mb"]
+    assert 0 < metrics["system/system_memory_usage_percentage"] < 100
     assert metrics["erc_loss"] == 0 and all(torch.isfinite(torch.tensor(metrics[k])) for k in ("lm_loss", "lb_loss", "alpha_star"))
     # the first-chosen expert has the largest activation on its own tokens: the diagonal dominates every row
     assert metrics["diag_dominance"] >= 1 and 0 < metrics["domain_nmi"] <= 1

@@ -330,7 +330,7 @@ def prepare_data(
     census = Census({})
     for src in corpus.inputs:  # the first record of every input, before anything is written: a bad file fails here
         if next(readers.records(src, text_field=text_field, domain_field=domain_field), None) is None:
-            raise DataError(f"input {src.path}: empty corpus (no non-blank text)")
+            raise DataError(f"input {src.where}: empty corpus (no non-blank text)")
     fs, root = open_output(out)
 
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)

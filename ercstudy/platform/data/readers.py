@@ -5,9 +5,11 @@ Formats, by the file's extension (after an optional compression suffix):
   JSONL  .jsonl .ndjson .json     one JSON object per line, the document in a field (--text-field, default `text`)
   Parquet  .parquet               a column (--column / --text-field, default `text`)
   Arrow  a folder of *.arrow      as `datasets.save_to_disk` writes it (Arrow IPC streams; read with pyarrow)
-Compression: .gz, .bz2, .xz, .zst (gzip, bz2, lzma from Python, zstd through pyarrow). A directory given as an input
-stands for the supported files inside it (an Arrow folder for itself). Anything else, or a file whose content is not
-UTF-8 text (a NUL byte, an invalid sequence), is refused with one line naming the file and the accepted formats.
+Compression: .gz, .bz2, .xz, .zst (gzip, bz2, lzma from Python, zstd through pyarrow). An input is a path or a URI
+(s3://bucket/prefix/..., gs://...: read through pyarrow's filesystems, streamed), a directory (the supported files
+inside it; an Arrow folder stands for itself) or a glob (`corpus/*.jsonl.gz`, `s3://bucket/dolma/**/*.json.gz`: the
+files it matches, sorted). Anything else, or a file whose content is not UTF-8 text (a NUL byte, an invalid
+sequence), is refused with one line naming the file and the accepted formats.
 
 A record's domain is its file's name (the stem without its format and compression suffixes), or the value of a field
 (--domain-field, e.g. Dolma's `source`, the Pile's `pile_set_name`) for JSONL, Parquet and Arrow inputs.
@@ -20,12 +22,13 @@ import gzip
 import io
 import json
 import lzma
+import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from ercstudy.trainables.shards import DataError
+from ercstudy.trainables.shards import DataError, filesystem, first_line, is_uri
 
 TEXT = (".txt", ".text", ".md")
 JSONL = (".jsonl", ".ndjson", ".json")
@@ -33,71 +36,156 @@ COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zstd")
 ACCEPTED = ("text (.txt, .md), JSONL (.jsonl, .ndjson, .json), Parquet (.parquet) or a `datasets.save_to_disk` folder "
             "of .arrow files, each optionally .gz, .bz2, .xz or .zst")
 ROWS_PER_BATCH = 256
+GLOB_CHARS = "*?["
 
 
 @dataclass(frozen=True)
 class Source:
     """One input: where it is, how to read it, and its domain when no field names one."""
 
-    path: Path
+    where: str  # as errors name it: the path or URI (a directory's or a glob's files: each its own)
+    fs: Any  # its pyarrow filesystem (local or an object store)
+    path: str  # its path inside `fs`
     kind: str  # text | jsonl | parquet | arrow
     compression: str | None  # the suffix (.gz, ...) or None
     name: str  # the file's stem without format and compression suffixes
 
 
 def sources(inputs: list[str]) -> list[Source]:
-    """The inputs as Sources (directories expanded), each checked to exist and have a format it can be read as."""
+    """The inputs as Sources (directories and globs expanded), each checked to exist and have a format it can be read
+    as; a glob that matches nothing, or a directory with nothing readable, is refused."""
     out = []
     for spec in inputs:
-        path = Path(spec)
-        if path.is_dir() and not any(path.glob("*.arrow")):
-            inside = sorted(p for p in path.rglob("*") if p.is_file() and kind_of(p)[0] is not None)
+        fs, path = filesystem(spec)
+        if any(c in spec for c in GLOB_CHARS):
+            matches = [p for p in glob(fs, path) if kind_of(fs, p)[0] is not None]
+            if not matches:
+                raise DataError(f"input {spec}: no file matches that ercstudy reads; it reads {ACCEPTED}")
+            out += [source(fs, p, named(spec, path, p)) for p in matches]
+        elif info(fs, path, spec).type.name == "Directory" and not arrow_files(fs, path):
+            inside = [p for p in files_under(fs, path) if kind_of(fs, p)[0] is not None]
             if not inside:
-                raise DataError(f"input {path}: a directory with no file ercstudy reads; it reads {ACCEPTED}")
-            out += [source(p) for p in inside]
+                raise DataError(f"input {spec}: a directory with no file ercstudy reads; it reads {ACCEPTED}")
+            out += [source(fs, p, named(spec, path, p)) for p in inside]
         else:
-            out.append(source(path))
+            out.append(source(fs, path, spec))
     return out
 
 
-def kind_of(path: Path) -> tuple[str | None, str | None]:
+def named(spec: str, path: str, found: str) -> str:
+    """How errors name a file found under a directory or a glob: `spec`'s own form (a path or a URI)."""
+    if is_uri(spec):
+        return spec.split("://", 1)[0] + "://" + found
+    return found
+
+
+def info(fs: Any, path: str, where: str) -> Any:
+    import pyarrow as pa
+
+    try:
+        return fs.get_file_info(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"input {where}: {first_line(err)}") from None
+
+
+def files_under(fs: Any, path: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type.name == "File")
+
+
+def arrow_files(fs: Any, path: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                  if i.type.name == "File" and i.path.endswith(".arrow"))
+
+
+def glob(fs: Any, pattern: str) -> list[str]:
+    """The paths inside `fs` that `pattern` matches, sorted: files, and Arrow folders (one input each). Listed once,
+    recursively, under the pattern's longest folder without a glob character."""
+    import pyarrow.fs as pafs
+
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS))
+    base = "/".join(parts[:fixed]) or "/"
+    if info(fs, base, base).type.name != "Directory":
+        return []
+    regex = glob_regex(pattern)
+    entries = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True)) if regex.fullmatch(i.path)]
+    return sorted(i.path for i in entries if i.type.name == "File" or (i.type.name == "Directory" and arrow_files(fs, i.path)))
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """A glob as a regular expression: `*` and `?` within a name, `[...]` a class, `**/` any folders (or none)."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] in "*?":
+            out.append("[^/]*" if pattern[i] == "*" else "[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1:]:
+            j = pattern.index("]", i + 1)
+            out.append("[" + pattern[i + 1:j].replace("!", "^", 1) + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def kind_of(fs: Any, path: str) -> tuple[str | None, str | None]:
     """(format, compression suffix) of a file by its name; format None when it is none ercstudy reads."""
-    if path.is_dir():
-        return ("arrow" if any(path.glob("*.arrow")) else None), None
-    suffixes = [s.lower() for s in path.suffixes]
+    if fs.get_file_info(path).type.name == "Directory":
+        return ("arrow" if arrow_files(fs, path) else None), None
+    suffixes = suffixes_of(path)
     compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSION else None
     ext = suffixes[-1] if suffixes else ""
     kind = "text" if ext in TEXT else "jsonl" if ext in JSONL else "parquet" if ext == ".parquet" and not compression else None
     return kind, compression
 
 
-def source(path: Path) -> Source:
-    if not path.exists():
-        raise DataError(f"input {path}: no such file")
-    kind, compression = kind_of(path)
+def suffixes_of(path: str) -> list[str]:
+    name = posixpath.basename(path.rstrip("/"))
+    return ["." + s.lower() for s in name.split(".")[1:]] if not name.startswith(".") else []
+
+
+def source(fs: Any, path: str, where: str) -> Source:
+    if info(fs, path, where).type.name == "NotFound":
+        raise DataError(f"input {where}: no such file")
+    kind, compression = kind_of(fs, path)
     if kind is None:
-        raise DataError(f"input {path}: not a format ercstudy reads; it reads {ACCEPTED}")
-    name = path.name
-    for suffix in reversed(path.suffixes if not path.is_dir() else []):
-        if suffix.lower() in (*COMPRESSION, *TEXT, *JSONL, ".parquet"):
-            name = name[: -len(suffix)]
-        else:
-            break
-    return Source(path, kind, compression, name)
+        raise DataError(f"input {where}: not a format ercstudy reads; it reads {ACCEPTED}")
+    name = posixpath.basename(path.rstrip("/"))
+    if kind != "arrow":
+        for suffix in reversed(suffixes_of(path)):
+            if suffix in (*COMPRESSION, *TEXT, *JSONL, ".parquet"):
+                name = name[: -len(suffix)]
+            else:
+                break
+    return Source(where, fs, path, kind, compression, name)
 
 
 def open_binary(src: Source) -> IO[bytes]:
-    if src.compression == ".gz":
-        return gzip.open(src.path, "rb")
-    if src.compression == ".bz2":
-        return bz2.open(src.path, "rb")
-    if src.compression == ".xz":
-        return lzma.open(src.path, "rb")
-    if src.compression in (".zst", ".zstd"):
-        import pyarrow as pa
+    """The file's bytes, decompressed, streamed from its filesystem."""
+    import pyarrow as pa
 
-        return pa.CompressedInputStream(pa.OSFile(str(src.path)), "zstd")
-    return open(src.path, "rb")
+    raw = src.fs.open_input_stream(src.path, compression=None)  # we decompress: by the suffix, as the format says
+    if src.compression in (".zst", ".zstd"):
+        raw = pa.CompressedInputStream(raw, "zstd")
+    stream = io.BufferedReader(raw)
+    if src.compression == ".gz":
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    if src.compression == ".bz2":
+        return bz2.BZ2File(stream, "rb")
+    if src.compression == ".xz":
+        return lzma.LZMAFile(stream, "rb")
+    return stream
 
 
 def lines(src: Source) -> Iterator[str]:
@@ -108,20 +196,20 @@ def lines(src: Source) -> Iterator[str]:
         try:
             for number, line in enumerate(text, 1):  # noqa: B007 (the number names the line of an error)
                 if "\x00" in line:
-                    raise DataError(f"input {src.path}: line {number} holds a NUL byte: not text; it reads {ACCEPTED}")
+                    raise DataError(f"input {src.where}: line {number} holds a NUL byte: not text; it reads {ACCEPTED}")
                 yield line
         except UnicodeDecodeError:
-            raise DataError(f"input {src.path}: not UTF-8 text at line {number + 1} (binary or another encoding); "
+            raise DataError(f"input {src.where}: not UTF-8 text at line {number + 1} (binary or another encoding); "
                             f"it reads {ACCEPTED}") from None
         except (OSError, EOFError, lzma.LZMAError) as err:
-            raise DataError(f"input {src.path}: cannot decompress ({str(err).splitlines()[0]}); it reads {ACCEPTED}") from None
+            raise DataError(f"input {src.where}: cannot decompress ({str(err).splitlines()[0]}); it reads {ACCEPTED}") from None
 
 
 def records(src: Source, *, text_field: str = "text", domain_field: str | None = None) -> Iterator[tuple[str, str]]:
     """(domain, document) of every non-blank document of one input, in file order."""
     if src.kind == "text":
         if domain_field:
-            raise DataError(f"input {src.path}: --domain-field needs records with fields (JSONL, Parquet, Arrow); a text "
+            raise DataError(f"input {src.where}: --domain-field needs records with fields (JSONL, Parquet, Arrow); a text "
                             f"file is one domain, its name")
         yield from ((src.name, doc) for doc in text_documents(lines(src)))
     elif src.kind == "jsonl":
@@ -155,13 +243,13 @@ def jsonl_records(src: Source, text_field: str, domain_field: str | None) -> Ite
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"input {src.path}: line {number} is not a JSON object ({err.msg}); a JSONL file holds one per "
+            raise DataError(f"input {src.where}: line {number} is not a JSON object ({err.msg}); a JSONL file holds one per "
                             f"line") from None
         if not isinstance(record, dict) or text_field not in record:
             fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"input {src.path}: line {number} has no field {text_field!r} (it has: {fields}); pass --text-field")
+            raise DataError(f"input {src.where}: line {number} has no field {text_field!r} (it has: {fields}); pass --text-field")
         if domain_field and domain_field not in record:
-            raise DataError(f"input {src.path}: line {number} has no field {domain_field!r} for --domain-field")
+            raise DataError(f"input {src.where}: line {number} has no field {domain_field!r} for --domain-field")
         doc = record[text_field]
         if isinstance(doc, str) and doc.strip():
             yield (str(record[domain_field]) if domain_field else src.name), doc
@@ -174,15 +262,16 @@ def table_batches(src: Source, text_field: str, domain_field: str | None):
 
     columns = [text_field, *([domain_field] if domain_field else [])]
     if src.kind == "parquet":
-        schema = pq.read_schema(src.path)
-        check_columns(src, schema.names, columns)
-        yield from pq.ParquetFile(src.path).iter_batches(batch_size=ROWS_PER_BATCH, columns=columns)
+        with src.fs.open_input_file(src.path) as f:
+            parquet = pq.ParquetFile(f)
+            check_columns(src, parquet.schema_arrow.names, columns)
+            yield from parquet.iter_batches(batch_size=ROWS_PER_BATCH, columns=columns)
         return
-    for path in sorted(src.path.glob("*.arrow")):  # datasets' save_to_disk: Arrow IPC streams
+    for path in arrow_files(src.fs, src.path):  # datasets' save_to_disk: Arrow IPC streams
         try:
-            reader = pa.ipc.open_stream(pa.memory_map(str(path)))
+            reader = pa.ipc.open_stream(src.fs.open_input_file(path))
         except pa.ArrowInvalid:
-            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            reader = pa.ipc.open_file(src.fs.open_input_file(path))
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
         else:
             batches = iter(reader)
@@ -194,5 +283,5 @@ def table_batches(src: Source, text_field: str, domain_field: str | None):
 def check_columns(src: Source, names: list[str], wanted: list[str]) -> None:
     missing = [c for c in wanted if c not in names]
     if missing:
-        raise DataError(f"input {src.path}: no column {missing[0]!r} (columns: {', '.join(names)}); pass --text-field "
+        raise DataError(f"input {src.where}: no column {missing[0]!r} (columns: {', '.join(names)}); pass --text-field "
                         f"/ --domain-field")

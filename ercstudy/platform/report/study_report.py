@@ -235,11 +235,11 @@ def write_report(study: Study, state: Any, out: str | None = None, *, storage: s
     return str(target)
 
 
-def dashboard_line(directory: str) -> str:
+def dashboard_line(directory: str, name: str) -> str:
     """How to open the study's Optuna store in optuna-dashboard (`pip install optuna-dashboard`)."""
     s = OptunaStore(directory)
     if s.in_database:
-        return (f"The Optuna study: {s.where}; `optuna-dashboard \"${DATABASE_ENV}\"` shows it live "
+        return (f"The Optuna study: {s.where(name)}; `optuna-dashboard \"${DATABASE_ENV}\"` shows it live "
                 "(`pip install optuna-dashboard`).")
     if s.remote:
         return (f"The Optuna study: `{s.location}`; copy it to this machine, then "
@@ -263,8 +263,8 @@ def _write_report_files(study: Study, state: Any, out_dir: Path, *, directory: s
     importances: dict[str, Any] = {}
     if directory is not None:  # the study's Optuna store (optuna_store.py)
         with read_study(directory, study.name) as optuna_study:
-            more, importances = importance_lines(study, optuna_study, where=OptunaStore(directory).where)
-        lines += [*more, "", dashboard_line(directory)]
+            more, importances = importance_lines(study, optuna_study, where=OptunaStore(directory).where(study.name))
+        lines += [*more, "", dashboard_line(directory, study.name)]
     import csv
 
     with (out_dir / "leaderboard.csv").open("w", newline="") as f:

@@ -68,11 +68,10 @@ class OptunaStore:
         has not started yet: whether ERCSTUDY_OPTUNA_DB is set). Cached: a bool, never the URL (stores are pickled)."""
         return (locations.resolve(self.directory) / MARKER).is_file()
 
-    @property
-    def where(self) -> str:
-        """Where the Optuna study is, in words fit for a terminal or a report (no password)."""
+    def where(self, name: str) -> str:
+        """Where the Optuna study of the study `name` is, in words fit for a terminal or a report (no password)."""
         if self.in_database:
-            return f"{without_password(self.database())} (the study NAME@{self.directory.rstrip('/')})"
+            return f"the study {self.study_name(name)!r} in {without_password(self.database())}"
         return str(self.location)
 
     def database(self) -> str:

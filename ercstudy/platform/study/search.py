@@ -228,9 +228,9 @@ class StudySearch(Searcher):
             state = pickle.load(f)
         store = state.get("store")
         if store is not None:
-            if not store.fetch():
-                raise RuntimeError(f"the study's Optuna store {store.where} is missing: the searcher cannot resume")
             name, sampler = state["optuna_study"]
+            if not store.fetch():
+                raise RuntimeError(f"the study's Optuna store {store.where(name)} is missing: the searcher cannot resume")
             optuna_study = store.load(name, sampler)
             state["optuna_study"] = optuna_study
             state["trials"] = {tid: optuna.Trial(optuna_study, i) for tid, i in state["trials"].items()}

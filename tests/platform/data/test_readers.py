@@ -130,3 +130,42 @@ def test_a_pretrained_tokenizer_is_used_as_it_is_and_its_end_of_text_ends_every_
                for i in range(len(row) - len(expected) + 1))
     assert main(["prepare-data", str(corpora / "early.txt"), "--out", str(tmp_path / "x"), "--tokenizer", str(folder),
                  "--eos-token", "<|endoftext|>"]) == 2
+
+
+def test_globs_and_directories_expand_to_the_files_they_match(corpora, tmp_path):
+    nested = tmp_path / "dolma" / "v1" / "cc"
+    nested.mkdir(parents=True)
+    (nested / "part-0.jsonl.gz").write_bytes((corpora / "mixed.jsonl.gz").read_bytes())
+    (tmp_path / "dolma" / "top.jsonl.gz").write_bytes((corpora / "mixed.jsonl.gz").read_bytes())
+    (tmp_path / "dolma" / "README.txt").write_text("a readme")
+    names = lambda specs: [s.where.rsplit("/", 1)[1] for s in readers.sources(specs)]  # noqa: E731
+    assert names([str(corpora / "mixed.*")]) == ["mixed.jsonl.gz", "mixed.parquet"]  # a name's *, not a folder's
+    assert names([str(corpora / "mixed_*")]) == ["mixed_arrow"]  # an Arrow folder is one input
+    assert names([str(tmp_path / "dolma" / "**" / "*.jsonl.gz")]) == ["top.jsonl.gz", "part-0.jsonl.gz"]  # ** is also no folder
+    assert names([str(tmp_path / "dolma" / "*.jsonl.gz")]) == ["top.jsonl.gz"]
+    assert names([str(tmp_path / "dolma")]) == ["README.txt", "top.jsonl.gz", "part-0.jsonl.gz"]  # sorted by path
+    with pytest.raises(readers.DataError, match=r"input .*/dolma/\*\.parquet: no file matches that ercstudy reads; it reads"):
+        readers.sources([str(tmp_path / "dolma" / "*.parquet")])
+
+
+def test_inputs_on_object_storage_give_the_local_inputs_shards_byte_for_byte(corpora, bucket, tmp_path):
+    """Inputs read from a bucket (a real S3-compatible server) through a glob and an Arrow folder: the same records,
+    and prepare-data's shards and tokenizer the same bytes as from the local files."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(bucket)
+    for name in ("mixed.jsonl.gz", "late.txt.zst", "mixed_arrow/data-00000-of-00001.arrow", "mixed_arrow/state.json"):
+        with fs.open_output_stream(f"{root}/corpus/{name}", compression=None) as f:  # the bytes as they are
+            f.write((corpora / name).read_bytes())
+    remote = readers.sources([f"{bucket}/corpus/*.gz", f"{bucket}/corpus/*.zst", f"{bucket}/corpus/mixed_arrow"])
+    local = readers.sources([str(corpora / "mixed.jsonl.gz"), str(corpora / "late.txt.zst"), str(corpora / "mixed_arrow")])
+    assert [s.where for s in remote] == [f"{bucket}/corpus/mixed.jsonl.gz", f"{bucket}/corpus/late.txt.zst", f"{bucket}/corpus/mixed_arrow"]
+    for there, here in zip(remote, local):
+        assert (there.kind, there.compression, there.name) == (here.kind, here.compression, here.name)
+        field = "source" if here.kind != "text" else None
+        assert list(readers.records(there, domain_field=field)) == list(readers.records(here, domain_field=field))
+    for where, inputs in (("remote", [f"{bucket}/corpus/*.jsonl.gz"]), ("local", [str(corpora / "mixed.jsonl.gz")])):
+        assert main(["prepare-data", *inputs, "--out", str(tmp_path / where), "--vocab-size", "300", "--seq-len", str(SEQ),
+                     "--domain-field", "source"]) == 0
+    for part in ("tokenizer.json", "train/part-00000.parquet", "eval/part-00000.parquet"):
+        assert (tmp_path / "remote" / part).read_bytes() == (tmp_path / "local" / part).read_bytes(), part
