@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import erc_overhead, moe_layer, train_step  # noqa: E402
+from benchmarks import erc_overhead, moe_layer, prepare_data, train_step  # noqa: E402
 from benchmarks.common import MEASURES  # noqa: E402
 
 QUICK = ["--device", "cpu", "--tiny", "--warmup", "0", "--repeats", "2"]
@@ -424,3 +424,15 @@ def test_gpu_correctness_at_benchmark_sizes(tmp_path):
     assert all(c["passed"] and c["tolerance"] == 3e-2 for c in result["checks"])
     assert len(result["rows"]) == 4 * len(moe_layer.SHAPES)
     assert all(r["peak_mb_per_1k_tokens"] > 0 for r in result["rows"] if r["median_ms"] is not None)
+
+
+def test_prepare_data_measures_the_pipeline_against_the_tokenizers_ceiling(tmp_path):
+    result = prepare_data.main(["--device", "cpu", "--tiny", "--sizes", "1", "--out", str(tmp_path / "prep.json")])
+    assert json.loads((tmp_path / "prep.json").read_text())["columns"] == prepare_data.COLUMNS
+    assert [c["passed"] for c in result["checks"]] == [True]
+    ceiling, one, two = result["rows"]
+    assert (ceiling["what"], one["what"], one["threads"], two["threads"]) == ("ceiling", "pipeline", 1, 2)
+    assert ceiling["of_ceiling"] == 1 and one["of_ceiling"] == pytest.approx(one["tokens_per_s"] / ceiling["tokens_per_s"])
+    assert one["tokens"] == two["tokens"] > ceiling["tokens"]  # the same shards on either thread count, EOD tokens added
+    assert two["vs_1_thread"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"])
+    assert all(50 < r["peak_rss_mb"] < 2000 for r in result["rows"])  # each process's own peak, not its parent's

@@ -117,6 +117,18 @@ def test_the_counter_agrees_with_cudas_own_sync_detector():
     assert len(detected) == sum(counted.values()), ([str(w.message)[:80] for w in detected], counted)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_workers_system_metrics_hold_the_memory_in_use_on_its_device():
+    """What the MLflow UI's System metrics tab shows for a GPU trial: the device's memory in use, this tensor's included."""
+    from ercstudy.trainables.devices import system_metrics
+
+    held = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    metrics = system_metrics(torch.device("cuda", 0))
+    assert metrics["system/gpu_0_memory_usage_megabytes"] >= held.numel() / 1e6
+    assert 0 < metrics["system/gpu_0_memory_usage_percentage"] <= 100
+
+
 def test_the_counter_sees_every_kind_of_sync():
     with SyncCounter() as counter:
         x = torch.ones(2)
