@@ -57,9 +57,11 @@ class PostgresServer:
             account = pwd.getpwnam(SERVER_USER)
             for path in (self.root, password_file):
                 os.chown(path, account.pw_uid, account.pw_gid)
-        subprocess.run(self._command(str(self.bin / "initdb"), "-D", str(self.data), "-U", USER, f"--pwfile={password_file}",
-                                     "--auth=scram-sha-256", "--encoding=UTF8", "--no-locale"),
-                       check=True, capture_output=True, timeout=120)
+        made = subprocess.run(self._command(str(self.bin / "initdb"), "-D", str(self.data), "-U", USER, f"--pwfile={password_file}",
+                                            "--auth=scram-sha-256", "--encoding=UTF8", "--no-locale"),
+                              capture_output=True, text=True, timeout=120)
+        if made.returncode != 0:
+            raise RuntimeError(f"initdb failed ({made.returncode}):\n{made.stdout[-1000:]}{made.stderr[-2000:]}")
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 self._command(str(self.bin / "postgres"), "-D", str(self.data), "-h", "127.0.0.1", "-p", str(self.port),
@@ -100,7 +102,7 @@ class PostgresServer:
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)  # runuser and the server alike
                 self.proc.wait()
         self.proc = None
         shutil.rmtree(self.root, ignore_errors=True)

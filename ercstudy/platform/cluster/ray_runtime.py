@@ -405,9 +405,10 @@ def local_dashboard_url() -> str | None:
 
 def stop_local_ray() -> None:
     """Disconnect, and stop the local instance if this process started one."""
-    global _local
+    global _local, _starting
     import ray
 
+    _starting = None
     ray.shutdown()
     if _local is not None:
         _local.stop()

@@ -56,13 +56,15 @@ def sources(inputs: list[str]) -> list[Source]:
     as; a glob that matches nothing, or a directory with nothing readable, is refused."""
     out = []
     for spec in inputs:
-        fs, path = filesystem(spec)
         if any(c in spec for c in GLOB_CHARS):
+            fs, path = glob_filesystem(spec)
             matches = [p for p in glob(fs, path) if kind_of(fs, p)[0] is not None]
             if not matches:
                 raise DataError(f"input {spec}: no file matches that ercstudy reads; it reads {ACCEPTED}")
             out += [source(fs, p, named(spec, path, p)) for p in matches]
-        elif info(fs, path, spec).type.name == "Directory" and not arrow_files(fs, path):
+            continue
+        fs, path = filesystem(spec)
+        if info(fs, path, spec).type.name == "Directory" and not arrow_files(fs, path):
             inside = [p for p in files_under(fs, path) if kind_of(fs, p)[0] is not None]
             if not inside:
                 raise DataError(f"input {spec}: a directory with no file ercstudy reads; it reads {ACCEPTED}")
@@ -70,6 +72,16 @@ def sources(inputs: list[str]) -> list[Source]:
         else:
             out.append(source(fs, path, spec))
     return out
+
+
+def glob_filesystem(spec: str) -> tuple[Any, str]:
+    """The filesystem of a glob and the pattern inside it: the filesystem is resolved from the glob's part before its
+    first glob character (pyarrow refuses a URI with `?` or `[` in it, which it reads as a query or a host)."""
+    parts = spec.split("/")
+    first = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS))
+    fixed = "/".join(parts[:first]) or ("/" if first else ".")  # "/*.txt": the root; "*.txt": here
+    fs, base = filesystem(fixed)
+    return fs, base.rstrip("/") + "/" + "/".join(parts[first:])
 
 
 def named(spec: str, path: str, found: str) -> str:
@@ -175,7 +187,9 @@ def open_binary(src: Source) -> IO[bytes]:
     """The file's bytes, decompressed, streamed from its filesystem."""
     import pyarrow as pa
 
-    raw = src.fs.open_input_stream(src.path, compression=None)  # we decompress: by the suffix, as the format says
+    # we decompress (by the suffix, as the format says); read ahead 1 MiB at a time: on an object store every read is
+    # a request
+    raw = src.fs.open_input_stream(src.path, compression=None, buffer_size=1 << 20)
     if src.compression in (".zst", ".zstd"):
         raw = pa.CompressedInputStream(raw, "zstd")
     stream = io.BufferedReader(raw)

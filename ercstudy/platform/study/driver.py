@@ -32,7 +32,7 @@ from ray import tune
 from ercstudy.platform.cluster import storage as locations
 from ercstudy.platform.cluster.capacity import Capacity, cluster_capacity, cpu_need, head_pin
 from ercstudy.platform.study import leaderboard as ranking
-from ercstudy.platform.study import relay
+from ercstudy.platform.study import optuna_store, relay
 from ercstudy.platform.study.optuna_store import OptunaStore, OptunaStoreError
 from ercstudy.platform.study.plan import StudyPlan, plan_study
 from ercstudy.platform.study.progress import ProgressCallback
@@ -205,6 +205,7 @@ def run_study(study: Study, *, storage: str, address: str | None = None, resume:
         exists = not resume and directory.exists()
         if resume:
             OptunaStore(str(directory)).check()  # one in a database needs its URL again
+        optuna_store.check_database()  # ERCSTUDY_OPTUNA_DB answers, before a parent run or a trial exists
     except (locations.StorageError, OptunaStoreError) as err:
         raise StudyError(str(err)) from None
     if exists:
@@ -245,11 +246,12 @@ def fit(plan: StudyPlan, directory: locations.Location, state: StudyState, *, re
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(study_trial, {**TRIAL_ACTOR, **head_pin()})
     # the trials' reports reach their Tune actors through it (trial.tune_trial); it lives while this handle does
-    reports_relay = relay.start(head_pin())
+    train_storage = str(directory / "train")
+    reports_relay = relay.start(train_storage, head_pin())
     callbacks = [MLflowStudyCallback(study.name, state.tracking_uri, state.experiment_id, state.parent_run_id,
                                      outbox=str(directory / outbox.OUTBOX), trial_config=plan.trial_config,
                                      point_tags=point_tags),
-                 ProgressCallback(plan, every_s=progress_every_s)]
+                 ProgressCallback(plan, every_s=progress_every_s), RelayCleanup()]
     run_config = tune.RunConfig(
         name=study.name, storage_path=str(directory.parent), callbacks=callbacks, verbose=0,
         failure_config=tune.FailureConfig(max_failures=0),  # Train retries workers itself (train.max_failures)
@@ -263,7 +265,7 @@ def fit(plan: StudyPlan, directory: locations.Location, state: StudyState, *, re
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"base": study.base, "train_storage": str(directory / "train")},
+            param_space={"base": study.base, "train_storage": train_storage},
             tune_config=tune.TuneConfig(
                 search_alg=build_search(plan, str(directory)), scheduler=build_scheduler(plan), num_samples=plan.num_trials,
                 max_concurrent_trials=max_concurrent, metric=study.objective.metric, mode=study.objective.mode,
@@ -274,6 +276,27 @@ def fit(plan: StudyPlan, directory: locations.Location, state: StudyState, *, re
     results = [(r.metrics or {}, r.config or {}, r.error, r.path) for r in tuner.fit()]
     del reports_relay
     return results
+
+
+class RelayCleanup(tune.Callback):
+    """Closes an ended trial's channel of the study's report relay: a trial that ASHA stopped, or that failed, never
+    closed it itself (its actor was killed), and its channel may still hold a report. Stateless (Tune pickles its
+    callbacks with the experiment state): it finds the relay by name."""
+
+    def _close(self, trial: Any) -> None:
+        import ray
+
+        storage = trial.config["train_storage"]
+        try:
+            ray.get_actor(relay.actor_name(storage)).close.remote(relay.key(storage, f"train-{trial.trial_id}"))
+        except ValueError:  # no relay (the study is ending): nothing to close
+            pass
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._close(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._close(trial)
 
 
 def leaderboard(study: Study, results: list[tuple]) -> list[dict[str, Any]]:

@@ -39,13 +39,28 @@ class OptunaStoreError(RuntimeError):
     """The study's Optuna study cannot be reached; the message says what to set."""
 
 
+def check_database() -> None:
+    """When ERCSTUDY_OPTUNA_DB is set, that its database answers (Optuna makes its tables there if need be): a study
+    checks it before anything starts; OptunaStoreError (one line) otherwise."""
+    url = os.environ.get(DATABASE_ENV)
+    if not url:
+        return
+    import optuna
+
+    try:
+        optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}).remove_session()
+    except Exception as err:  # a driver missing, a refused connection, a bad URL: SQLAlchemy's and the driver's own
+        raise OptunaStoreError(f"{DATABASE_ENV}={without_password(url)}: {type(err).__name__}: "
+                               f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from None
+
+
 def without_password(url: str) -> str:
     """A database URL as it may be written down: its password replaced by ***."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
+    scheme, netloc, path, query, fragment = urllib.parse.urlsplit(url)
+    user, at, host = netloc.rpartition("@")
+    if not at or ":" not in user:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return urllib.parse.urlunsplit((scheme, f"{user.split(':', 1)[0]}:***@{host}", path, query, fragment))
 
 
 def cache_root() -> Path:
@@ -175,7 +190,12 @@ def read_study(directory: str, name: str) -> Iterator[Any]:
     """The persisted Optuna study of STORAGE/NAME for reading (a temporary download when remote), or None."""
     s = OptunaStore(directory)
     if s.in_database:
-        yield s.load(name)
+        try:
+            study = s.load(name)
+        except KeyError:
+            raise OptunaStoreError(f"{s.where(name)}: no such Optuna study (the study's driver died before making it, or "
+                                   f"its storage was at another path then)") from None
+        yield study
         return
     if not s.remote:
         yield s.load(name) if s.local.is_file() else None

@@ -2,9 +2,13 @@
 trial's Tune actor (trial.tune_trial), a one-slot channel per trial.
 
 One actor for the whole study, not a queue actor per trial: on a small machine each Ray actor is a process that
-imports Ray (about 1.6 s of CPU), and a study starts its trials several at once. The actor is named in the driver's
-Ray namespace, created by the driver before the Tune run (`start`) and found by the trials (`channel`); it holds no
+imports Ray (about 1.6 s of CPU), and a study starts its trials several at once. The driver creates it before the Tune
+run (`start`), named after the study's trial storage, and the trials find it by that name (`Channel`); it holds no
 CPU and lives on the head node, with the trials' Tune actors, so that a lost worker node takes none of the reports.
+
+A trial's controller offers each report for at most OFFER_S at a time and offers again until the slot takes it: a
+controller that dies with its trial (ASHA stops it) leaves no call waiting in the relay, and the driver closes the
+trial's channel when the trial ends (`close`), dropping what it still held.
 
 This module imports only the standard library: the actor's process imports nothing else of the project.
 """
@@ -15,11 +19,22 @@ import asyncio
 from typing import Any
 
 NAME = "ercstudy-report-relay"
+OFFER_S = 1.0
+
+
+def actor_name(train_storage: str) -> str:
+    """The relay of the study whose trials run under `train_storage` (its STORAGE/NAME/train)."""
+    return f"{NAME}:{train_storage}"
+
+
+def key(storage_path: str, name: str) -> str:
+    """A trial's channel: its Ray Train run's storage and name."""
+    return f"{storage_path}/{name}"
 
 
 class ReportRelay:
-    """A one-slot channel per key: `put` returns once the slot has taken the item (so Train waits until Tune has
-    taken the previous report, as Ray's own callback does), `get` waits up to `timeout` seconds for one."""
+    """A one-slot channel per key: `offer` puts an item once the slot is free (waiting up to `timeout` seconds),
+    `get` takes one (waiting up to `timeout` seconds); `close` forgets a channel."""
 
     def __init__(self) -> None:
         self.slots: dict[str, asyncio.Queue] = {}
@@ -27,8 +42,12 @@ class ReportRelay:
     def _slot(self, key: str) -> asyncio.Queue:
         return self.slots.setdefault(key, asyncio.Queue(maxsize=1))
 
-    async def put(self, key: str, item: Any) -> None:
-        await self._slot(key).put(item)
+    async def offer(self, key: str, item: Any, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._slot(key).put(item), timeout)
+            return True
+        except TimeoutError:
+            return False
 
     async def get(self, key: str, timeout: float) -> tuple[bool, Any]:
         slot = self._slot(key)
@@ -43,27 +62,31 @@ class ReportRelay:
         self.slots.pop(key, None)
 
 
-def start(pin: dict[str, float]) -> Any:
-    """The study's relay (created once per driver; a second study in the same driver shares it). pin: the resource
-    request that places it on the head node (capacity.head_pin)."""
+def start(train_storage: str, pin: dict[str, float]) -> Any:
+    """The relay of a study (its handle keeps it alive). pin: the resource request that places it on the head node
+    (capacity.head_pin)."""
     import ray
 
-    return ray.remote(ReportRelay).options(name=NAME, get_if_exists=True, num_cpus=0, resources=pin).remote()
+    return ray.remote(ReportRelay).options(name=actor_name(train_storage), get_if_exists=True, num_cpus=0,
+                                           resources=pin).remote()
 
 
 class Channel:
-    """One trial's slot of the relay, with the put/get/empty of a queue (what ReportQueueCallback and tune_trial use);
-    picklable, so that it travels to the trial's Train controller."""
+    """One trial's slot of its study's relay, with the put/get of a queue (what ReportQueueCallback and tune_trial
+    use); picklable, so that it travels to the trial's Train controller."""
 
-    def __init__(self, key: str, relay: Any = None):
+    def __init__(self, train_storage: str, key: str):
         import ray
 
-        self.key, self.relay = key, relay or ray.get_actor(NAME)
+        self.key, self.relay = key, ray.get_actor(actor_name(train_storage))
 
     def put(self, item: Any) -> None:
+        """Once the slot has taken `item` (Train waits until Tune has taken the previous report, as Ray's own
+        callback does)."""
         import ray
 
-        ray.get(self.relay.put.remote(self.key, item))
+        while not ray.get(self.relay.offer.remote(self.key, item, OFFER_S)):
+            pass
 
     def get(self, timeout: float) -> tuple[bool, Any]:
         import ray

@@ -117,6 +117,7 @@ class StudySearch(Searcher):
         directions = ["minimize" if m == "min" else "maximize" for m in modes]
         self.space = DefineByRun(plan.study)
         self.store = store  # the study's optuna.db (optuna_store.py); None: in memory only (tests)
+        self.optuna_name = plan.name  # the store names the Optuna study from it (optuna_store.OptunaStore.study_name)
         if store is None:
             self.optuna_study = optuna.create_study(sampler=sampler, pruner=optuna.pruners.NopPruner(),
                                                     study_name=plan.name, directions=directions)
@@ -210,16 +211,23 @@ class StudySearch(Searcher):
             self.store.save()
 
     # Tune saves the searcher with its experiment state (`ercstudy resume` restores it). With a store, the Optuna
-    # study itself is in optuna.db (saved to the study's storage here): the pickle holds trial ids, not the study.
+    # study itself is in optuna.db or its database (saved to the study's storage here): the pickle holds its name and
+    # trial ids, not the study, whose storage object holds the database's URL, password included.
     def save(self, checkpoint_path: str) -> None:
-        state = dict(self.__dict__)
         if self.store is not None:
             self.store.save()
-            state["optuna_study"] = (self.optuna_study.study_name, self.optuna_study.sampler)
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What any pickle of the searcher holds: Tune's tuner.pkl (written when the Tuner is made) as well as save().
+        With a store, restore() rebuilds the Optuna study from it."""
+        state = dict(self.__dict__)
+        if self.store is not None and not isinstance(state["optuna_study"], tuple):
+            state["optuna_study"] = (getattr(self, "optuna_name", self.optuna_study.study_name), self.optuna_study.sampler)
             state["trials"] = {tid: optuna_trial_id(t) for tid, t in self.trials.items()}
             state["queue"] = [{**c, "optuna": optuna_trial_id(c["optuna"])} if "optuna" in c else c for c in self.queue]
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(state, f)
+        return state
 
     def restore(self, checkpoint_path: str) -> None:
         import optuna

@@ -81,6 +81,10 @@ def main(out: Path) -> None:
         sel = pafs.FileSelector(study.path, recursive=True, allow_not_found=True)
         return [i.path for i in study.fs.get_file_info(sel)]
 
+    def read(path: str) -> bytes:
+        with study.fs.open_input_stream(path) as f:
+            return f.read()
+
     def finished_trials() -> int:
         c = MlflowClient(uri)
         runs = c.search_runs([c.get_experiment_by_name("quickstart").experiment_id])
@@ -90,13 +94,15 @@ def main(out: Path) -> None:
     for w in work:
         w.mkdir()
     try:
-        # 1. the study, its driver killed (all of its process group) once a trial has finished and Tune's state is there
+        # 1. the study, its driver killed (all of its process group) once a trial has finished and Tune's state in the
+        # bucket says so (Tune uploads it every SYNC_PERIOD_S: a trial that ended since is run again by the resumed
+        # study, as Tune resumes what its state holds unfinished, and one that ASHA stopped may then complete)
         log = (out / "run.log").open("w")
         driver = subprocess.Popen([sys.executable, "-m", "ercstudy", "run", str(outside / "quickstart.yaml")], cwd=work[0],
                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         killed = None
         while driver.poll() is None and time.monotonic() - started < 1200:
-            if finished_trials() and any(Path(f).name.startswith("experiment_state") for f in listing()):
+            if finished_trials() and any(Path(f).name.startswith("experiment_state") and b"TERMINATED" in read(f) for f in listing()):
                 os.killpg(driver.pid, signal.SIGKILL)
                 driver.wait()
                 killed = time.monotonic() - started

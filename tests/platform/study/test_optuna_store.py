@@ -193,3 +193,46 @@ def test_a_study_whose_optuna_study_is_in_a_database_needs_its_url_to_resume_or_
         assert main([*command, "--storage", str(tmp_path / "studies")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and DATABASE_ENV in err[0], err
+
+
+def test_a_study_whose_optuna_database_does_not_answer_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
+    from ercstudy.netutil import free_port
+    from ercstudy.platform.cli import main
+    from ercstudy.platform.study.optuna_store import DATABASE_ENV
+
+    monkeypatch.setenv(DATABASE_ENV, f"postgresql://optuna:s3cret@127.0.0.1:{free_port()}/optuna")  # nothing listens
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "quickstart", "--storage", str(tmp_path / "studies")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ercstudy: error: {DATABASE_ENV}=postgresql://optuna:***@127.0.0.1:"), err
+    assert "s3cret" not in err[0] and not (tmp_path / "studies").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_study_in_postgresql_resumes_and_no_pickle_holds_the_password(postgres, tmp_path, monkeypatch):
+    """A real PostgreSQL (ERCSTUDY_OPTUNA_DB): the study is made there as NAME@DIRECTORY, the searcher's save and any
+    pickle of it (Tune's tuner.pkl pickles the searcher when the Tuner is made) hold its name and trial ids, never the
+    URL's password, and a restored searcher carries on in the same Optuna study."""
+    import pickle
+
+    from postgres_server import PASSWORD
+
+    from ercstudy.platform.study.optuna_store import DATABASE_ENV, OptunaStore
+
+    monkeypatch.setenv(DATABASE_ENV, postgres.create_database("optuna_resume"))
+    study = study_spec()
+    directory = tmp_path / "results" / study.name
+    directory.mkdir(parents=True)
+    search = build_search(plan_study(study), str(directory))
+    run_points(search, 2)
+    search.suggest("t2")  # running when the driver stops
+    assert not (directory / "optuna.db").exists() and OptunaStore(str(directory)).in_database
+    search.save(str(tmp_path / "searcher.pkl"))
+    for blob in ((tmp_path / "searcher.pkl").read_bytes(), pickle.dumps(search), (directory / "optuna.json").read_bytes()):
+        assert PASSWORD.encode() not in blob
+    restored = pickle.loads(pickle.dumps(search))  # as `ercstudy resume`: the searcher from tuner.pkl, then its state
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.optuna_study.study_name == f"{study.name}@{directory}"
+    restored.on_trial_complete("t2", {"step": 60, "total_steps": 60, "eval/loss": 2.5})
+    run_points(restored, 1, start=3)
+    with read_study(str(directory), study.name) as s:
+        assert [t.state for t in s.trials] == [TrialState.COMPLETE] * 4
