@@ -6,6 +6,7 @@ import bz2
 import gzip
 import json
 import lzma
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -169,3 +170,49 @@ def test_inputs_on_object_storage_give_the_local_inputs_shards_byte_for_byte(cor
                      "--domain-field", "source"]) == 0
     for part in ("tokenizer.json", "train/part-00000.parquet", "eval/part-00000.parquet"):
         assert (tmp_path / "remote" / part).read_bytes() == (tmp_path / "local" / part).read_bytes(), part
+
+
+@pytest.mark.parametrize("inputs,flags", [
+    (["mixed.jsonl.gz"], ["--domain-field", "source"]),
+    (["mixed.parquet"], ["--domain-field", "source", "--tokenizer", "PRETRAINED"]),
+    (["mixed_arrow"], ["--domain-field", "source"]),
+    (["early.txt.bz2", "late.txt.zst"], []),
+], ids=["jsonl-gz", "parquet-pretrained", "arrow", "compressed-text"])
+def test_the_workers_loop_trains_on_shards_of_each_kind(corpora, tmp_path, inputs, flags):
+    """Shards made from each kind of input train in a worker's own loop (worker.make_trial + worker.train, one rank):
+    finite losses, the held-out loss of each domain (from the field or the file), routing measured by domain."""
+    import torch
+    from conftest import single_process_group
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from ercstudy.trainables.config import TrialConfig
+    from ercstudy.trainables.worker import make_trial, train
+
+    if "PRETRAINED" in flags:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.train_from_iterator(EARLY + LATE, trainer=trainers.BpeTrainer(vocab_size=350, special_tokens=["</s>"],
+                                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.save(str(tmp_path / "tokenizer.json"))
+        flags = [str(tmp_path / "tokenizer.json") if f == "PRETRAINED" else f for f in flags]
+    out = tmp_path / "shards"
+    assert main(["prepare-data", *(str(corpora / i) for i in inputs), "--out", str(out), "--seq-len", str(SEQ),
+                 "--vocab-size", "300", *flags]) == 0
+    meta = ShardMeta.read(out)
+    cfg = TrialConfig.from_dict({
+        "model": {"vocab_size": meta.vocab_size, "d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": SEQ},
+        "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 32},
+        "train": {"tokens": 6 * 8 * SEQ, "global_batch_size": 8, "micro_batch_size": 8, "lr": 0.005, "warmup_steps": 1,
+                  "report_every": 3, "checkpoint_every": 6, "seed": 1},
+        "data": {"kind": "parquet", "path": str(out)},
+        "eval": {"every": 3, "sequences": 8},
+    })
+    reports = []
+    with single_process_group():
+        trial = make_trial(cfg, rank=0, world=1, device=torch.device("cpu"))
+        train(trial, lambda trial, metrics, *, checkpoint: reports.append(metrics))
+    assert [m["step"] for m in reports] == [3, 6]
+    for m in reports:
+        assert all(math.isfinite(m[k]) for k in ("lm_loss", "erc_loss", "eval/loss", "domain_nmi")), m
+        assert {f"eval/loss/{d}" for d in meta.domains} <= m.keys()
+    assert meta.domains == ["early", "late"]
