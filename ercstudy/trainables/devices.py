@@ -25,6 +25,13 @@ PEAKS: tuple[tuple[str, float, str], ...] = (
 )
 
 
+# GB of memory (as sold, 1e9 bytes) of each GPU type as Ray names it in a node's resources (`accelerator_type:<type>`,
+# ray/util/accelerators/accelerators.py), the smallest model of the type: the most a study can count on before its
+# workers start (each worker then checks its own device's real size, engine.check_fits).
+GPU_MEMORY_GB = {"V100": 16, "P100": 12, "T4": 16, "P4": 8, "K80": 12, "A10G": 24, "L4": 24, "L40S": 48, "A100": 40,
+                 "A100-40G": 40, "A100-80G": 80, "H100": 80, "H200": 141, "H20": 96, "B200": 192}
+
+
 def peak_tflops(name: str) -> float | None:
     """The dense bf16 peak of a device named `name` (e.g. "NVIDIA H100 80GB HBM3"), or None if unknown."""
     for pattern, tflops, _ in PEAKS:

@@ -14,6 +14,15 @@ class Capacity:
     cpus: float
     gpus: float
     autoscaling: bool
+    gpu_types: tuple[str, ...] = ()  # the GPU types Ray names (accelerator_type:<type>) on its nodes now or at most
+
+
+ACCELERATOR = "accelerator_type:"
+
+
+def gpu_types(*resources: dict[str, float]) -> tuple[str, ...]:
+    """The GPU types in Ray resource dicts (a node publishes `accelerator_type:<type>` for its GPUs)."""
+    return tuple(sorted({k[len(ACCELERATOR):] for r in resources for k in r if k.startswith(ACCELERATOR)}))
 
 
 def cluster_capacity() -> Capacity:
@@ -29,7 +38,7 @@ def cluster_capacity() -> Capacity:
         most, unknown_largest = {}, False
     if unknown_largest:  # Ray's v1 autoscaler: it adds nodes, but does not say how many it may (Ray Train checks nothing then either)
         return Capacity(float("inf"), float("inf"), True)
-    return Capacity(max(cpus, most.get("CPU", 0)), max(gpus, most.get("GPU", 0)), bool(most))
+    return Capacity(max(cpus, most.get("CPU", 0)), max(gpus, most.get("GPU", 0)), bool(most), gpu_types(now, most))
 
 
 # A custom resource that the head node declares (cluster.yaml's head type, the private local Ray): a study's trial

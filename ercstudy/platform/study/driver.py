@@ -44,6 +44,7 @@ from ercstudy.platform.tracking import outbox
 from ercstudy.platform.tracking.callbacks import MLflowStudyCallback
 from ercstudy.trainables import reports
 from ercstudy.trainables.config import load_yaml
+from ercstudy.trainables.devices import GPU_MEMORY_GB
 
 STATE_FILE = "study.json"
 SPEC_FILE = "study.yaml"
@@ -85,6 +86,23 @@ def trial_resources(study: Study) -> tuple[int, int]:
     return r.num_workers * r.cpus_per_worker, r.num_workers * r.gpus_per_worker
 
 
+def check_gpu_memory(plan: StudyPlan, cap: Capacity) -> None:
+    """Refuse, before any trial starts, a study whose largest trial needs more memory per worker than every GPU type
+    the cluster names holds (TrialConfig.memory_per_worker; devices.GPU_MEMORY_GB: the smallest each type comes in).
+    A cluster that names no known type is not checked here: each worker checks its own GPU as it starts."""
+    known = {t: GPU_MEMORY_GB[t] for t in cap.gpu_types if t in GPU_MEMORY_GB}
+    if not known or len(known) < len(cap.gpu_types):
+        return
+    configs = [plan.trial_config(p) for p in (*plan.corners, *(p for _, p in plan.arms))]
+    need = max(c.memory_per_worker(gpu=True) for c in configs) / 1e9
+    most = max(known.values())
+    if need > most:
+        types = ", ".join(f"{t} ({gb} GB)" for t, gb in sorted(known.items()))
+        raise StudyError(f"resources: a worker of this study's largest trial needs about {need:.0f} GB (model, optimizer "
+                         f"state and activations, bf16), the cluster's GPUs hold at most {most} GB ({types}): raise "
+                         f"resources.ep_size or num_workers, or lower train.micro_batch_size (ercstudy dry-run shows mem/worker)")
+
+
 def concurrency(plan: StudyPlan, cap: Capacity) -> int:
     """Trials that can run at once; a study that can never run one is refused here, not left waiting."""
     study = plan.study
@@ -96,6 +114,8 @@ def concurrency(plan: StudyPlan, cap: Capacity) -> int:
                          f"{where} has {cap.gpus:g}; lower resources.gpus_per_worker / num_workers, or run on a GPU cluster (--address)")
     if need > cap.cpus:
         raise StudyError(f"resources: a trial needs {words}, {where} has {cap.cpus:g}; lower resources.num_workers / cpus_per_worker")
+    if gpus:
+        check_gpu_memory(plan, cap)
     if cap.cpus == float("inf"):
         print("ercstudy: the cluster's autoscaler does not publish its largest size (Ray's v1 autoscaler): trial resources "
               "are not checked against it, and search.max_concurrent (else every trial) bounds the trials at once", file=sys.stderr)

@@ -255,3 +255,23 @@ def test_a_study_refused_for_its_resources_leaves_no_parent_run_behind(ray_sessi
     exp = c.get_experiment_by_name("too-big")
     assert exp is None or c.search_runs([exp.experiment_id]) == []
     assert not (tmp_path / "res" / "too-big").exists()
+
+
+def test_a_study_too_big_for_every_gpu_type_the_cluster_names_is_refused_before_any_trial():
+    """Ray names a node's GPUs in its resources (accelerator_type:<type>); the study's largest trial must fit the
+    largest of them (devices.GPU_MEMORY_GIB), else one line before anything starts. Unknown types are left to the
+    workers' own check."""
+    from ercstudy.platform.cluster.capacity import gpu_types
+
+    assert gpu_types({"GPU": 8.0, "accelerator_type:T4": 1.0}, {"accelerator_type:H100": 1.0, "CPU": 4}) == ("H100", "T4")
+    big = spec(resources={"num_workers": 1, "gpus_per_worker": 1})
+    big["base"]["model"].update(d_model=2048, n_layers=16, n_heads=16, seq_len=2048, vocab_size=32768)
+    big["base"]["moe"].update(num_experts=64, expert_dim=1024)
+    plan = plan_study(parse_study(big))
+    need = max(plan.trial_config(p).memory_per_worker(gpu=True) for p in plan.corners) / 1e9
+    assert 24 < need < 141, need  # between a T4's and an H200's
+    with pytest.raises(StudyError, match=rf"largest trial needs about {need:.0f} GB .* hold at most 16 GB \(T4 \(16 GB\)\)"):
+        concurrency(plan, Capacity(cpus=16, gpus=8, autoscaling=False, gpu_types=("T4",)))
+    assert concurrency(plan, Capacity(cpus=16, gpus=8, autoscaling=False, gpu_types=("H200", "T4"))) >= 1  # fits an H200
+    assert concurrency(plan, Capacity(cpus=16, gpus=8, autoscaling=False, gpu_types=("T4", "SOME-NEW-GPU"))) >= 1
+    assert concurrency(plan, Capacity(cpus=16, gpus=8, autoscaling=False)) >= 1  # no type named: the workers check
