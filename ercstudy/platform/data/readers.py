@@ -187,9 +187,10 @@ def open_binary(src: Source) -> IO[bytes]:
     """The file's bytes, decompressed, streamed from its filesystem."""
     import pyarrow as pa
 
-    # we decompress (by the suffix, as the format says); read ahead 1 MiB at a time: on an object store every read is
-    # a request
-    raw = src.fs.open_input_stream(src.path, compression=None, buffer_size=1 << 20)
+    # we decompress (by the suffix, as the format says); on an object store, where every read is a request, read
+    # ahead 1 MiB at a time (a local file is read through Python's own buffer below)
+    local = src.fs.type_name == "local"
+    raw = src.fs.open_input_stream(src.path, compression=None, buffer_size=0 if local else 1 << 20)
     if src.compression in (".zst", ".zstd"):
         raw = pa.CompressedInputStream(raw, "zstd")
     stream = io.BufferedReader(raw)
