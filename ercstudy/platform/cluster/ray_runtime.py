@@ -71,9 +71,12 @@ class LocalRay:
     node_id: str = ""  # fixed at launch, so that its agents' port files can be named before the raylet looks
     token_dir: str | None = None  # the directory of its authentication token, removed when it stops
 
-    def stop(self) -> None:
+    def stop(self, *, wait: bool = True) -> None:
+        """SIGTERM to `ray start --block`, which stops its Ray processes; `wait`: until they have stopped (seconds)."""
         if self.process.poll() is None:
             self.process.terminate()  # `ray start --block` kills its Ray processes on SIGTERM
+            if not wait:
+                return
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -258,7 +261,8 @@ def _launch_private(num_cpus: int | None) -> tuple[LocalRay, dict[str, int]]:
     local, ports = launch_local_ray(num_cpus)
     local.token_dir = os.path.dirname(token)
     _local = local
-    atexit.register(stop_local_ray)
+    # at the driver's exit: Ray stops in the background (a second or three on a small machine), the command returns
+    atexit.register(stop_local_ray, wait=False)
     return local, ports
 
 
@@ -403,15 +407,16 @@ def local_dashboard_url() -> str | None:
     return _local.dashboard_url if _local is not None else None
 
 
-def stop_local_ray() -> None:
-    """Disconnect, and stop the local instance if this process started one."""
+def stop_local_ray(*, wait: bool = True) -> None:
+    """Disconnect, and stop the local instance if this process started one; `wait`: until its processes have stopped
+    (a process that exits now need not: they stop on their own, as when the driver dies)."""
     global _local, _starting
     import ray
 
     _starting = None
     ray.shutdown()
     if _local is not None:
-        _local.stop()
+        _local.stop(wait=wait)
         if _local.token_dir:
             import shutil
 
