@@ -33,6 +33,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,6 +73,23 @@ def batches(docs: Iterator[str]) -> Iterator[list[str]]:
             batch, chars = [], 0
     if batch:
         yield batch
+
+
+def encoded(docs: Iterator[list[tuple[str, str]]], tok: Any) -> Iterator[tuple[list[tuple[str, str]], list[Any]]]:
+    """Each batch of (domain, document) records with its encodings, in order; the next batch is read (Python) while
+    this one encodes on a thread (the tokenizer's Rust batch encode releases the GIL), so reading, splitting and
+    packing overlap the encoding instead of following it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ercstudy-encode") as pool:
+        pending = None
+        for batch in docs:
+            started = (batch, pool.submit(tok.encode_batch, [doc for _, doc in batch]))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = started
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 @dataclass
@@ -357,10 +375,9 @@ def prepare_data(
         held = {d: HeldOutDocuments(census.documents[d], held_docs[d], np.random.default_rng([seed, 0, index[d]])) for d in domains}
         cutters = {(d, split): Cutter(width) for d in domains for split in SPLITS}
         with tqdm(total=sum(census.documents.values()), desc="tokenizing", unit="doc", disable=not progress, file=sys.stderr) as bar:
-            for batch in batches(corpus.records()):
-                docs = [doc for _, doc in batch]
+            for batch, encodings in encoded(batches(corpus.records()), tok):
                 pieces: dict[tuple[str, str], list[np.ndarray]] = {}
-                for (domain, _), enc in zip(batch, tok.encode_batch(docs)):
+                for (domain, _), enc in zip(batch, encodings):
                     d = corpus.names[domain]
                     split = "eval" if held[d].draw(1)[0] else "train"
                     pieces.setdefault((d, split), []).extend([np.asarray(enc.ids, dtype=np.int32), np.asarray([eod], dtype=np.int32)])
