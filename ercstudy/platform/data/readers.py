@@ -53,38 +53,40 @@ class Source:
 
 def sources(inputs: list[str]) -> list[Source]:
     """The inputs as Sources (directories and globs expanded), each checked to exist and have a format it can be read
-    as; a glob that matches nothing, or a directory with nothing readable, is refused."""
+    as; a glob that matches nothing, or a directory with nothing readable, is refused. One stat per input and one
+    listing per directory or glob: a file found by a listing is not asked about again (on an object store, each
+    question is a request)."""
     out = []
     for spec in inputs:
         if any(c in spec for c in GLOB_CHARS):
-            fs, path = glob_filesystem(spec)
-            matches = [p for p in glob(fs, path) if kind_of(fs, p)[0] is not None]
-            if not matches:
-                raise DataError(f"input {spec}: no file matches that ercstudy reads; it reads {ACCEPTED}")
-            out += [source(fs, p, named(spec, path, p)) for p in matches]
-            continue
-        fs, path = filesystem(spec)
-        if info(fs, path, spec).type.name == "Directory" and not arrow_files(fs, path):
-            inside = [p for p in files_under(fs, path) if kind_of(fs, p)[0] is not None]
-            if not inside:
-                raise DataError(f"input {spec}: a directory with no file ercstudy reads; it reads {ACCEPTED}")
-            out += [source(fs, p, named(spec, path, p)) for p in inside]
+            fs, base, pattern = glob_filesystem(spec)
+            found, empty = glob(fs, base, pattern), "no file matches that ercstudy reads"
         else:
-            out.append(source(fs, path, spec))
+            fs, path = filesystem(spec)
+            top = info(fs, path, spec)
+            if top.type.name != "Directory" or arrow_files(fs, path):
+                out.append(source(fs, top, spec))
+                continue
+            found, empty = files_under(fs, path), "a directory with no file ercstudy reads"
+        readable = [i for i in found if kind_of(fs, i)[0] is not None]
+        if not readable:
+            raise DataError(f"input {spec}: {empty}; it reads {ACCEPTED}")
+        out += [source(fs, i, named(spec, i.path)) for i in readable]
     return out
 
 
-def glob_filesystem(spec: str) -> tuple[Any, str]:
-    """The filesystem of a glob and the pattern inside it: the filesystem is resolved from the glob's part before its
-    first glob character (pyarrow refuses a URI with `?` or `[` in it, which it reads as a query or a host)."""
+def glob_filesystem(spec: str) -> tuple[Any, str, str]:
+    """(filesystem, base, pattern) of a glob: the filesystem and the folder inside it are resolved from the glob's
+    part before its first glob character (pyarrow refuses a URI with `?` or `[` in it, which it reads as a query or a
+    host); the pattern is the whole glob inside the filesystem."""
     parts = spec.split("/")
     first = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS))
     fixed = "/".join(parts[:first]) or ("/" if first else ".")  # "/*.txt": the root; "*.txt": here
     fs, base = filesystem(fixed)
-    return fs, base.rstrip("/") + "/" + "/".join(parts[first:])
+    return fs, base, base.rstrip("/") + "/" + "/".join(parts[first:])
 
 
-def named(spec: str, path: str, found: str) -> str:
+def named(spec: str, found: str) -> str:
     """How errors name a file found under a directory or a glob: `spec`'s own form (a path or a URI)."""
     if is_uri(spec):
         return spec.split("://", 1)[0] + "://" + found
@@ -100,10 +102,12 @@ def info(fs: Any, path: str, where: str) -> Any:
         raise DataError(f"input {where}: {first_line(err)}") from None
 
 
-def files_under(fs: Any, path: str) -> list[str]:
+def files_under(fs: Any, path: str) -> list[Any]:
+    """The files under a folder, at any depth, sorted by path (pyarrow FileInfos)."""
     import pyarrow.fs as pafs
 
-    return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type.name == "File")
+    return sorted((i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type.name == "File"),
+                  key=lambda i: i.path)
 
 
 def arrow_files(fs: Any, path: str) -> list[str]:
@@ -113,19 +117,17 @@ def arrow_files(fs: Any, path: str) -> list[str]:
                   if i.type.name == "File" and i.path.endswith(".arrow"))
 
 
-def glob(fs: Any, pattern: str) -> list[str]:
-    """The paths inside `fs` that `pattern` matches, sorted: files, and Arrow folders (one input each). Listed once,
-    recursively, under the pattern's longest folder without a glob character."""
+def glob(fs: Any, base: str, pattern: str) -> list[Any]:
+    """What `pattern` matches under `base` (its longest folder without a glob character), sorted by path: files, and
+    Arrow folders (one input each); listed once, recursively."""
     import pyarrow.fs as pafs
 
-    parts = pattern.split("/")
-    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS))
-    base = "/".join(parts[:fixed]) or "/"
     if info(fs, base, base).type.name != "Directory":
         return []
     regex = glob_regex(pattern)
     entries = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True)) if regex.fullmatch(i.path)]
-    return sorted(i.path for i in entries if i.type.name == "File" or (i.type.name == "Directory" and arrow_files(fs, i.path)))
+    return sorted((i for i in entries if i.type.name == "File" or (i.type.name == "Directory" and arrow_files(fs, i.path))),
+                  key=lambda i: i.path)
 
 
 def glob_regex(pattern: str) -> re.Pattern:
@@ -151,11 +153,12 @@ def glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out))
 
 
-def kind_of(fs: Any, path: str) -> tuple[str | None, str | None]:
-    """(format, compression suffix) of a file by its name; format None when it is none ercstudy reads."""
-    if fs.get_file_info(path).type.name == "Directory":
-        return ("arrow" if arrow_files(fs, path) else None), None
-    suffixes = suffixes_of(path)
+def kind_of(fs: Any, found: Any) -> tuple[str | None, str | None]:
+    """(format, compression suffix) of a file (a pyarrow FileInfo) by its name, of a folder by whether it holds Arrow
+    files; format None when it is none ercstudy reads."""
+    if found.type.name == "Directory":
+        return ("arrow" if arrow_files(fs, found.path) else None), None
+    suffixes = suffixes_of(found.path)
     compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSION else None
     ext = suffixes[-1] if suffixes else ""
     kind = "text" if ext in TEXT else "jsonl" if ext in JSONL else "parquet" if ext == ".parquet" and not compression else None
@@ -167,12 +170,14 @@ def suffixes_of(path: str) -> list[str]:
     return ["." + s.lower() for s in name.split(".")[1:]] if not name.startswith(".") else []
 
 
-def source(fs: Any, path: str, where: str) -> Source:
-    if info(fs, path, where).type.name == "NotFound":
+def source(fs: Any, found: Any, where: str) -> Source:
+    """The input at `found` (a pyarrow FileInfo), named `where` in errors."""
+    if found.type.name == "NotFound":
         raise DataError(f"input {where}: no such file")
-    kind, compression = kind_of(fs, path)
+    kind, compression = kind_of(fs, found)
     if kind is None:
         raise DataError(f"input {where}: not a format ercstudy reads; it reads {ACCEPTED}")
+    path = found.path
     name = posixpath.basename(path.rstrip("/"))
     if kind != "arrow":
         for suffix in reversed(suffixes_of(path)):

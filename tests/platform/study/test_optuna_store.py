@@ -3,6 +3,7 @@
 resume; what optuna.load_study and optuna.importance read from it (platform/report/importance.py). No Ray: Tune's
 calls are made by hand, as in test_search.py."""
 
+import json
 import math
 
 import numpy as np
@@ -183,7 +184,8 @@ def test_a_study_whose_optuna_study_is_in_a_database_needs_its_url_to_resume_or_
     directory.mkdir(parents=True)
     (directory / MARKER).write_text('{"database": "postgresql://optuna:***@db/optuna"}')
     (directory / "study.yaml").write_text(yaml.safe_dump({**QUICKSTART, "name": "s"}))
-    (directory / "study.json").write_text('{"name": "s", "tracking_uri": "sqlite:///x.db", "experiment_id": "1", "parent_run_id": "r"}')
+    (directory / "study.json").write_text(json.dumps({"name": "s", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+                                                      "experiment_id": "1", "parent_run_id": "r"}))
     monkeypatch.delenv(DATABASE_ENV, raising=False)
     store = OptunaStore(str(directory))
     assert store.in_database and store.study_name("s") == f"s@{directory}"
