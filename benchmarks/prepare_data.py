@@ -35,32 +35,32 @@ SEQ_LEN = 256
 TEXT = [ROOT / "tests" / "fixtures" / name for name in ("early.txt", "late.txt")]
 COLUMNS = ["corpus_mb", "what", "threads", "seconds", "tokens", "tokens_per_s", "of_ceiling", "vs_1_thread", "peak_rss_mb"]
 
-CEILING = """
+# each measurement's process: its own peak resident set (VmHWM: of its address space since exec; ru_maxrss would
+# include the benchmark process it was forked from)
+PRELUDE = """
 import json, sys, time
+def peak_mb():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024
+"""
+
+CEILING = PRELUDE + """
 from tokenizers import Tokenizer
 from ercstudy.platform.data import readers
 tok = Tokenizer.from_file(sys.argv[1])
 docs = [d for _, d in readers.records(readers.sources([sys.argv[2]])[0])]
 start = time.perf_counter()
 tokens = sum(len(e.ids) for i in range(0, len(docs), 256) for e in tok.encode_batch(docs[i:i + 256]))
-print(json.dumps({"seconds": time.perf_counter() - start, "tokens": tokens, "documents": len(docs),
-                  "peak_rss_mb": PEAK()}))
+print(json.dumps({"seconds": time.perf_counter() - start, "tokens": tokens, "documents": len(docs), "peak_rss_mb": peak_mb()}))
 """
 
-PIPELINE = """
-import json, sys, time
+PIPELINE = PRELUDE + """
 from ercstudy.platform.data.prepare import prepare_data
 start = time.perf_counter()
 meta = prepare_data([sys.argv[2]], sys.argv[3], tokenizer=sys.argv[1], seq_len=int(sys.argv[4]), progress=False)
 seconds = time.perf_counter() - start
 rows = meta.train_sequences + meta.eval_sequences
-print(json.dumps({"seconds": seconds, "tokens": rows * (meta.seq_len + 1),
-                  "peak_rss_mb": PEAK()}))
+print(json.dumps({"seconds": seconds, "tokens": rows * (meta.seq_len + 1), "peak_rss_mb": peak_mb()}))
 """
-# this process's own peak resident set (VmHWM: of its address space since exec; ru_maxrss would include the benchmark
-# process it was forked from)
-PEAK = "lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024"
-CEILING, PIPELINE = (code.replace("PEAK()", f"({PEAK})()") for code in (CEILING, PIPELINE))
 
 
 def corpus(directory: Path, megabytes: int) -> Path:

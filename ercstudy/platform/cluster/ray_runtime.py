@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ercstudy.netutil import free_ports
@@ -69,6 +69,7 @@ class LocalRay:
     log_path: str
     dashboard_url: str  # the Jobs API (`ercstudy submit --address`) and the web UI
     node_id: str = ""  # fixed at launch, so that its agents' port files can be named before the raylet looks
+    agent_ports: dict[str, int] = field(default_factory=dict)  # port-file name -> port, written by wait_started
     token_dir: str | None = None  # the directory of its authentication token, removed when it stops
 
     def stop(self, *, wait: bool = True) -> None:
@@ -99,14 +100,13 @@ RAY_START = (
 
 def start_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIMEOUT_S) -> LocalRay:
     """Start a private head node on loopback; returns once it accepts drivers."""
-    local, ports = launch_local_ray(num_cpus, timeout_s=timeout_s)
-    wait_started(local, ports, timeout_s=timeout_s)
+    local = launch_local_ray(num_cpus, timeout_s=timeout_s)
+    wait_started(local, timeout_s=timeout_s)
     return local
 
 
-def launch_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIMEOUT_S) -> tuple[LocalRay, dict[str, int]]:
-    """Start `ray start --head` for a private head node on loopback and return at once, with the agent ports that
-    `wait_started` writes. Call it from the thread that lives as long as the node should: `ray start` gets SIGTERM
+def launch_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TIMEOUT_S) -> LocalRay:
+    """Start `ray start --head` for a private head node on loopback and return at once. Call it from the thread that lives as long as the node should: `ray start` gets SIGTERM
     when that thread ends (RAY_START), so never from a short-lived thread."""
     temp_dir = tempfile.mkdtemp(prefix="ercstudy-ray-")  # short: Ray's socket paths must fit in 107 bytes
     node_id = os.urandom(28).hex()
@@ -134,11 +134,11 @@ def launch_local_ray(num_cpus: int | None = None, *, timeout_s: float = START_TI
     log_path = os.path.join(temp_dir, "ray-start.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    local = LocalRay(proc, f"127.0.0.1:{gcs_port}", temp_dir, log_path, f"http://127.0.0.1:{dashboard_port}", node_id=node_id)
-    return local, ports
+    return LocalRay(proc, f"127.0.0.1:{gcs_port}", temp_dir, log_path, f"http://127.0.0.1:{dashboard_port}", node_id=node_id,
+                    agent_ports=ports)
 
 
-def wait_started(local: LocalRay, ports: dict[str, int], *, timeout_s: float = START_TIMEOUT_S) -> None:
+def wait_started(local: LocalRay, *, timeout_s: float = START_TIMEOUT_S) -> None:
     """Wait until the launched node accepts drivers, writing its agents' port files as soon as its session directory
     exists (the raylet waits for them)."""
     deadline = time.monotonic() + timeout_s
@@ -152,7 +152,7 @@ def wait_started(local: LocalRay, ports: dict[str, int], *, timeout_s: float = S
         if not written:
             sessions = [p for p in Path(local.temp_dir).glob("session_*") if p.is_dir() and not p.is_symlink()]
             if sessions:
-                for name, port in ports.items():
+                for name, port in local.agent_ports.items():
                     private_apis.persist_port(str(sessions[0]), local.node_id, name, port)
                 written = True
         if "Ray runtime started" in Path(local.log_path).read_text(errors="replace"):
@@ -214,13 +214,13 @@ def enable_token_auth(token_path: str) -> None:
 class _Starting(threading.Thread):
     """Waits for a launched private Ray (a daemon thread: a driver that exits meanwhile does not wait for it)."""
 
-    def __init__(self, local: LocalRay, ports: dict[str, int]):
+    def __init__(self, local: LocalRay):
         super().__init__(name="ercstudy-ray-start", daemon=True)
-        self.launched, self.error = (local, ports), None
+        self.local, self.error = local, None
 
     def run(self) -> None:
         try:
-            _wait_private(*self.launched)
+            _wait_private(self.local)
         except BaseException as err:  # raised by result(), in the thread that connects
             self.error = err
 
@@ -243,11 +243,11 @@ def prestart(address: str | None = None) -> None:
     if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized() or _starting is not None \
             or (_local is not None and _local.process.poll() is None):
         return
-    _starting = _Starting(*_launch_private(None))  # launched here, in the thread that lives as long as the driver
+    _starting = _Starting(_launch_private(None))  # launched here, in the thread that lives as long as the driver
     _starting.start()
 
 
-def _launch_private(num_cpus: int | None) -> tuple[LocalRay, dict[str, int]]:
+def _launch_private(num_cpus: int | None) -> LocalRay:
     global _local
     for key, value in private_apis.PRIVATE_DRIVER_SETTINGS.items():
         os.environ.setdefault(key, value)
@@ -258,16 +258,16 @@ def _launch_private(num_cpus: int | None) -> tuple[LocalRay, dict[str, int]]:
     token = new_token_file()
     enable_token_auth(token)
     private_apis.reach_ray_on_loopback()  # the node on 127.0.0.1, not the machine's network address
-    local, ports = launch_local_ray(num_cpus)
+    local = launch_local_ray(num_cpus)
     local.token_dir = os.path.dirname(token)
     _local = local
     # at the driver's exit: Ray stops in the background (a second or three on a small machine), the command returns
     atexit.register(stop_local_ray, wait=False)
-    return local, ports
+    return local
 
 
-def _wait_private(local: LocalRay, ports: dict[str, int]) -> None:
-    wait_started(local, ports)
+def _wait_private(local: LocalRay) -> None:
+    wait_started(local)
     print(f"ercstudy: local Ray is up at {local.address} (dashboard: {local.dashboard_url})", file=sys.stderr, flush=True)
 
 
@@ -299,7 +299,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbo
             starting, _starting = _starting, None
             starting.result()
         elif _local is None or _local.process.poll() is not None:
-            _wait_private(*_launch_private(num_cpus))
+            _wait_private(_launch_private(num_cpus))
         address = _local.address
     # A process that the private Ray or its starter started (a job's driver, a test's study) inherits
     # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 and reaches it on loopback by itself (Ray reads it at import); a cluster

@@ -102,6 +102,12 @@ class Location:
             yield target
 
 
+
+def train_run_name(trial_id: str) -> str:
+    """The name of a study trial's Ray Train run (its folder under STORAGE/NAME/train): the Tune trial id's, stable
+    across `ercstudy resume`, so that Train resumes from the run's checkpoint."""
+    return f"train-{trial_id}"
+
 def is_uri(storage: str) -> bool:
     return "://" in str(storage)
 
@@ -199,7 +205,7 @@ def find_checkpoint(spec: str, storage: str) -> Location:
 
     if not is_uri(spec) and not os.path.exists(spec) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/\w+", spec):
         study, trial = spec.split("/")
-        loc = resolve(storage) / study / "train" / f"train-{trial}"
+        loc = resolve(storage) / study / "train" / train_run_name(trial)
         check(loc, write=False)
         if not loc.is_dir():
             raise CheckpointError(f"{spec}: no such checkpoint directory, nor a trial {trial!r} of a study {study!r} in {storage} "

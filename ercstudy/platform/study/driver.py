@@ -72,7 +72,7 @@ def study_trial(config: dict[str, Any]) -> None:
     cfg = TrialConfig.from_dict(apply_params(config["base"], config["params"]))
     trial_id = tune.get_context().get_trial_id()
     # named by the trial id (stable across `ercstudy resume`): Train resumes from the run's checkpoint
-    result = tune_trial(cfg, name=f"train-{trial_id}", storage_path=config["train_storage"])
+    result = tune_trial(cfg, name=locations.train_run_name(trial_id), storage_path=config["train_storage"])
     if result.error:
         raise RuntimeError(result.error)
 
@@ -93,8 +93,7 @@ def check_gpu_memory(plan: StudyPlan, cap: Capacity) -> None:
     known = {t: GPU_MEMORY_GB[t] for t in cap.gpu_types if t in GPU_MEMORY_GB}
     if not known or len(known) < len(cap.gpu_types):
         return
-    configs = [plan.trial_config(p) for p in (*plan.corners, *(p for _, p in plan.arms))]
-    need = max(c.memory_per_worker(gpu=True) for c in configs) / 1e9
+    need = max(c.memory_per_worker(gpu=True) for c in plan.extreme_configs()) / 1e9
     most = max(known.values())
     if need > most:
         types = ", ".join(f"{t} ({gb} GB)" for t, gb in sorted(known.items()))
@@ -304,13 +303,7 @@ class RelayCleanup(tune.Callback):
     callbacks with the experiment state): it finds the relay by name."""
 
     def _close(self, trial: Any) -> None:
-        import ray
-
-        storage = trial.config["train_storage"]
-        try:
-            ray.get_actor(relay.actor_name(storage)).close.remote(relay.key(storage, f"train-{trial.trial_id}"))
-        except ValueError:  # no relay (the study is ending): nothing to close
-            pass
+        relay.close(trial.config["train_storage"], locations.train_run_name(trial.trial_id))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close(trial)

@@ -79,8 +79,8 @@ class OptunaStore:
 
     @functools.cached_property
     def in_database(self) -> bool:
-        """Whether this study's Optuna study lives in a database (its directory's optuna.json says so; a study that
-        has not started yet: whether ERCSTUDY_OPTUNA_DB is set). Cached: a bool, never the URL (stores are pickled)."""
+        """Whether this study's Optuna study lives in a database: its directory's optuna.json says so (reset() writes
+        it for a new study when ERCSTUDY_OPTUNA_DB is set). Cached: a bool, never the URL (stores are pickled)."""
         return (locations.resolve(self.directory) / MARKER).is_file()
 
     def where(self, name: str) -> str:

@@ -40,6 +40,11 @@ class StudyPlan:
         arms = f" + {len(self.arms)} arm point(s): {', '.join(dict.fromkeys(a for a, _ in self.arms))}" if self.arms else ""
         return f"{self.num_trials} trials = ({self.points} point(s){arms}) x {len(self.seeds)} seed(s)"
 
+    def extreme_configs(self) -> list[TrialConfig]:
+        """The trial configs of the space's corners and of every arm: what the checks before a study (its data, its
+        GPU memory) read, as the largest and smallest trials it can run."""
+        return [self.trial_config(p) for p in (*self.corners, *(p for _, p in self.arms))]
+
     def trial_config(self, params: dict[str, Any]) -> TrialConfig:
         """The trial config of one point (the base with the params set), built once per point."""
         key = config_key(params)
@@ -69,9 +74,8 @@ def check_data(plan: StudyPlan) -> None:
     """Every trial's data fits it, before anything starts: the shards exist and match the model (vocabulary,
     sequence length), the batch and the held-out set (a DataError naming the key and the fix). Each distinct
     (data, model) combination among the space's corners and the arms is checked once."""
-    configs = [plan.trial_config(p) for p in (*plan.corners, *(p for _, p in plan.arms))]
     seen = set()
-    for cfg in configs:
+    for cfg in plan.extreme_configs():
         key = (cfg.data, cfg.model.vocab_size, cfg.model.seq_len, cfg.train.global_batch_size, cfg.eval.sequences)
         if key not in seen:
             seen.add(key)

@@ -27,9 +27,9 @@ def actor_name(train_storage: str) -> str:
     return f"{NAME}:{train_storage}"
 
 
-def key(storage_path: str, name: str) -> str:
+def key(train_storage: str, name: str) -> str:
     """A trial's channel: its Ray Train run's storage and name."""
-    return f"{storage_path}/{name}"
+    return f"{train_storage}/{name}"
 
 
 class ReportRelay:
@@ -71,14 +71,25 @@ def start(train_storage: str, pin: dict[str, float]) -> Any:
                                            resources=pin).remote()
 
 
-class Channel:
-    """One trial's slot of its study's relay, with the put/get of a queue (what ReportQueueCallback and tune_trial
-    use); picklable, so that it travels to the trial's Train controller."""
+def close(train_storage: str, name: str) -> None:
+    """Forget a trial's channel (the driver, when the trial ends); nothing to do once the relay is gone."""
+    import ray
 
-    def __init__(self, train_storage: str, key: str):
+    try:
+        ray.get_actor(actor_name(train_storage)).close.remote(key(train_storage, name))
+    except ValueError:  # no such actor: the study is ending
+        pass
+
+
+class Channel:
+    """One trial's slot of its study's relay (the trial's Train run: `name` under `train_storage`), with the put/get of
+    a queue (what ReportQueueCallback and tune_trial use); picklable, so that it travels to the trial's Train
+    controller."""
+
+    def __init__(self, train_storage: str, name: str):
         import ray
 
-        self.key, self.relay = key, ray.get_actor(actor_name(train_storage))
+        self.key, self.relay = key(train_storage, name), ray.get_actor(actor_name(train_storage))
 
     def put(self, item: Any) -> None:
         """Once the slot has taken `item` (Train waits until Tune has taken the previous report, as Ray's own

@@ -132,7 +132,7 @@ def tune_trial(cfg: TrialConfig, *, name: str, storage_path: str) -> TrialResult
 
     from ercstudy.platform.study import relay
 
-    channel = relay.Channel(storage_path, relay.key(storage_path, name))  # the study's relay (driver.fit started it)
+    channel = relay.Channel(storage_path, name)  # this trial's slot of the study's relay (driver.fit started it)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
