@@ -34,9 +34,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked: the message is one line that says why."""
 
 
-def save(directory: str | Path, engine: Any, cfg: TrialConfig, *, step: int, history: list[dict[str, Any]], rank: int) -> None:
-    """Every rank writes its DeepSpeed shard (a collective); rank 0 adds the config and tokenizer."""
-    engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"step": step, "history": history})
+def save(directory: str | Path, engine: Any, cfg: TrialConfig, *, step: int, history: list[dict[str, Any]], rank: int,
+         unevaluated: dict[str, Any] | None = None) -> None:
+    """Every rank writes its DeepSpeed shard (a collective); rank 0 adds the config and tokenizer.
+    `unevaluated`: the step's metrics when the checkpoint is saved before the step's evaluations."""
+    client_state = {"step": step, "history": history, "unevaluated": unevaluated}
+    engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state=client_state)
     if rank == 0:
         write_extras(directory, cfg)
 

@@ -130,6 +130,10 @@ class CheckpointWriter:
                          checkpoint_upload_mode=self.upload_mode, delete_local_checkpoint_after_upload=True,
                          checkpoint_upload_fn=upload)
 
+    def wait_uploaded(self) -> None:
+        """Block until the checkpoint in flight, if any, is in storage."""
+        self._uploaded.wait()
+
     def report_metrics(self, metrics: dict[str, Any]) -> None:
         """A report without a checkpoint; asynchronous too, so it does not wait behind an upload in flight."""
         import ray.train

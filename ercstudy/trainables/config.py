@@ -51,6 +51,7 @@ class TrainConfig:
     async_checkpoint: bool = True  # save into host memory and write + upload behind the training step
     max_failures: int = 2  # worker-group restarts Ray Train may do (resuming from the last checkpoint)
     crash_at_step: int | None = None  # fault injection (tests): kill worker 0's process once, at this step
+    crash_in: Literal["step", "eval"] = "step"  # where crash_at_step kills: its training, or its evaluations (after its checkpoint)
     nan_at_step: int | None = None  # fault injection (tests): make the loss NaN at this step
 
     def __post_init__(self) -> None:
@@ -187,6 +188,9 @@ class TrialConfig:
                 "eval.mc_context",
                 f"mc_context + mc_continuation must be <= model.seq_len + 1 ({model.seq_len + 1}), got {ev.mc_context + ev.mc_continuation}",
             )
+        require(train.crash_in == "step" or (train.crash_at_step is not None and (
+            train.crash_at_step == self.steps or (ev.every and train.crash_at_step % ev.every == 0))), "train.crash_in",
+            f"eval needs train.crash_at_step ({train.crash_at_step}) at an evaluation: a multiple of eval.every ({ev.every}) or the last step ({self.steps})")
         for name in ("crash_at_step", "nan_at_step"):
             step = getattr(train, name)
             require(step is None or 1 <= step <= self.steps, f"train.{name}", f"must be in [1, {self.steps}], got {step}")

@@ -16,6 +16,12 @@ COUPLING_MATRIX = "coupling_matrix"  # at eval steps: M per MoE layer, [L][n][n]
 HARNESS_RESULTS = "harness_results"  # lm-eval's results JSON, a string (an artifact, not a metric)
 HARNESS_ERROR = "harness_error"  # why the lm-eval evaluation at this step failed, a string (the trial goes on)
 TRIAL_ID = "trial_id"  # set by Tune on every result it keeps
+CHECKPOINT_OF_STEP = "checkpoint_of_step"  # alone in a report: the checkpoint of a step saved before its evaluations
 CHECKPOINT_PATH = "checkpoint_path"  # a forwarded report's checkpoint, as Ray's TuneReportCallback names it
 
 NOT_METRICS = (COUPLING_MATRIX, STOP_REASON, CHECKPOINT_PATH, RESUMED_FROM_STEP)  # keys MLflow never logs as metrics
+
+
+def checkpoint_only(report: dict) -> bool:
+    """A report that carries a checkpoint and no metrics: the step's own report, evaluations included, follows it."""
+    return CHECKPOINT_OF_STEP in report and STEP not in report

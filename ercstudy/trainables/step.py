@@ -41,6 +41,8 @@ class Trial:
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None  # the step a checkpoint restored, until the next report says so
+    # a step's metrics whose evaluations are still to run: its checkpoint was saved before them (worker.train)
+    unevaluated: dict[str, Any] | None = None
     checkpoints: Any = None  # checkpoint_writer.CheckpointSchedule: which reporting steps save (worker.make_trial)
     writer: Any = None  # checkpoint_writer.CheckpointWriter: reports and checkpoints to Ray Train (worker.setup_trial)
 

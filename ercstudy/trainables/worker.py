@@ -64,6 +64,7 @@ def restore(trial: Trial, checkpoint_dir: str) -> None:
     """Load a checkpoint of the trial's (collective): weights, optimizer, LR schedule, step and history."""
     _, client_state = trial.engine.load_checkpoint(checkpoint_dir, tag=CHECKPOINT_TAG)
     trial.step, trial.history = client_state[reports.STEP], list(client_state["history"])
+    trial.unevaluated = client_state.get("unevaluated")  # saved before its step's evaluations: train() runs them first
     trial.resumed_from = trial.step
 
 
@@ -150,7 +151,10 @@ def save_and_report(trial: Trial, metrics: dict[str, Any], *, checkpoint: bool) 
         trial.writer.report_metrics(metrics)
         return
     trial.writer.report(metrics, lambda directory: save_checkpoint(directory, trial.engine, trial.cfg, step=trial.step,
-                                                             history=trial.history, rank=trial.rank))
+                                                             history=trial.history, rank=trial.rank,
+                                                             unevaluated=trial.unevaluated))
+    if reports.checkpoint_only(metrics):  # the step's evaluations come next: they start once it is in storage
+        trial.writer.wait_uploaded()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,37 +163,65 @@ def save_and_report(trial: Trial, metrics: dict[str, Any], *, checkpoint: bool) 
 
 def train(trial: Trial, report: Callable[..., None]) -> None:
     """Train from trial.step to the last step; `report(trial, metrics, checkpoint=bool)` at every report
-    (on every rank: it may be a collective). Stops at the first report with a stop_reason."""
+    (on every rank: it may be a collective). Stops at the first report with a stop_reason.
+
+    A step that is due both a checkpoint and evaluations saves first, in a report of its own
+    (reports.checkpoint_only), then evaluates and reports its metrics: an evaluation that fails (a GPU out
+    of memory) loses no training, and a worker restored from that checkpoint runs the evaluations first."""
     cfg = trial.cfg
+    if trial.unevaluated is not None:
+        metrics, trial.unevaluated = trial.unevaluated, None
+        conclude(trial, metrics, report, checkpoint=False)
     window = Window.empty(cfg, trial.device, trial.data.num_domains)
     while trial.step < cfg.steps:
         trial.step += 1
-        if cfg.train.crash_at_step == trial.step and trial.rank == 0:
+        if cfg.train.crash_at_step == trial.step and cfg.train.crash_in == "step" and trial.rank == 0:
             inject_crash()
         reporting = trial.step % cfg.train.report_every == 0 or trial.step == cfg.steps
         train_step(trial, window, measure_grad_norm=reporting)
         if not reporting:
             continue
         metrics = window_metrics(trial, window)
-        if trial.resumed_from is not None:  # the first report after a restore says where it resumed
-            metrics[reports.RESUMED_FROM_STEP], trial.resumed_from = trial.resumed_from, None
-            # and carries the reports up to that checkpoint: a study driver that died after Ray Train had the
-            # checkpoint but before it logged the reports before it logs them now (each step once in MLflow)
-            metrics[reports.RESTORED_HISTORY] = list(trial.history)
         stop = reports.STOP_REASON in metrics
-        every = cfg.eval.every
-        if trial.evaluator is not None and not stop and ((every and trial.step % every == 0) or trial.step == cfg.steps):
-            metrics.update(trial.evaluator(trial.model))  # collective: every rank evaluates its share
-        if trial.harness is not None and not stop and trial.harness.due(trial.step):
-            metrics.update(trial.harness(trial.model, trial.step))  # lm-eval tasks; a failure is the evaluation's only
-        trial.history.append({k: v for k, v in metrics.items() if k not in (reports.HARNESS_RESULTS, reports.RESTORED_HISTORY)})  # checkpoints carry it
         save = not stop and trial.checkpoints.due(trial.step)
-        report(trial, metrics, checkpoint=save)
-        if save:
+        if save and (held_out_due(trial) or harness_due(trial)):
+            trial.unevaluated = metrics
+            report(trial, {reports.CHECKPOINT_OF_STEP: trial.step}, checkpoint=True)
+            trial.unevaluated, save = None, False
             trial.checkpoints.saved()
+        conclude(trial, metrics, report, checkpoint=save)
         if stop:
             break
         window = Window.empty(cfg, trial.device, trial.data.num_domains)
+
+
+def held_out_due(trial: Trial) -> bool:
+    every, step = trial.cfg.eval.every, trial.step
+    return trial.evaluator is not None and ((every and step % every == 0) or step == trial.cfg.steps)
+
+
+def harness_due(trial: Trial) -> bool:
+    return trial.harness is not None and trial.harness.due(trial.step)
+
+
+def conclude(trial: Trial, metrics: dict[str, Any], report: Callable[..., None], *, checkpoint: bool) -> None:
+    """The step's evaluations (unless it stops the trial), then its report, with its checkpoint if `checkpoint`."""
+    if trial.resumed_from is not None:  # the first report after a restore says where it resumed
+        metrics[reports.RESUMED_FROM_STEP], trial.resumed_from = trial.resumed_from, None
+        # and carries the reports up to that checkpoint: a study driver that died after Ray Train had the
+        # checkpoint but before it logged the reports before it logs them now (each step once in MLflow)
+        metrics[reports.RESTORED_HISTORY] = list(trial.history)
+    if reports.STOP_REASON not in metrics:
+        if trial.cfg.train.crash_at_step == trial.step and trial.cfg.train.crash_in == "eval" and trial.rank == 0:
+            inject_crash()
+        if held_out_due(trial):
+            metrics.update(trial.evaluator(trial.model))  # collective: every rank evaluates its share
+        if harness_due(trial):
+            metrics.update(trial.harness(trial.model, trial.step))  # lm-eval tasks; a failure is the evaluation's only
+    trial.history.append({k: v for k, v in metrics.items() if k not in (reports.HARNESS_RESULTS, reports.RESTORED_HISTORY)})  # checkpoints carry it
+    report(trial, metrics, checkpoint=checkpoint)
+    if checkpoint:
+        trial.checkpoints.saved()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +273,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     if report_logger is not None:
         report_logger.setLevel(logging.WARNING)  # Ray 2.60 logs every report, all metrics included, at INFO
     trial = setup_trial(cfg)
-    if trial.step >= cfg.steps and trial.history:
+    if trial.step >= cfg.steps and trial.history and trial.unevaluated is None:
         # resumed after the end (the driver died before it saw the last report): say the final result again
         save_and_report(trial, {**trial.history[-1], reports.RESUMED_FROM_STEP: trial.step, reports.RESTORED_HISTORY: list(trial.history)},
                         checkpoint=False)

@@ -56,7 +56,8 @@ def runs(ray_session, shards, tmp_path_factory):
     storage = str(tmp_path_factory.mktemp("trials"))
     half = {"cpus_per_worker": 0.5}  # all three runs at once on the 2 CPUs of the shared Ray: 4 workers
     side_by_side = {"resumed": config(train={"crash_at_step": 32}, resources=half),
-                    "shards": shards_config(shards, resources=half),
+                    # killed in the evaluations of step 15, after that step's checkpoint
+                    "shards": shards_config(shards, resources=half, train={"crash_at_step": 15, "crash_in": "eval"}),
                     "ep": config(resources={"num_workers": 2, "ep_size": 2, **half})}
     uri = f"sqlite:///{storage}/mlflow.db"
     c = tracking.client(uri)
@@ -128,10 +129,9 @@ def test_expert_parallel_matches_a_single_worker(runs):
 
 def shards_config(shards, **sections) -> TrialConfig:
     """Parquet shards of real text (prepare-data), a NaN injected into the loss at step 18."""
-    return config(
-        model={"vocab_size": 320}, data={"kind": "parquet", "path": str(shards)},
-        train={"tokens": 20 * 16 * 32, "nan_at_step": 18, "checkpoint_every": 5}, eval={"every": 5, "sequences": 32}, **sections,
-    )
+    train = {"tokens": 20 * 16 * 32, "nan_at_step": 18, "checkpoint_every": 5, **sections.pop("train", {})}
+    return config(model={"vocab_size": 320}, data={"kind": "parquet", "path": str(shards)}, train=train,
+                  eval={"every": 5, "sequences": 32}, **sections)
 
 
 def check_shards_trained_then_nan_stopped(history, stop_reason):
@@ -149,22 +149,48 @@ def test_prepared_shards_train_and_a_nan_stops_the_trial_with_the_reason(runs):
     check_shards_trained_then_nan_stopped(result.history, result.stop_reason)
 
 
-def test_prepared_shards_stream_through_the_training_loop_until_a_nan_stops_it(shards):
+def test_a_worker_killed_in_its_evaluations_resumes_from_that_steps_checkpoint(runs):
+    """Step 15's checkpoint was saved before its evaluations, which were killed: the restarted group restored step 15
+    itself (not step 10's), ran the evaluations, and reported step 15 once."""
+    result = runs["shards"]
+    assert restores(result) == [(15, 15)]
+    assert [m["step"] for m in result.history] == [5, 10, 15, 20]
+    assert math.isfinite(result.history[2]["eval/loss"])
+
+
+def test_prepared_shards_stream_through_the_training_loop_until_a_nan_stops_it(shards, tmp_path):
     """The worker's own loop (worker.make_trial + worker.train) in this process, on one rank:
     prepare-data's shards train, and a NaN ends the trial at its next report with the reason,
-    without a checkpoint of the non-finite state."""
+    without a checkpoint of the non-finite state. A checkpoint due with evaluations is saved before them."""
     import torch
     from conftest import single_process_group
 
-    from ercstudy.trainables.worker import make_trial, train
+    from ercstudy.trainables import checkpoint as checkpoint_lib
+    from ercstudy.trainables.worker import make_trial, restore, train
 
-    cfg = shards_config(shards)
-    reports = []
+    cfg = shards_config(shards, train={"async_checkpoint": False})
+    reports, saved = [], tmp_path / "checkpoints"
+
+    def report(trial, metrics, *, checkpoint: bool) -> None:
+        reports.append((metrics.get("step"), metrics.get("checkpoint_of_step"), checkpoint))
+        if checkpoint:
+            checkpoint_lib.save(saved / str(trial.step), trial.engine, trial.cfg, step=trial.step, history=trial.history,
+                                rank=0, unevaluated=trial.unevaluated)
+
     with single_process_group():
         trial = make_trial(cfg, rank=0, world=1, device=torch.device("cpu"))
-        train(trial, lambda trial, metrics, *, checkpoint: reports.append((metrics["step"], checkpoint)))
-    assert reports == [(5, True), (10, True), (15, True), (20, False)]
-    check_shards_trained_then_nan_stopped(trial.history, trial.history[-1].get("stop_reason"))
+        train(trial, report)
+        # each step due a checkpoint and evaluations saves first, in a report of its own; the NaN step saves nothing
+        assert reports == [(None, 5, True), (5, None, False), (None, 10, True), (10, None, False),
+                           (None, 15, True), (15, None, False), (20, None, False)]
+        check_shards_trained_then_nan_stopped(trial.history, trial.history[-1].get("stop_reason"))
+        # restored from step 15's checkpoint (taken before its evaluations), a worker evaluates step 15 first
+        resumed = make_trial(cfg, rank=0, world=1, device=torch.device("cpu"))
+        restore(resumed, str(saved / "15"))
+        train(resumed, lambda trial, metrics, *, checkpoint: None)
+    assert [m["step"] for m in resumed.history] == [5, 10, 15, 20]
+    assert resumed.history[2]["resumed_from_step"] == 15
+    assert resumed.history[2]["eval/loss"] == pytest.approx(trial.history[2]["eval/loss"], rel=1e-9)
 
 
 def test_mlflow_holds_every_step_once_live_and_the_restart_repeats_them_exactly(runs):

@@ -62,3 +62,7 @@ def test_config_refuses_a_crash_without_a_step_checkpoint_before_it():
 
     with pytest.raises(ConfigError, match="crash_at_step"):
         TrialConfig.from_dict({"train": {"crash_at_step": 30}})
+    base = {"tokens": 40 * 32 * 256, "global_batch_size": 32, "checkpoint_every": 10, "report_every": 10, "crash_in": "eval"}
+    with pytest.raises(ConfigError, match="crash_in"):  # step 30 has no evaluation (eval.every 0: the last step only)
+        TrialConfig.from_dict({"model": {"seq_len": 256}, "train": {**base, "crash_at_step": 30}})
+    assert TrialConfig.from_dict({"model": {"seq_len": 256}, "train": {**base, "crash_at_step": 40}}).steps == 40

@@ -147,3 +147,40 @@ def test_router_logits_are_float32_never_rounded_to_bf16(device):
     assert (logits.double() - exact).abs().max() < 1e-4 * exact.abs().max()  # fp32 accumulation, no bf16 output
     rounded = (x @ w.T).double()  # what a bf16 output would hold
     assert (rounded - exact).abs().max() > 1e-3 * exact.abs().max()  # the check can tell them apart
+
+
+class OpsLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops run under it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("activation", ["gate", "swiglu"])
+def test_erc_reads_gate_and_up_without_a_full_size_gradient_of_each_half(activation):
+    """The experts' forward and the ERC loss in one backward: gate_up's gradient equals that of plain slices
+    (the reference), and no half's gradient is spread into a full-size zero tensor (aten.slice_backward)."""
+    from ercstudy.trainables.erc import ACTIVATION_WEIGHTS, erc_loss
+
+    x = torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(1))
+    grads, ops = [], []
+    for halves in (True, False):
+        layer = make("grouped", num_experts=4, top_k=2, expert_dim=8)
+        out, _ = layer(x)
+        experts = layer.experts
+        named = {"gate": experts.gate, "up": experts.up} if halves else \
+            {"gate": experts.gate_up[..., :8], "up": experts.gate_up[..., 8:]}
+        weights = {k: named[k] for k in ACTIVATION_WEIGHTS[activation]}
+        erc = erc_loss(layer.router, weights, alpha=0.5, epsilon=0, activation=activation).loss
+        with OpsLog() as log:
+            (out.square().mean() + 10 * erc).backward()
+        grads.append(experts.gate_up.grad)
+        ops.append(log.ops)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+    assert "slice_backward" not in ops[0] and "slice_backward" in ops[1]  # the reference does spread them

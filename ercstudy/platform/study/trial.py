@@ -100,13 +100,19 @@ class ReportQueueCallback(UserCallback):
     """Puts rank 0's metrics of every report into `queue`, a ray.util.queue.Queue read in another process:
     `ercstudy train`'s progress lines (progress.py), a study trial's reports to Tune (tune_trial). It runs in the
     Train controller. `drop`: keys not forwarded (the coupling matrices: too large for a progress queue, and no line
-    shows them); `checkpoint_key`: where the path of the report's checkpoint rides along, if it has one."""
+    shows them); `checkpoint_key`: where the path of the report's checkpoint rides along, if it has one. A checkpoint-only report
+    (saved before its step's evaluations) is not forwarded: its checkpoint rides with the step's report."""
 
     def __init__(self, queue: Any, *, drop: tuple[str, ...] = (reports.COUPLING_MATRIX,), checkpoint_key: str | None = None):
         self.queue, self.drop, self.checkpoint_key = queue, drop, checkpoint_key
+        self.checkpoint: Any = None  # a checkpoint-only report's, forwarded with the step's own report after it
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if reports.checkpoint_only(metrics[0]):
+            self.checkpoint = checkpoint
+            return
         forwarded = {k: v for k, v in metrics[0].items() if k not in self.drop}
+        checkpoint, self.checkpoint = checkpoint or self.checkpoint, None
         if self.checkpoint_key and checkpoint is not None:
             forwarded[self.checkpoint_key] = checkpoint.path
         try:

@@ -125,6 +125,8 @@ class MLflowTrainCallback(UserCallback):
         self.steps = LoggedSteps(logged)
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if reports.checkpoint_only(metrics[0]):  # the step's own report follows
+            return
         try:
             for report in self.steps.new(metrics[0]):
                 tracking.log_result(tracking.client(self.uri), self.run_id, report)
