@@ -278,7 +278,8 @@ def prepare_shards(out: Path | str) -> Path | str:
 
     texts = [str(fixture_file(name)) for name in SHAKESPEARE_EXCERPTS]
     assert main(["prepare-data", *texts, "--out", str(out),
-                 "--vocab-size", "300", "--seq-len", str(SEQ), "--rows-per-shard", "200", "--eval-fraction", "0.1"]) == 0
+                 "--vocab-size", "300", "--seq-len", str(SEQ), "--rows-per-shard", "200", "--eval-fraction", "0.1",
+                 "--workers", "2"]) == 0  # the default path: a Ray Data pipeline, on the session's Ray
     return out
 
 

@@ -135,6 +135,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
             args.inputs, args.out, vocab_size=args.vocab_size, seq_len=args.seq_len, eval_fraction=args.eval_fraction,
             text_field=args.text_field, domain_field=args.domain_field, max_domains=args.max_domains,
             tokenizer=args.tokenizer, eos_token=args.eos_token, rows_per_shard=args.rows_per_shard, seed=args.seed,
+            workers=args.workers, address=args.address,
         )
     except DataError as err:
         return _fail(str(err))
@@ -436,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--eos-token", help="the tokenizer's end-of-text token (default: the first of <|endoftext|>, </s>, <|end_of_text|>, <eos> it has)")
     prep.add_argument("--rows-per-shard", type=int, default=8192, help="sequences per Parquet file (default: 8192)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the shuffle and the train/eval split (default: 0)")
+    prep.add_argument("--workers", type=int, help="tokenizing tasks at once (default: one per CPU of the Ray); 0: in this "
+                                              "process, without Ray. The shards are the same whatever the number")
+    prep.add_argument("--address", help="run on the Ray cluster at this address (default: RAY_ADDRESS, else a private local "
+                                        "Ray); inputs and --out must then be URIs or paths every node mounts")
     prep.set_defaults(func=cmd_prepare_data)
 
     for name, func, text in (("validate", cmd_validate, "check a study file (no Ray started); errors exit 2"),

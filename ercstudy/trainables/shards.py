@@ -2,7 +2,7 @@
 
 Kept free of torch so that preparing data starts in a second.
 
-    DIR/meta.json  DIR/tokenizer.json  DIR/train/part-00000.parquet ...  DIR/eval/part-00000.parquet
+    DIR/meta.json  DIR/tokenizer.json  DIR/train/part-00000-00000.parquet ...  DIR/eval/part-00000-00000.parquet
 
 DIR is a local path or a URI (s3://bucket/prefix, gs://..., hdfs://...): every read and write goes
 through pyarrow's filesystems, which take an S3 endpoint and credentials from the standard AWS_*

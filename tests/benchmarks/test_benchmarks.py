@@ -427,12 +427,14 @@ def test_gpu_correctness_at_benchmark_sizes(tmp_path):
 
 
 def test_prepare_data_measures_the_pipeline_against_the_tokenizers_ceiling(tmp_path):
-    result = prepare_data.main(["--device", "cpu", "--tiny", "--sizes", "1", "--out", str(tmp_path / "prep.json")])
+    result = prepare_data.main(["--device", "cpu", "--tiny", "--out", str(tmp_path / "prep.json")])
     assert json.loads((tmp_path / "prep.json").read_text())["columns"] == prepare_data.COLUMNS
-    assert [c["passed"] for c in result["checks"]] == [True]
-    ceiling, one, two = result["rows"]
-    assert (ceiling["what"], one["what"], one["threads"], two["threads"]) == ("ceiling", "pipeline", 1, 2)
-    assert ceiling["of_ceiling"] == 1 and one["of_ceiling"] == pytest.approx(one["tokens_per_s"] / ceiling["tokens_per_s"])
-    assert one["tokens"] == two["tokens"] > ceiling["tokens"]  # the same shards on either thread count, EOD tokens added
-    assert two["vs_1_thread"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"])
+    assert [c["passed"] for c in result["checks"]] == [True, True]  # every token written; the same shards from all four
+    ceiling, ray1, ray2, one, two = result["rows"]
+    assert [(r["what"], r["cpus"]) for r in result["rows"]] == [("ceiling", 1), ("ray", 1), ("ray", 2), ("process", 1), ("process", 2)]
+    assert ceiling["of_ceiling"] == 1 and ray1["of_ceiling"] == pytest.approx(ray1["tokens_per_s"] / ceiling["tokens_per_s"])
+    assert ray1["tokens"] == ray2["tokens"] == one["tokens"] == two["tokens"] > ceiling["tokens"]  # EOD tokens added
+    assert ray2["vs_1_cpu"] == pytest.approx(ray2["tokens_per_s"] / ray1["tokens_per_s"])
+    assert two["vs_1_cpu"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"])
+    assert ray1["ray_start_s"] > 0 and one["ray_start_s"] is None
     assert all(50 < r["peak_rss_mb"] < 2000 for r in result["rows"])  # each process's own peak, not its parent's

@@ -28,7 +28,7 @@ def test_prepare_data_writes_the_shards_into_a_bucket(s3_shards, shards):
     fs, root = pafs.FileSystem.from_uri(s3_shards)
     names = sorted(i.path[len(root) + 1 :] for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                    if i.type == pafs.FileType.File)
-    assert {"meta.json", "tokenizer.json", "train/part-00000.parquet", "eval/part-00000.parquet"} <= set(names)
+    assert {"meta.json", "tokenizer.json", "train/part-00000-00000.parquet", "eval/part-00000-00000.parquet"} <= set(names)
     meta = ShardMeta.read(s3_shards)
     # the same inputs, flags and seed as the session's local shards: the same result, byte for byte
     assert meta == ShardMeta.read(shards)

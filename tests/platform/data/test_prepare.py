@@ -59,7 +59,7 @@ def test_parquet_text_column_input(tmp_path):
     docs = [shakespeare_text()[i : i + 2000] for i in range(0, 40_000, 2000)]
     pq.write_table(pa.table({"body": docs}), tmp_path / "plays.parquet")
     assert main(["prepare-data", str(tmp_path / "plays.parquet"), "--column", "body", "--out", str(tmp_path / "out"),
-                 "--vocab-size", "280", "--seq-len", "16"]) == 0
+                 "--vocab-size", "280", "--seq-len", "16", "--workers", "0"]) == 0
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["domains"] == ["plays"]
 
 
@@ -165,7 +165,7 @@ def test_a_leaky_split_would_be_caught(shards):
 def prepare(tmp_path, name, *inputs, seed=0, **flags):
     out = tmp_path / name
     argv = ["prepare-data", *map(str, inputs), "--out", str(out), "--vocab-size", "280", "--seq-len", "16",
-            "--rows-per-shard", "100", "--seed", str(seed)]
+            "--rows-per-shard", "100", "--seed", str(seed), "--workers", "0"]
     for flag, value in flags.items():
         argv += [f"--{flag.replace('_', '-')}", str(value)]
     assert main(argv) == 0
@@ -213,14 +213,14 @@ def test_a_corpus_streams_through_in_bounded_memory(tmp_path):
     size = path.stat().st_size
     (tmp_path / "warm.txt").write_text("\n\n".join(" ".join(words[i : i + 40]) for i in range(0, 500, 40)))
     prepare_data([str(tmp_path / "warm.txt")], str(tmp_path / "warm"), vocab_size=300, seq_len=8, eval_fraction=0.2,
-                 progress=False)  # first, the imports it makes (pyarrow's lazy ones, pandas): code, not data
+                 workers=0, progress=False)  # first, the imports it makes (pyarrow's lazy ones, pandas): code, not data
     default_pool = pa.default_memory_pool()
     pool = pa.proxy_memory_pool(default_pool)  # its own peak: the default pool's counts the whole session
     pa.set_memory_pool(pool)
     tracemalloc.start()
     try:
         meta = prepare_data([str(path)], str(tmp_path / "out"), vocab_size=300, seq_len=64, rows_per_shard=4096,
-                            shuffle_bytes=1 << 20, progress=False)
+                            shuffle_bytes=1 << 20, workers=0, progress=False)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

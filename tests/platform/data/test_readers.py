@@ -87,7 +87,7 @@ def test_every_format_gives_its_documents_and_domains(corpora, name, domain_fiel
 ])
 def test_what_cannot_be_read_is_refused_in_one_line_before_anything_is_written(corpora, tmp_path, capsys, name, args, expected):
     out = tmp_path / "shards"
-    assert main(["prepare-data", str(corpora / name), "--out", str(out), "--seq-len", str(SEQ), *args]) == 2
+    assert main(["prepare-data", "--workers", "0", str(corpora / name), "--out", str(out), "--seq-len", str(SEQ), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ercstudy: error: input ") or err.startswith("ercstudy: error: ")
     assert expected in err and "\n" not in err, err
@@ -96,9 +96,9 @@ def test_what_cannot_be_read_is_refused_in_one_line_before_anything_is_written(c
 
 def test_domains_from_a_field_capped_with_the_rest_pooled(corpora, tmp_path):
     out = tmp_path / "shards"
-    assert main(["prepare-data", str(corpora / "mixed.jsonl.gz"), str(corpora / "early.txt"), "--out", str(out),
+    assert main(["prepare-data", "--workers", "0", str(corpora / "mixed.jsonl.gz"), str(corpora / "early.txt"), "--out", str(out),
                  "--seq-len", str(SEQ), "--vocab-size", "300", "--domain-field", "source", "--max-domains", "1"]) == 2
-    assert main(["prepare-data", str(corpora / "mixed.jsonl.gz"), "--out", str(out), "--seq-len", str(SEQ), "--vocab-size",
+    assert main(["prepare-data", "--workers", "0", str(corpora / "mixed.jsonl.gz"), "--out", str(out), "--seq-len", str(SEQ), "--vocab-size",
                  "300", "--domain-field", "source", "--max-domains", "1"]) == 0
     meta = ShardMeta.read(out)
     assert meta.domains == ["early", "other"] and meta.domain_of == {"early": "early", "late": "other"}
@@ -117,7 +117,7 @@ def test_a_pretrained_tokenizer_is_used_as_it_is_and_its_end_of_text_ends_every_
     folder.mkdir()
     tok.save(str(folder / "tokenizer.json"))  # as a downloaded one is loaded: from its file
     out = tmp_path / "shards"
-    assert main(["prepare-data", str(corpora / "mixed.parquet"), "--out", str(out), "--seq-len", str(SEQ),
+    assert main(["prepare-data", "--workers", "0", str(corpora / "mixed.parquet"), "--out", str(out), "--seq-len", str(SEQ),
                  "--tokenizer", str(folder), "--domain-field", "source"]) == 0
     meta = ShardMeta.read(out)
     assert meta.eod_token == "</s>" and meta.eod_id == tok.token_to_id("</s>") and meta.vocab_size == tok.get_vocab_size()
@@ -129,7 +129,7 @@ def test_a_pretrained_tokenizer_is_used_as_it_is_and_its_end_of_text_ends_every_
     expected = np.concatenate([tok.encode(EARLY[0]).ids, [meta.eod_id]])  # the pretrained ids, as they are
     assert any(np.array_equal(row[i : i + len(expected)], expected) for row in np.concatenate([train, held])
                for i in range(len(row) - len(expected) + 1))
-    assert main(["prepare-data", str(corpora / "early.txt"), "--out", str(tmp_path / "x"), "--tokenizer", str(folder),
+    assert main(["prepare-data", "--workers", "0", str(corpora / "early.txt"), "--out", str(tmp_path / "x"), "--tokenizer", str(folder),
                  "--eos-token", "<|endoftext|>"]) == 2
 
 
@@ -149,7 +149,7 @@ def test_globs_and_directories_expand_to_the_files_they_match(corpora, tmp_path)
         readers.sources([str(tmp_path / "dolma" / "*.parquet")])
 
 
-def test_inputs_on_object_storage_give_the_local_inputs_shards_byte_for_byte(corpora, bucket, tmp_path):
+def test_inputs_on_object_storage_give_the_local_inputs_shards_byte_for_byte(corpora, bucket, ray_session, tmp_path):
     """Inputs read from a bucket (a real S3-compatible server) through a glob and an Arrow folder: the same records,
     and prepare-data's shards and tokenizer the same bytes as from the local files."""
     import pyarrow.fs as pafs
@@ -165,10 +165,11 @@ def test_inputs_on_object_storage_give_the_local_inputs_shards_byte_for_byte(cor
         assert (there.kind, there.compression, there.name) == (here.kind, here.compression, here.name)
         field = "source" if here.kind != "text" else None
         assert list(readers.records(there, domain_field=field)) == list(readers.records(here, domain_field=field))
-    for where, inputs in (("remote", [f"{bucket}/corpus/*.jsonl.gz"]), ("local", [str(corpora / "mixed.jsonl.gz")])):
-        assert main(["prepare-data", *inputs, "--out", str(tmp_path / where), "--vocab-size", "300", "--seq-len", str(SEQ),
-                     "--domain-field", "source"]) == 0
-    for part in ("tokenizer.json", "train/part-00000.parquet", "eval/part-00000.parquet"):
+    # the remote inputs on a Ray Data pipeline (the session's Ray, two tasks), the local ones in this process
+    for where, inputs, workers in (("remote", [f"{bucket}/corpus/*.jsonl.gz"], "2"), ("local", [str(corpora / "mixed.jsonl.gz")], "0")):
+        assert main(["prepare-data", "--workers", workers, *inputs, "--out", str(tmp_path / where), "--vocab-size", "300",
+                     "--seq-len", str(SEQ), "--domain-field", "source"]) == 0
+    for part in ("tokenizer.json", "train/part-00000-00000.parquet", "eval/part-00000-00000.parquet"):
         assert (tmp_path / "remote" / part).read_bytes() == (tmp_path / "local" / part).read_bytes(), part
 
 
@@ -196,7 +197,7 @@ def test_the_workers_loop_trains_on_shards_of_each_kind(corpora, tmp_path, input
         tok.save(str(tmp_path / "tokenizer.json"))
         flags = [str(tmp_path / "tokenizer.json") if f == "PRETRAINED" else f for f in flags]
     out = tmp_path / "shards"
-    assert main(["prepare-data", *(str(corpora / i) for i in inputs), "--out", str(out), "--seq-len", str(SEQ),
+    assert main(["prepare-data", "--workers", "0", *(str(corpora / i) for i in inputs), "--out", str(out), "--seq-len", str(SEQ),
                  "--vocab-size", "300", *flags]) == 0
     meta = ShardMeta.read(out)
     cfg = TrialConfig.from_dict({
@@ -211,7 +212,8 @@ def test_the_workers_loop_trains_on_shards_of_each_kind(corpora, tmp_path, input
     with single_process_group():
         trial = make_trial(cfg, rank=0, world=1, device=torch.device("cpu"))
         train(trial, lambda trial, metrics, *, checkpoint: reports.append(metrics))
-    assert [m["step"] for m in reports] == [3, 6]
+    assert [m.get("step", m.get("checkpoint_of_step")) for m in reports] == [3, 6, 6]  # step 6 saves before it evaluates
+    reports = [m for m in reports if "step" in m]
     for m in reports:
         assert all(math.isfinite(m[k]) for k in ("lm_loss", "erc_loss", "eval/loss", "domain_nmi")), m
         assert {f"eval/loss/{d}" for d in meta.domains} <= m.keys()
