@@ -30,10 +30,10 @@ def test_submit_runs_a_study_on_data_in_a_bucket_as_a_ray_job(ray_session, bucke
     from ercstudy.platform.cli import main
     from ercstudy.platform.cluster.ray_runtime import local_dashboard_url
 
-    started = time.time()
     url = local_dashboard_url()
     assert url, "the shared Ray of the tests is a local instance"
-    shards = prepare_shards(f"{bucket}/text/shards")
+    shards = prepare_shards(f"{bucket}/text/shards")  # itself a Ray Data pipeline, on this Ray
+    started = time.time()
     data = yaml.safe_load((REPO / "search_spaces" / "quickstart.yaml").read_text())
     data["name"] = "submitted"
     data["base"]["model"].update(vocab_size=320, seq_len=SEQ)

@@ -104,15 +104,26 @@ class Cutter:
         return stream[: n * self.width].reshape(n, self.width)
 
 
-def held_out(plan: Plan, unit: Input) -> dict[str, np.ndarray]:
-    """Per shard domain, which of this input's documents of it are held out [documents] bool: its count of them,
-    at positions drawn from the seed and the input."""
-    out = {}
-    for d, (docs, held) in unit.held.items():
-        mask = np.zeros(docs, dtype=bool)
-        mask[np.random.default_rng([plan.seed, 4, unit.number, plan.index[d]]).choice(docs, held, replace=False)] = True
-        out[d] = mask
-    return out
+class HeldOut:
+    """Selection sampling (Knuth's algorithm S): exactly `k` of `n` documents, each held out with probability
+    (k - chosen) / (n - seen), one uniform per document: O(1) memory, a function of the seed and the order alone."""
+
+    def __init__(self, n: int, k: int, rng: np.random.Generator):
+        self.n, self.k, self.rng, self.seen, self.chosen = n, k, rng, 0, 0
+
+    def next(self) -> bool:
+        """Whether the next document is held out; IndexError past the n-th."""
+        if self.seen >= self.n:
+            raise IndexError(self.n)
+        held = self.rng.random() * (self.n - self.seen) < self.k - self.chosen
+        self.seen += 1
+        self.chosen += held
+        return bool(held)
+
+
+def held_out(plan: Plan, unit: Input) -> dict[str, HeldOut]:
+    """Per shard domain, the draw of which of this input's documents of it are held out (as many as `unit.held` says)."""
+    return {d: HeldOut(n, k, np.random.default_rng([plan.seed, 4, unit.number, plan.index[d]])) for d, (n, k) in unit.held.items()}
 
 
 def spill_path(plan: Plan, unit: Input, split: int) -> str:
@@ -121,25 +132,34 @@ def spill_path(plan: Plan, unit: Input, split: int) -> str:
 
 def pack(plan: Plan, unit: Input) -> Iterator[dict[str, Any]]:
     """Tokenize and pack one input into its spill files. Yields progress records ({"documents", "tokens"} since the
-    last one) as it goes, then one record per split: {"split", "path", "counts"} (rows per run and bucket)."""
-    tok = tokenizer(plan.tokenizer_json)
-    held = held_out(plan, unit)
-    seen = dict.fromkeys(held, 0)
-    eod = np.asarray([plan.eod], dtype=np.int32)
-    cutters = {(d, split): Cutter(plan.width) for d in held for split in range(len(SPLITS))}
+    last one) as it goes, then one record per split: {"split", "path", "counts"} (its rows per bucket)."""
     spills = [SpillFile(plan.spill_fs, spill_path(plan, unit, split), plan.width, plan.buckets[split],
                         (plan.seed, unit.number, split), run_rows=plan.run_rows) for split in range(len(SPLITS))]
+    try:
+        yield from pack_into(plan, unit, spills)
+        counts = [spill.close() for spill in spills]
+    finally:
+        for spill in spills:
+            spill.abort()
+    for split, spill in enumerate(spills):
+        yield {"split": split, "path": spill.path, "counts": counts[split]}
+
+
+def pack_into(plan: Plan, unit: Input, spills: list[SpillFile]) -> Iterator[dict[str, int]]:
+    tok = tokenizer(plan.tokenizer_json)
+    held = held_out(plan, unit)
+    eod = np.asarray([plan.eod], dtype=np.int32)
+    cutters = {(d, split): Cutter(plan.width) for d in held for split in range(len(SPLITS))}
     docs = tokens = 0
     records = readers.records(unit.source, text_field=plan.text_field, domain_field=plan.domain_field)
     for batch, encodings in encoded(batches(records), tok):
         pieces: dict[tuple[str, int], list[np.ndarray]] = {}
         for (domain, _), enc in zip(batch, encodings):
             d = plan.names.get(domain)
-            if d is None or seen[d] >= len(held[d]):
-                raise DataError(f"input {unit.source.where} changed while it was read: it holds more documents "
-                                f"(of domain {domain!r}) than when they were counted")
-            split = int(held[d][seen[d]])  # 1: eval
-            seen[d] += 1
+            try:
+                split = int(held[d].next())  # 1: eval
+            except (KeyError, IndexError):
+                raise changed(unit) from None
             ids = np.asarray(enc.ids, dtype=np.int32)
             pieces.setdefault((d, split), []).extend([ids, eod])
             tokens += len(ids) + 1
@@ -149,7 +169,12 @@ def pack(plan: Plan, unit: Input) -> Iterator[dict[str, Any]]:
         if docs >= PROGRESS_DOCS:
             yield {"documents": docs, "tokens": tokens}
             docs = tokens = 0
+    if any(h.seen != h.n for h in held.values()):
+        raise changed(unit)
     if docs:
         yield {"documents": docs, "tokens": tokens}
-    for split, spill in enumerate(spills):
-        yield {"split": split, "path": spill.path, "counts": spill.close()}
+
+
+def changed(unit: Input) -> DataError:
+    return DataError(f"input {unit.source.where} changed while it was read: it holds other documents than when they "
+                     f"were counted")

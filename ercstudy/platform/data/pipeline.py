@@ -6,10 +6,13 @@ is a function of the data and the seed alone, so the shards are the same byte fo
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from ercstudy.trainables.shards import DataError
+
+ERROR = "error"  # a record that carries a task's DataError
 
 
 def run(fn: Callable[[Any], Iterator[dict[str, Any]]], items: list[Any], *, workers: int | None) -> Iterator[dict[str, Any]]:
@@ -34,33 +37,23 @@ def ray_data(fn: Callable[[Any], Iterator[dict[str, Any]]], items: list[Any], wo
     context.op_resource_reservation_enabled = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
+    # items and records travel pickled, as bytes: Ray Data would otherwise make Arrow structs of the dicts (filling
+    # the keys a record lacks with None) or warn as it falls back to pickling them itself
     def task(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        for i in batch["item"]:
-            for record in fn(items[int(i)]):
-                yield {"record": np.array([record], dtype=object)}
+        for item in batch["item"]:  # each task gets its own item, not the list of them all
+            try:
+                for record in fn(pickle.loads(item)):
+                    yield {"record": np.array([pickle.dumps(record)], dtype=object)}
+            except DataError as err:  # an input that is not what it seemed: a line for the driver to say
+                yield {"record": np.array([pickle.dumps({ERROR: str(err)})], dtype=object)}
+                return
 
-    ds = ray.data.from_items([{"item": i} for i in range(len(items))], override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(task, batch_size=1, num_cpus=1, concurrency=workers)
-    try:
-        for row in ds.iter_rows():
-            yield row["record"]
-    except Exception as err:  # a task's DataError (a file that is not what its name says) reaches here wrapped
-        cause = data_error(err)
-        if cause is None:
-            raise
-        raise cause from None
-
-
-def data_error(err: BaseException | None) -> DataError | None:
-    """The DataError an exception was raised from, if one was (Ray wraps a task's error, maybe more than once)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        cause = getattr(err, "cause", None)  # a RayTaskError: the task's own exception
-        if isinstance(err, DataError) and not isinstance(cause, BaseException):
-            return err
-        err = cause if isinstance(cause, BaseException) else (err.__cause__ or err.__context__)
-    return None
+    ds = ray.data.from_items([{"item": pickle.dumps(item)} for item in items], override_num_blocks=max(1, len(items)))
+    for row in ds.map_batches(task, batch_size=1, num_cpus=1, concurrency=workers).iter_rows():
+        record = pickle.loads(row["record"])
+        if ERROR in record:
+            raise DataError(record[ERROR])
+        yield record
 
 
 def describe(address: str | None, workers: int | None) -> str:

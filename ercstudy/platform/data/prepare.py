@@ -154,7 +154,8 @@ def prepare_data(
     if workers != 0:
         address = address or os.environ.get("RAY_ADDRESS") or None
     check_arguments(inputs, vocab_size=None if tokenizer else vocab_size, seq_len=seq_len, eval_fraction=eval_fraction,
-                    rows_per_shard=rows_per_shard, max_domains=max_domains, workers=workers, address=address, out=out)
+                    rows_per_shard=rows_per_shard, max_domains=max_domains, seed=seed, workers=workers, address=address,
+                    out=out)
     sources = readers.sources(inputs)
     if domain_field is None:
         names = [src.name for src in sources]
@@ -191,8 +192,8 @@ def prepare_data(
     width = seq_len + 1
     # every token covers at least one byte: text bytes + one EOD per document bound the rows from above
     bound_rows = (sum(c.text_bytes for c in counted) + total_docs) // width + 1
-    buckets = tuple(min(MAX_BUCKETS, max(1, math.ceil(bound_rows * share * (width + 1) * 4 / shuffle_bytes)))
-                    for share in (1.0, min(1.0, 2 * held_docs / total_docs)))
+    # as many buckets for eval as for train: a few long held-out documents may hold most of the text
+    buckets = (min(MAX_BUCKETS, max(1, math.ceil(bound_rows * (width + 1) * 4 / shuffle_bytes))),) * len(SPLITS)
     spill = join(root, SPILL_DIR)
     fs.create_dir(spill, recursive=True)
     # a run is held twice over while it is sorted, one per split: an input's task holds less than a bucket
@@ -210,7 +211,10 @@ def prepare_data(
         output = Output(fs, root, fs, width, rows_per_shard, seed)
         files = shuffle_buckets(output, spilled, buckets, workers=workers, progress=progress)
     finally:
-        fs.delete_dir(spill)
+        try:
+            fs.delete_dir(spill)
+        except OSError as err:  # never in place of the error that got here
+            log(f"could not delete the spill files under {spill}: {first_line(err)}")
     meta = ShardMeta(vocab_size=tok.get_vocab_size(), seq_len=seq_len, train_sequences=rows[0], eval_sequences=rows[1],
                      domains=domains, eod_id=plan.eod, eod_token=eod_token, domain_of=dict(names))
     write_bytes(fs, join(root, TOKENIZER_FILE), tok.to_str().encode("utf-8"))
@@ -222,7 +226,7 @@ def prepare_data(
 
 
 def check_arguments(inputs: list[str], *, vocab_size: int | None, seq_len: int, eval_fraction: float, rows_per_shard: int,
-                    max_domains: int, workers: int | None, address: str | None, out: str) -> None:
+                    max_domains: int, seed: int, workers: int | None, address: str | None, out: str) -> None:
     if not inputs:
         raise DataError("no input files given")
     if vocab_size is not None and vocab_size < 260:  # a BPE to train
@@ -237,6 +241,8 @@ def check_arguments(inputs: list[str], *, vocab_size: int | None, seq_len: int, 
         raise DataError(f"--max-domains must be >= 1, got {max_domains}")
     if workers is not None and workers < 0:
         raise DataError(f"--workers must be >= 0 (0: in this process), got {workers}")
+    if not 0 <= seed < 2**63:
+        raise DataError(f"--seed must be in [0, 2**63), got {seed}")
     if address and workers == 0:
         raise DataError("--workers 0 runs in this process: it takes no --address")
     if address:  # the cluster's nodes read the inputs and write the shards: paths they all see
@@ -258,7 +264,7 @@ def count_inputs(sources: list[readers.Source], *, text_field: str, domain_field
 
 
 def pack_inputs(plan: Plan, units: list[Input], total_docs: int, *, workers: int | None, progress: bool) -> list[list[tuple[str, Any]]]:
-    """Every input packed into its spill files; per split, (path, rows per run and bucket) of each input, in input order."""
+    """Every input packed into its spill files; per split, (path, rows per bucket) of each input, in input order."""
     from tqdm import tqdm
 
     spilled: list[dict[str, Any]] = [{} for _ in SPLITS]
@@ -281,9 +287,9 @@ def shuffle_buckets(output: Output, spilled: list[list[tuple[str, Any]]], bucket
 
     work = []
     for split, files in enumerate(spilled):
-        per_file = [bucket_segments(path, counts) for path, counts in files]
+        per_file = [bucket_segments(path, counts) for path, counts in files]  # each input's one segment per bucket
         for b in range(buckets[split]):
-            segments = tuple(seg for segs in per_file for seg in segs[b])
+            segments = tuple(segs[b] for segs in per_file if segs[b] is not None)
             if segments:
                 work.append(Bucket(split, SPLITS[split], b, segments))
     files = [0] * len(SPLITS)

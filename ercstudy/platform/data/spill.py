@@ -1,20 +1,26 @@
 """The shuffle's intermediate files: an input's sequences of one split, on their way to the shards.
 
-A spill file holds rows of `width + 1` int32 (the tokens, then the domain), raw, in runs of at most
-RUN_BYTES; each run is sorted by bucket, so a bucket's rows in a run are one contiguous segment
-that a range read fetches (local disk or an object store alike). A row's bucket is a hash of
-(seed, input, split, its row number in the file): a function of the data alone, never of which worker
-wrote it or when.
+A spill file holds rows of `width + 1` int32 (the tokens, then the domain), raw, grouped by bucket:
+bucket 0's rows, then bucket 1's, ..., so each bucket's rows of an input are one contiguous segment
+that one range read fetches (local disk or an object store alike). A row's bucket is a hash of
+(seed, input, split, its row number in the input): a function of the data alone, never of which
+worker wrote it or when.
+
+While an input is packed, its rows are held in runs of at most RUN_BYTES, each sorted by bucket and
+appended to a file on the worker's local disk; at the end the runs are merged, bucket by bucket,
+into the spill file where every worker reaches it (the output's filesystem).
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-RUN_BYTES = 16 << 20  # at most this much of an input's rows is held before a run is sorted and written
+RUN_BYTES = 16 << 20  # at most this much of an input's rows is held before a run is sorted and written locally
+MERGE_BYTES = 8 << 20  # the merge writes the spill file in pieces of about this size
 
 
 def mix(x: np.ndarray) -> np.ndarray:
@@ -26,7 +32,7 @@ def mix(x: np.ndarray) -> np.ndarray:
 
 
 def buckets_of(key: tuple[int, ...], first_row: int, rows: int, buckets: int) -> np.ndarray:
-    """The bucket of rows first_row .. first_row + rows - 1 of the file that `key` names [rows] int64."""
+    """The bucket of rows first_row .. first_row + rows - 1 of the input and split that `key` names [rows] int64."""
     with np.errstate(over="ignore"):
         k = np.zeros(1, dtype=np.uint64)
         for part in key:
@@ -45,7 +51,7 @@ class Segment:
 
 
 class SpillFile:
-    """One input's rows of one split, written in bucket-sorted runs; `close()` says where each bucket's rows lie."""
+    """One input's rows of one split: bucket-sorted runs on local disk, merged by `close()` into `path` on `fs`."""
 
     def __init__(self, fs: Any, path: str, width: int, buckets: int, key: tuple[int, ...], *, run_rows: int):
         self.fs, self.path, self.width, self.buckets, self.key, self.run_rows = fs, path, width, buckets, key, run_rows
@@ -53,7 +59,7 @@ class SpillFile:
         self.run = np.empty((min(run_rows, 64), width + 1), dtype=np.int32)
         self.buffered = self.rows = 0
         self.counts: list[np.ndarray] = []  # per run: rows per bucket [buckets]
-        self.out = None
+        self.local = None  # the runs, on this worker's disk
 
     def add(self, rows: np.ndarray, domain: int) -> None:
         """Rows [n, width] of one domain (copied into the run: no view of them is kept)."""
@@ -70,50 +76,74 @@ class SpillFile:
             elif self.buffered == len(self.run):
                 self._write_run()
 
-    def _write_run(self) -> None:
+    def _sorted_run(self) -> np.ndarray:
+        """The rows held, sorted by bucket (a copy); their counts are appended to self.counts."""
         run = self.run[: self.buffered]
         bucket = buckets_of(self.key, self.rows, len(run), self.buckets)
-        if self.out is None:
-            self.out = self.fs.open_output_stream(self.path)
-        self.out.write(run[np.argsort(bucket, kind="stable")].data)  # the sorted copy's own buffer, not another copy
         self.counts.append(np.bincount(bucket, minlength=self.buckets))
         self.rows += len(run)
         self.buffered = 0
+        return run[np.argsort(bucket, kind="stable")]
+
+    def _write_run(self) -> None:
+        if self.local is None:
+            self.local = tempfile.TemporaryFile(prefix="ercstudy-run-")  # noqa: SIM115 (closed in close/abort)
+        self.local.write(self._sorted_run().data)  # the sorted copy's own buffer, not another copy of it
 
     def close(self) -> np.ndarray:
-        """Closes the file; its rows per run and bucket [runs, buckets] (no runs: the input gave this split no rows)."""
+        """Merge the runs into the spill file; its rows per bucket [buckets] (all zero: it got no rows, no file)."""
+        if self.local is None:  # at most one run, still in memory: it is the spill file as it is
+            if not self.buffered:
+                return np.zeros(self.buckets, dtype=np.int64)
+            with self.fs.open_output_stream(self.path) as out:
+                out.write(self._sorted_run().data)
+            return self.counts[0]
         if self.buffered:
             self._write_run()
-        if self.out is not None:
-            self.out.close()
-        return np.stack(self.counts) if self.counts else np.zeros((0, self.buckets), dtype=np.int64)
+        counts = np.stack(self.counts)  # [runs, buckets]
+        starts = np.concatenate([[0], np.cumsum(counts.sum(axis=1))[:-1]])[:, None] + exclusive_cumsum(counts)
+        self.local.flush()
+        runs = np.memmap(self.local, dtype=np.int32, mode="r").reshape(-1, self.width + 1)
+        pieces, held = [], 0
+        with self.fs.open_output_stream(self.path) as out:
+            for b in range(self.buckets):  # bucket by bucket, run by run: each bucket one contiguous segment
+                for r in np.flatnonzero(counts[:, b]):
+                    pieces.append(runs[starts[r, b] : starts[r, b] + counts[r, b]])
+                    held += pieces[-1].nbytes
+                if held >= min(MERGE_BYTES, self.run.nbytes) or b == self.buckets - 1:  # no more than a run's memory
+                    out.write(np.concatenate(pieces).data if pieces else b"")
+                    pieces, held = [], 0
+        del runs
+        self.abort()
+        return counts.sum(axis=0)
+
+    def abort(self) -> None:
+        """Drop the local runs (on failure, and once merged)."""
+        if self.local is not None:
+            self.local.close()
+            self.local = None
 
 
-def bucket_segments(path: str, counts: np.ndarray) -> list[list[Segment]]:
-    """Per bucket, where its rows lie in the spill file at `path` whose rows per run and bucket are `counts`."""
-    segments: list[list[Segment]] = [[] for _ in range(counts.shape[1])]
-    start = 0
-    for run in counts:
-        offsets = start + np.concatenate([[0], np.cumsum(run)[:-1]])
-        for b in np.flatnonzero(run):
-            segments[b].append(Segment(path, int(offsets[b]), int(run[b])))
-        start += int(run.sum())
-    return segments
+def exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
+    """Along the last axis: each entry's offset after the ones before it."""
+    return np.cumsum(counts, axis=-1) - counts
+
+
+def bucket_segments(path: str, counts: np.ndarray) -> list[Segment | None]:
+    """Per bucket, where its rows lie in the spill file at `path` whose rows per bucket are `counts` (None: no rows)."""
+    firsts = exclusive_cumsum(counts)
+    return [Segment(path, int(first), int(rows)) if rows else None for first, rows in zip(firsts, counts)]
 
 
 def read_segments(fs: Any, segments: list[Segment], width: int) -> np.ndarray:
     """The rows of these segments, in their order [rows, width + 1] int32 (one range read per segment)."""
     row_bytes = (width + 1) * 4
     out = np.empty((sum(s.rows for s in segments), width + 1), dtype=np.int32)
-    at, files = 0, {}
-    try:
-        for s in segments:
-            if s.path not in files:
-                files[s.path] = fs.open_input_file(s.path)
-            data = files[s.path].read_at(s.rows * row_bytes, s.first * row_bytes)
-            out[at : at + s.rows] = np.frombuffer(data, dtype=np.int32).reshape(s.rows, width + 1)
-            at += s.rows
-    finally:
-        for f in files.values():
-            f.close()
+    at = 0
+    for s in segments:
+        with fs.open_input_file(s.path) as f:
+            data = f.read_at(s.rows * row_bytes, s.first * row_bytes)
+        out[at : at + s.rows] = np.frombuffer(data, dtype=np.int32).reshape(s.rows, width + 1)
+        at += s.rows
     return out
+

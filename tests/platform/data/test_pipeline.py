@@ -93,3 +93,48 @@ def test_meta_counts_what_the_shards_hold(inputs, tmp_path):
     meta = ShardMeta.read(out)
     assert meta.domains == ["early", "late"] or meta.domains == ["late", "early"]
     assert meta.train_sequences == len(read_split(out, "train")[0]) and meta.eval_sequences == len(read_split(out, "eval")[0])
+
+
+def test_a_bad_input_found_by_a_ray_task_is_one_line(inputs, ray_session, tmp_path, capsys):
+    """With a pretrained tokenizer the inputs are counted in Ray tasks: a line that is no JSON, deep in a file that
+    starts well, reaches the command as its one-line error, exit status 2, and nothing is left in --out."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["to be or not to be"] * 10, trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+                                                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    bad = tmp_path / "bad.jsonl.gz"
+    with gzip.open(bad, "wt") as f:
+        f.writelines(json.dumps({"text": f"line {i}", "source": "x"}) + "\n" for i in range(50))
+        f.write("{not json\n")
+    out = tmp_path / "out"
+    assert main(["prepare-data", *inputs, str(bad), "--out", str(out), "--tokenizer", str(tmp_path / "tokenizer.json"),
+                 "--domain-field", "source", "--workers", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ercstudy: error: input ") and "bad.jsonl.gz: line 51 is not a JSON object" in err[-1], err[-1]
+    assert not any(out.iterdir())
+
+
+def test_a_spill_file_is_the_same_whether_its_rows_were_held_in_one_run_or_merged_from_many(tmp_path):
+    """Each bucket's rows in row order, one contiguous segment per bucket: the same bytes whatever the run size, and
+    every row read back from its bucket's segment."""
+    import pyarrow.fs as pafs
+
+    from ercstudy.platform.data.spill import SpillFile, bucket_segments, buckets_of, read_segments
+
+    fs = pafs.LocalFileSystem()
+    rows = np.random.default_rng(0).integers(0, 1000, size=(500, 9), dtype=np.int32)
+    written = {}
+    for run_rows in (7, 64, 10_000):
+        spill = SpillFile(fs, str(tmp_path / f"run{run_rows}.bin"), 9, 5, (3, 1, 0), run_rows=run_rows)
+        for start in range(0, 500, 37):  # rows arrive in pieces, as packing adds them
+            spill.add(rows[start : start + 37], domain=start % 4)
+        counts = spill.close()
+        written[run_rows] = (counts.tolist(), (tmp_path / f"run{run_rows}.bin").read_bytes())
+    assert written[7] == written[64] == written[10_000]
+    bucket = buckets_of((3, 1, 0), 0, 500, 5)
+    for b, segment in enumerate(bucket_segments(str(tmp_path / "run7.bin"), counts)):
+        got = read_segments(fs, [segment], 9)
+        assert np.array_equal(got[:, :9], rows[bucket == b]) and np.array_equal(got[:, 9], (np.flatnonzero(bucket == b) // 37 * 37) % 4)
