@@ -7,6 +7,7 @@ writing its JSON."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import venv
@@ -50,4 +51,6 @@ def test_the_session_script_runs_to_the_end_on_a_bare_cpu_twin(tmp_path):
     for part in ("moe_layer", "erc_overhead", "train_step"):
         result = json.loads((out / f"{part}.json").read_text())
         assert result["complete"] is True and result["rows"], part
-    assert "7 skipped" in (out / "gpu-tests.log").read_text()  # the gpu-marked tests were collected, and skip on CPU
+    # every gpu-marked test was collected (none failed to import on the bare machine), and skips on a CPU
+    summary = (out / "gpu-tests.log").read_text().strip().splitlines()[-1]
+    assert re.match(r"\d+ skipped, \d+ deselected", summary) and int(summary.split()[0]) >= 8, summary
