@@ -11,13 +11,14 @@ measured in a fresh process pinned to its CPUs (`taskset`; its Ray, when it star
              Parquet shards) with that tokenizer (--tokenizer: no training pass), on a local Ray of 1 and of 2 CPUs
              (one task per CPU, the tokenizer on 1 thread each); the Ray is started before the clock (`ray_start_s`)
   process    the same in one process (--workers 0) on 1 and 2 CPUs, the tokenizer on as many threads: the baseline
-Each pipeline row runs twice in its process: `seconds` and the rates are the second run's (Ray's worker processes
-already started, as on a cluster that has run anything), `cold_s` the first run's (those workers started and imported
-the stack: seconds, whatever the corpus).
+Each pipeline row runs 1 + --repeats times in its process (default 3; 1 with --tiny): `seconds` and the rates are the
+median of the runs after the first (Ray's worker processes already started, as on a cluster that has run anything),
+`cold_s` the first run's (those workers started and imported the stack: seconds, whatever the corpus); the ceiling's
+`seconds` is the median of as many encodes.
 `tokens_per_s` counts the documents' tokens (end-of-document tokens included for the pipeline); `of_ceiling` is a
 row's tokens/s over the ceiling's at that size, `vs_1_cpu` a row's over its own kind's 1-CPU row; `peak_rss_mb` is the
-measuring process's peak resident set (Ray's workers not included): flat across corpus sizes means memory does not
-grow with the corpus.
+measuring process's peak resident set, `worker_peak_rss_mb` the largest of its Ray worker processes' (a worker runs
+one task at a time): flat across corpus sizes means memory does not grow with the corpus.
 Checked first: the shards hold every document's tokens (the ceiling's count, plus one end-of-document token per
 document, less the tails cut off), within the rows dropped at each input's end, and all four runs wrote the same rows.
 """
@@ -41,7 +42,7 @@ TINY_MB = (1,)
 FILES = 8
 SEQ_LEN = 256
 TEXT = [ROOT / "tests" / "fixtures" / name for name in ("early.txt", "late.txt")]
-COLUMNS = ["corpus_mb", "what", "cpus", "seconds", "cold_s", "ray_start_s", "tokens", "tokens_per_s", "of_ceiling", "vs_1_cpu", "peak_rss_mb"]
+COLUMNS = ["corpus_mb", "what", "cpus", "seconds", "cold_s", "ray_start_s", "tokens", "tokens_per_s", "of_ceiling", "vs_1_cpu", "peak_rss_mb", "worker_peak_rss_mb"]
 
 # each measurement's process: its own peak resident set (VmHWM: of its address space since exec; ru_maxrss would
 # include the benchmark process it was forked from)
@@ -55,32 +56,41 @@ CEILING = PRELUDE + """
 from tokenizers import Tokenizer
 from ercstudy.platform.data import readers
 tok = Tokenizer.from_file(sys.argv[1])
-docs = [d for src in readers.sources(sys.argv[2:]) for _, d in readers.records(src)]
-start = time.perf_counter()
-tokens = sum(len(e.ids) for i in range(0, len(docs), 256) for e in tok.encode_batch(docs[i:i + 256]))
-print(json.dumps({"seconds": time.perf_counter() - start, "tokens": tokens, "documents": len(docs), "peak_rss_mb": peak_mb()}))
+docs = [d for src in readers.sources(sys.argv[3:]) for _, d in readers.records(src)]
+seconds = []
+for _ in range(int(sys.argv[2])):
+    start = time.perf_counter()
+    tokens = sum(len(e.ids) for i in range(0, len(docs), 256) for e in tok.encode_batch(docs[i:i + 256]))
+    seconds.append(time.perf_counter() - start)
+print(json.dumps({"seconds": sorted(seconds)[len(seconds) // 2], "tokens": tokens, "documents": len(docs), "peak_rss_mb": peak_mb()}))
 """
 
 PIPELINE = PRELUDE + """
 import hashlib, pathlib
 from ercstudy.platform.cluster.ray_runtime import ensure_ray, stop_local_ray
 from ercstudy.platform.data.prepare import prepare_data
-tok, out, seq_len, workers, inputs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:]
+tok, out, seq_len, workers, repeats, inputs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6:]
 start = time.perf_counter()
 if workers:
     ensure_ray(num_cpus=workers, verbose=False)
 ray_start = time.perf_counter() - start
 seconds = []
-for run in ("cold", "warm"):  # the first run starts Ray's worker processes (their imports); the second finds them
+for run in range(1 + repeats):  # the first run starts Ray's worker processes (their imports); the others find them
     start = time.perf_counter()
     meta = prepare_data(inputs, f"{out}-{run}", tokenizer=tok, seq_len=seq_len, workers=workers, progress=False)
     seconds.append(time.perf_counter() - start)
-if workers:
+workers_peak = None
+if workers:  # the largest peak resident set of Ray's worker processes (this process's children's children)
+    import psutil
+    peaks = [int(next(l for l in open(f"/proc/{p.pid}/status") if l.startswith("VmHWM")).split()[1]) / 1024
+             for p in psutil.Process().children(recursive=True) if p.name().startswith("ray::")]
+    workers_peak = max(peaks, default=None)
     stop_local_ray()
 rows = meta.train_sequences + meta.eval_sequences
-digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(pathlib.Path(f"{out}-warm").rglob("*.parquet")))).hexdigest()
-print(json.dumps({"seconds": seconds[1], "cold_s": seconds[0], "ray_start_s": ray_start if workers else None,
-                  "tokens": rows * (meta.seq_len + 1), "peak_rss_mb": peak_mb(), "digest": digest}))
+digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(pathlib.Path(f"{out}-1").rglob("*.parquet")))).hexdigest()
+print(json.dumps({"seconds": sorted(seconds[1:])[len(seconds[1:]) // 2], "cold_s": seconds[0], "ray_start_s": ray_start if workers else None,
+                  "tokens": rows * (meta.seq_len + 1), "peak_rss_mb": peak_mb(), "worker_peak_rss_mb": workers_peak,
+                  "digest": digest}))
 """
 
 
@@ -117,16 +127,16 @@ def child(code: str, args: list[str], cpus: int, threads: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(megabytes: int, tok: Path, work: Path) -> tuple[list[dict], list[dict]]:
+def measure(megabytes: int, tok: Path, work: Path, repeats: int) -> tuple[list[dict], list[dict]]:
     texts = [str(p) for p in corpus(work, megabytes)]
-    ceiling = child(CEILING, [str(tok), *texts], cpus=1, threads=1)
+    ceiling = child(CEILING, [str(tok), str(repeats), *texts], cpus=1, threads=1)
     rows = [{"corpus_mb": megabytes, "what": "ceiling", "cpus": 1, **ceiling}]
     for what in ("ray", "process"):
         for cpus in (1, 2):
             out = work / f"shards-{megabytes}-{what}-{cpus}"
             workers = cpus if what == "ray" else 0
             rows.append({"corpus_mb": megabytes, "what": what, "cpus": cpus,
-                         **child(PIPELINE, [str(tok), str(out), str(SEQ_LEN), str(workers), *texts], cpus=cpus,
+                         **child(PIPELINE, [str(tok), str(out), str(SEQ_LEN), str(workers), str(repeats), *texts], cpus=cpus,
                                  threads=1 if what == "ray" else cpus)})
     for r in rows:
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
@@ -148,6 +158,7 @@ def measure(megabytes: int, tok: Path, work: Path) -> tuple[list[dict], list[dic
 def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", help="corpus sizes in MB (default: 8 32; --tiny: 1)")
+    p.set_defaults(repeats=3)  # whole runs of tens of seconds: the median of 3 (--tiny: 1)
     args = p.parse_args(argv)
     sizes = args.sizes or (TINY_MB if args.tiny else SIZES_MB)
     rows, checks = [], []
@@ -156,7 +167,7 @@ def main(argv=None):
         tok = tokenizer(work)
         for megabytes in sizes:
             started = time.perf_counter()
-            size_rows, size_checks = measure(megabytes, tok, work)
+            size_rows, size_checks = measure(megabytes, tok, work, 1 if args.tiny else args.repeats)
             for check in size_checks:
                 if not check["passed"]:
                     raise SystemExit(f"check failed: {check['check']}: {check}")

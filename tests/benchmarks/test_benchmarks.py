@@ -437,4 +437,5 @@ def test_prepare_data_measures_the_pipeline_against_the_tokenizers_ceiling(tmp_p
     assert ray2["vs_1_cpu"] == pytest.approx(ray2["tokens_per_s"] / ray1["tokens_per_s"])
     assert two["vs_1_cpu"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"])
     assert ray1["ray_start_s"] > 0 and one["ray_start_s"] is None
+    assert ray1["worker_peak_rss_mb"] > 50 and one["worker_peak_rss_mb"] is None  # Ray's workers, when there are
     assert all(50 < r["peak_rss_mb"] < 2000 for r in result["rows"])  # each process's own peak, not its parent's
