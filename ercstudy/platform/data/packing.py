@@ -40,7 +40,7 @@ class Plan:
     names: dict[str, str]  # a record's domain -> its domain in the shards (itself, or census.OTHER)
     index: dict[str, int]  # a shard domain -> its number
     seed: int
-    buckets: tuple[int, int]  # per split (SPLITS order)
+    buckets: int  # of each split's shuffle
     spill_fs: Any  # where the spill files go: a pyarrow filesystem every worker reaches
     spill_root: str
     run_rows: int  # rows of an input's split held before they are written (spill.SpillFile)
@@ -133,7 +133,7 @@ def spill_path(plan: Plan, unit: Input, split: int) -> str:
 def pack(plan: Plan, unit: Input) -> Iterator[dict[str, Any]]:
     """Tokenize and pack one input into its spill files. Yields progress records ({"documents", "tokens"} since the
     last one) as it goes, then one record per split: {"split", "path", "counts"} (its rows per bucket)."""
-    spills = [SpillFile(plan.spill_fs, spill_path(plan, unit, split), plan.width, plan.buckets[split],
+    spills = [SpillFile(plan.spill_fs, spill_path(plan, unit, split), plan.width, plan.buckets,
                         (plan.seed, unit.number, split), run_rows=plan.run_rows) for split in range(len(SPLITS))]
     try:
         yield from pack_into(plan, unit, spills)

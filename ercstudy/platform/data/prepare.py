@@ -193,7 +193,7 @@ def prepare_data(
     # every token covers at least one byte: text bytes + one EOD per document bound the rows from above
     bound_rows = (sum(c.text_bytes for c in counted) + total_docs) // width + 1
     # as many buckets for eval as for train: a few long held-out documents may hold most of the text
-    buckets = (min(MAX_BUCKETS, max(1, math.ceil(bound_rows * (width + 1) * 4 / shuffle_bytes))),) * len(SPLITS)
+    buckets = min(MAX_BUCKETS, max(1, math.ceil(bound_rows * (width + 1) * 4 / shuffle_bytes)))
     spill = join(root, SPILL_DIR)
     fs.create_dir(spill, recursive=True)
     # a run is held twice over while it is sorted, one per split: an input's task holds less than a bucket
@@ -208,7 +208,7 @@ def prepare_data(
         if min(rows) < 1:
             raise DataError(f"corpus too small: {rows[0]} train and {rows[1]} held-out sequences of {width} tokens "
                             f"from {total_docs} documents (each document goes whole to one split)")
-        output = Output(fs, root, fs, width, rows_per_shard, seed)
+        output = Output(fs, root, width, rows_per_shard, seed)
         files = shuffle_buckets(output, spilled, buckets, workers=workers, progress=progress)
     finally:
         try:
@@ -217,7 +217,7 @@ def prepare_data(
             log(f"could not delete the spill files under {spill}: {first_line(err)}")
     meta = ShardMeta(vocab_size=tok.get_vocab_size(), seq_len=seq_len, train_sequences=rows[0], eval_sequences=rows[1],
                      domains=domains, eod_id=plan.eod, eod_token=eod_token, domain_of=dict(names))
-    write_bytes(fs, join(root, TOKENIZER_FILE), tok.to_str().encode("utf-8"))
+    write_bytes(fs, join(root, TOKENIZER_FILE), plan.tokenizer_json.encode("utf-8"))
     write_bytes(fs, join(root, META_FILE), (json.dumps(meta.__dict__, indent=2) + "\n").encode("utf-8"))  # last: marks it done
     log(f"wrote {rows[0]:,} train + {rows[1]:,} eval sequences of {width} tokens ({files[0]} train shard(s)) "
         f"to {out if is_uri(out) else root}; held out {held_docs:,} of {total_docs:,} documents; "
@@ -280,7 +280,7 @@ def pack_inputs(plan: Plan, units: list[Input], total_docs: int, *, workers: int
     return [sorted(by_path.items()) for by_path in spilled]  # the paths sort in input order
 
 
-def shuffle_buckets(output: Output, spilled: list[list[tuple[str, Any]]], buckets: tuple[int, ...], *,
+def shuffle_buckets(output: Output, spilled: list[list[tuple[str, Any]]], buckets: int, *,
                     workers: int | None, progress: bool) -> list[int]:
     """Every non-empty bucket of each split permuted and written as shards; the shard files per split."""
     from tqdm import tqdm
@@ -288,7 +288,7 @@ def shuffle_buckets(output: Output, spilled: list[list[tuple[str, Any]]], bucket
     work = []
     for split, files in enumerate(spilled):
         per_file = [bucket_segments(path, counts) for path, counts in files]  # each input's one segment per bucket
-        for b in range(buckets[split]):
+        for b in range(buckets):
             segments = tuple(segs[b] for segs in per_file if segs[b] is not None)
             if segments:
                 work.append(Bucket(split, SPLITS[split], b, segments))

@@ -23,9 +23,8 @@ from ercstudy.trainables.shards import ROW_GROUP_ROWS, join
 class Output:
     """Where the shards go (sent once to each worker)."""
 
-    fs: Any  # the destination's pyarrow filesystem
+    fs: Any  # the destination's pyarrow filesystem, which holds the spill files too
     root: str
-    spill_fs: Any
     width: int  # tokens per row
     rows_per_shard: int
     seed: int
@@ -94,7 +93,7 @@ class ShardWriter:
 
 def write_bucket(out: Output, bucket: Bucket) -> dict[str, Any]:
     """Read, permute and write one bucket; {"split", "rows", "files"}."""
-    rows = read_segments(out.spill_fs, list(bucket.segments), out.width)
+    rows = read_segments(out.fs, list(bucket.segments), out.width)
     np.random.default_rng([out.seed, 2, bucket.split, bucket.number]).shuffle(rows)  # in place: no permuted copy
     writer = ShardWriter(out.fs, join(out.root, bucket.name), out.width, out.rows_per_shard, prefix=f"part-{bucket.number:05d}-")
     for j in range(0, len(rows), ROW_GROUP_ROWS):  # a row group at a time: no copy of the bucket
